@@ -1,0 +1,62 @@
+"""The ``llama-pretrain`` command: one subcommand per pipeline stage.
+
+Each module in ``commands/`` adds its subcommands with ``register(subparsers)`` and imports its
+heavy dependencies (torch, sentencepiece, ...) only when run, so ``--help`` is instant. A
+``UserError`` is printed as one line and exits with code 2; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import UserError
+
+# Order is the order `--help` lists them in.
+COMMAND_MODULES = [
+    "train", "data", "tokenizer", "model", "generate", "interop", "eval", "contamination",
+    "plot", "plan", "carbon",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="llama-pretrain",
+        description="The Llama 2 pretraining pipeline: tokenizer, data, training, evaluation, "
+                    "compute and carbon. Run `llama-pretrain train` with no arguments for the "
+                    "built-in end-to-end demo.",
+    )
+    parser.add_argument("--version", action="version", version=f"llama-pretrain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f".commands.{name}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith(f"{__package__}.commands"):
+                continue  # a stage not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except UserError as e:
+        print(f"llama-pretrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"llama-pretrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return int(result or 0)

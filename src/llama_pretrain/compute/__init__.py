@@ -1,0 +1,1 @@
+"""Arithmetic about models and runs: parameters, FLOPs, memory, time, energy and carbon."""

@@ -1,0 +1,68 @@
+"""Reading and writing checkpoints: our format, Hugging Face, and Meta's original layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import UserError
+from .hf import is_hf_dir, load_hf, save_hf
+from .meta import is_meta_dir, load_meta
+from .native import TOKENIZER, is_native_dir, load_native, save_native
+
+__all__ = ["load_checkpoint", "load_model", "find_tokenizer", "save_native", "save_hf"]
+
+
+def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+    """(config, Meta-named state dict, format) from a native, HF or Meta checkpoint directory."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint")
+    if not path.is_dir():
+        raise UserError(f"{path}: a checkpoint is a directory (model.safetensors + config.json, "
+                        "an HF model dir, or a Meta params.json dir)")
+    if is_native_dir(path):
+        return (*load_native(path), "llama-pretrain")
+    if is_meta_dir(path):
+        return (*load_meta(path), "meta")
+    if is_hf_dir(path):
+        return (*load_hf(path), "hf")
+    if (path / "latest").is_file() or any(path.glob("step-*")):
+        raise UserError(f"{path}: this is a training run directory; pass one of its checkpoints "
+                        f"(e.g. {path}/checkpoints/step-N) or export it first")
+    raise UserError(f"{path}: not a llama-pretrain, Hugging Face or Meta checkpoint directory")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None):
+    """A ``Transformer`` in eval mode from any supported checkpoint directory."""
+    from ..model import Transformer
+
+    cfg, state, _ = load_checkpoint(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise UserError(f"{path}: tensors do not match the config "
+                        f"(missing: {missing[:3]}, unexpected: {extra[:3]})")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UserError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                            f"config expects {tuple(expected[name].shape)}")
+    model.to_empty(device=device)
+    model.load_state_dict({k: v.to(dtype) if dtype else v for k, v in state.items()})
+    model.init_rope()
+    if dtype is not None:
+        model.to(dtype)
+        model.init_rope()
+    return model.eval()
+
+
+def find_tokenizer(path: str | Path) -> Path | None:
+    """The ``tokenizer.model`` stored next to a checkpoint, if any."""
+    p = Path(path) / TOKENIZER
+    return p if p.is_file() else None

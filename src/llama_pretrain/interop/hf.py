@@ -1,0 +1,238 @@
+"""Conversion between Meta's parameter layout (ours) and Hugging Face ``LlamaForCausalLM``.
+
+Meta's RoPE rotates interleaved pairs (x[2i], x[2i+1]); Hugging Face's rotates the two halves of
+each head (x[i], x[i + D/2]). The two are the same model once the rows of ``wq`` and ``wk`` are
+permuted within each head, which is what ``_to_hf_rows`` / ``_from_hf_rows`` do. Everything else is
+a rename. Weights are written as safetensors with a ``config.json`` that transformers loads.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import UserError
+from ..fsutil import atomic_dir
+
+_LAYER_MAP = {  # ours (inside layers.N.) -> HF (inside model.layers.N.)
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_MAP = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _from_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, w in state.items():
+        if name in _TOP_MAP:
+            out[_TOP_MAP[name]] = w
+            continue
+        _, idx, rest = name.split(".", 2)
+        if rest == "attention.wq.weight":
+            w = _to_hf_rows(w, cfg.n_heads)
+        elif rest == "attention.wk.weight":
+            w = _to_hf_rows(w, cfg.kv_heads)
+        out[f"model.layers.{idx}.{_LAYER_MAP[rest]}"] = w
+    return out
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str = "HF checkpoint") -> dict[str, torch.Tensor]:
+    top = {v: k for k, v in _TOP_MAP.items()}
+    layer = {v: k for k, v in _LAYER_MAP.items()}
+    out = {}
+    for name, w in state.items():
+        if name in top:
+            out[top[name]] = w
+            continue
+        parts = name.split(".", 3)
+        if len(parts) != 4 or parts[:2] != ["model", "layers"] or parts[3] not in layer:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise UserError(f"{where}: unexpected tensor {name!r} for a Llama model")
+        rest = layer[parts[3]]
+        if rest == "attention.wq.weight":
+            w = _from_hf_rows(w, cfg.n_heads)
+        elif rest == "attention.wk.weight":
+            w = _from_hf_rows(w, cfg.kv_heads)
+        out[f"layers.{parts[2]}.{rest}"] = w
+    if "output.weight" not in out and "tok_embeddings.weight" in out:
+        out["output.weight"] = out["tok_embeddings.weight"]  # tied-embedding checkpoints
+    return out
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.hidden_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "initializer_range": 0.02,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+
+
+def _ffn_shape(dim: int, intermediate: int) -> tuple[int, float | None]:
+    """(multiple_of, ffn_dim_multiplier) that reproduce ``intermediate`` under Meta's rule."""
+    probe = ModelConfig.__new__(ModelConfig)  # unvalidated: only hidden_dim is used
+    probe.dim = dim
+    for multiple_of, mult in [(256, None), (256, 1.0), (4096, 1.3), (1024, None), (512, None),
+                              (128, None), (64, None), (32, None), (16, None), (8, None)]:
+        probe.multiple_of, probe.ffn_dim_multiplier = multiple_of, mult
+        if probe.hidden_dim == intermediate:
+            return multiple_of, mult
+    base = int(2 * (4 * dim) / 3)
+    return (intermediate, None) if base <= intermediate else (intermediate, intermediate / base)
+
+
+def config_from_hf(data: dict, where: str) -> ModelConfig:
+    arch = data.get("architectures") or []
+    if data.get("model_type") != "llama" and "LlamaForCausalLM" not in arch:
+        raise UserError(
+            f"{where}: not a Llama model (model_type={data.get('model_type')!r}, architectures={arch})"
+        )
+    try:
+        dim = data["hidden_size"]
+        n_heads = data["num_attention_heads"]
+        head_dim = data.get("head_dim") or dim // n_heads
+        if head_dim * n_heads != dim:
+            raise UserError(f"{where}: head_dim {head_dim} x {n_heads} heads != hidden_size {dim}")
+        rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise UserError(f"{where}: RoPE scaling {rope.get('rope_type') or rope.get('type')!r} is not supported")
+        multiple_of, mult = _ffn_shape(dim, data["intermediate_size"])
+        return ModelConfig(
+            dim=dim, n_layers=data["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=data.get("num_key_value_heads") or n_heads, vocab_size=data["vocab_size"],
+            multiple_of=multiple_of, ffn_dim_multiplier=mult, norm_eps=data.get("rms_norm_eps", 1e-5),
+            rope_theta=float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
+            max_seq_len=data.get("max_position_embeddings", 4096),
+        )
+    except KeyError as e:
+        raise UserError(f"{where}: missing field {e.args[0]!r}") from None
+
+
+def is_hf_dir(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") != "llama-pretrain" and (
+        "model_type" in data or "architectures" in data)
+
+
+def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read an HF Llama directory (safetensors, sharded or not, or pytorch_model*.bin)."""
+    path = Path(path)
+    cfg_path = path / "config.json"
+    try:
+        data = json.loads(cfg_path.read_text())
+    except OSError as e:
+        raise UserError(f"cannot read {cfg_path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UserError(f"{cfg_path} is not valid JSON: {e}") from None
+    cfg = config_from_hf(data, str(cfg_path))
+    files = sorted(path.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    if files:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        for f in files:
+            try:
+                state.update(load_file(str(f)))
+            except (SafetensorError, OSError, ValueError) as e:
+                raise UserError(f"{f}: cannot read safetensors file ({e})") from None
+    else:
+        bins = sorted(path.glob("pytorch_model*.bin"))
+        if not bins:
+            raise UserError(f"{path}: no *.safetensors or pytorch_model*.bin weights found")
+        for f in bins:
+            try:
+                state.update(torch.load(f, map_location="cpu", weights_only=True))
+            except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+                raise UserError(f"{f}: cannot read weights ({type(e).__name__}: {e})") from None
+    return cfg, from_hf_state_dict(state, cfg, where=str(path))
+
+
+def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path,
+            tokenizer_model: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write an HF directory that ``LlamaForCausalLM.from_pretrained`` and (with a tokenizer)
+    ``AutoTokenizer.from_pretrained`` load."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    hf_state = to_hf_state_dict(state, cfg)
+    if dtype is not None:
+        hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
+    sample = next(iter(hf_state.values()))
+    with atomic_dir(out) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in hf_state.items()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, sample.dtype), indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(
+            json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n")
+        if tokenizer_model is not None:
+            write_hf_tokenizer(tokenizer_model, tmp)
+    return out
+
+
+def write_hf_tokenizer(tokenizer_model: str | Path, out_dir: Path) -> None:
+    """Copy the SentencePiece model and describe it as a Llama tokenizer for ``AutoTokenizer``.
+
+    A ``tokenizer.json`` (fast tokenizer) is written too when ``transformers`` can convert the
+    model, so loading the directory needs no conversion step.
+    """
+    shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
+    tok_cfg = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
+        "add_bos_token": True, "add_eos_token": False, "legacy": True,
+        "add_prefix_space": None, "clean_up_tokenization_spaces": False,
+        "sp_model_kwargs": {}, "model_max_length": 1000000000000000019884624838656,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")

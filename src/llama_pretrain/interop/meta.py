@@ -1,0 +1,77 @@
+"""Meta's original checkpoint layout: ``params.json`` + ``consolidated.NN.pth`` (model-parallel shards).
+
+Shards are merged along the dimension Meta's fairscale layers split: column-parallel weights
+(wq, wk, wv, w1, w3, output) along rows, row-parallel ones (wo, w2) and the parallel embedding
+along columns; norms are replicated. Files are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import UserError
+
+_ROW_SPLIT = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+              "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
+_COL_SPLIT = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.weight")
+
+
+def is_meta_dir(path: Path) -> bool:
+    return (path / "params.json").is_file() and any(path.glob("consolidated.*.pth"))
+
+
+def load_meta(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    path = Path(path)
+    params_path = path / "params.json"
+    try:
+        params = json.loads(params_path.read_text())
+    except OSError as e:
+        raise UserError(f"cannot read {params_path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UserError(f"{params_path} is not valid JSON: {e}") from None
+    shards = sorted(path.glob("consolidated.*.pth"))
+    if not shards:
+        raise UserError(f"{path}: no consolidated.*.pth files")
+    parts = []
+    for f in shards:
+        try:
+            parts.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise UserError(f"{f}: cannot read Meta checkpoint shard ({type(e).__name__}: {e})") from None
+    state = {}
+    for name in parts[0]:
+        if name == "rope.freqs":
+            continue
+        tensors = [p[name] for p in parts]
+        if len(tensors) == 1 or tensors[0].dim() == 1:
+            state[name] = tensors[0]
+        elif name.endswith(_ROW_SPLIT):
+            state[name] = torch.cat(tensors, dim=0)
+        elif name.endswith(_COL_SPLIT):
+            state[name] = torch.cat(tensors, dim=1)
+        else:
+            raise UserError(f"{path}: unexpected tensor {name!r} in a Meta checkpoint")
+    fields = {k: v for k, v in params.items()
+              if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                       "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")}
+    if fields.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in state:
+        fields["vocab_size"] = state["tok_embeddings.weight"].shape[0]  # Meta writes -1 here
+    fields.setdefault("max_seq_len", 4096)
+    return ModelConfig.from_dict(fields, where=str(params_path)), state
+
+
+def save_meta(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path) -> Path:
+    """Write a single-shard Meta-layout directory (used in tests and for Meta's own tooling)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    params = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+              "n_kv_heads": cfg.kv_heads, "vocab_size": cfg.vocab_size, "multiple_of": cfg.multiple_of,
+              "ffn_dim_multiplier": cfg.ffn_dim_multiplier, "norm_eps": cfg.norm_eps,
+              "rope_theta": cfg.rope_theta}
+    (out / "params.json").write_text(json.dumps(params))
+    torch.save({k: v.contiguous() for k, v in state.items()}, out / "consolidated.00.pth")
+    return out
