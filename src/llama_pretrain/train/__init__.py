@@ -1,0 +1,1 @@
+"""Training: run config, optimizer and schedule, loop, checkpoints, metrics, parallelism."""
