@@ -1,0 +1,168 @@
+"""``TokenLoader``: endless, shuffled, rank-aware batches of packed token windows.
+
+The split's shard files are memory-mapped and read as one concatenated token stream (documents
+are already packed there, each ``BOS ... EOS``). Window ``k`` is ``stream[k*T : k*T + T + 1]``
+(``T = seq_len``): consecutive windows share one token, so every token after the first is a
+prediction target exactly once per epoch. There are ``(num_tokens - 1) // T`` windows.
+
+Order. The loader walks a global sequence of window *positions* ``p = 0, 1, 2, ...``; position
+``p`` is in epoch ``e = p // num_windows`` and maps to window ``perm_e(p % num_windows)``, where
+``perm_e`` is a pseudo-random permutation keyed by ``(seed, e)``: a Feistel network with cycle
+walking, so it needs O(1) memory however many windows there are. Epochs follow each other without
+a gap (a batch may straddle two), so nothing is dropped and tiny corpora work.
+
+Ranks. A global batch is ``batch_size * world_size`` consecutive positions. Rank ``r`` takes the
+positions ``r, r + w, r + 2w, ...`` of each global batch. Hence ranks of one world are disjoint,
+and a single process with ``batch_size = B * w`` sees exactly their union::
+
+    single = torch.stack(rank_batches, dim=1).reshape(B * w, T + 1)   # rank_batches[r]: (B, T+1)
+
+i.e. row ``j * w + r`` of the one-process batch is row ``j`` of rank ``r``. The state is the
+global position only, so ``state_dict()`` is identical on every rank and a resumed run continues
+with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from ..errors import UserError
+from .shards import open_tokens, read_manifest
+
+STATE_VERSION = 1
+
+
+class FeistelPermutation:
+    """A keyed bijection of ``range(n)`` (4-round Feistel over the next even bit width, with
+    cycle walking to stay inside ``n``)."""
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, key: int):
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        bits += bits % 2
+        self.half = bits // 2
+        self.mask = (1 << self.half) - 1
+        self.keys = [xxhash.xxh64_intdigest(f"{key}:{i}".encode()) for i in range(self.ROUNDS)]
+
+    def _round(self, x: int) -> int:
+        left, right = x >> self.half, x & self.mask
+        for k in self.keys:
+            f = xxhash.xxh64_intdigest(right.to_bytes(8, "little"), seed=k) & self.mask
+            left, right = right, left ^ f
+        return (left << self.half) | right
+
+    def __call__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        x = self._round(i)
+        while x >= self.n:  # cycle walking: expected < 4 steps since 2**bits < 4n
+            x = self._round(x)
+        return x
+
+
+class TokenLoader:
+    """Batches of shape ``(batch_size, seq_len + 1)`` (int64) from a prepared dataset directory."""
+
+    def __init__(self, path: str | Path, split: str = "train", batch_size: int = 8, seq_len: int = 256,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        if batch_size < 1 or seq_len < 1:
+            raise UserError(f"batch_size and seq_len must be >= 1 (got {batch_size}, {seq_len})")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is not in a world of size {world_size}")
+        self.path = Path(path)
+        manifest = read_manifest(self.path)
+        self.split = split
+        self.batch_size, self.seq_len = int(batch_size), int(seq_len)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.shuffle = shuffle
+        tok = manifest.get("tokenizer", {})
+        self.vocab_size: int = int(tok.get("vocab_size", 0))
+        self.tokenizer_sha256: str = str(tok.get("sha256", ""))
+        self._shards = open_tokens(self.path, split)
+        lengths = np.array([len(s) for s in self._shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(lengths)])
+        self.num_tokens: int = int(self._starts[-1])
+        self.num_windows: int = (self.num_tokens - 1) // self.seq_len if self.num_tokens else 0
+        if self.num_windows < 1:
+            raise UserError(f"{self.path} split {split!r} has {self.num_tokens} tokens, fewer than "
+                            f"seq_len + 1 = {self.seq_len + 1}; use a shorter seq_len or more data")
+        self.position = 0  # global window position (the same on every rank)
+        self._perms: dict[int, FeistelPermutation] = {}
+
+    # -- order ----------------------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.num_windows
+
+    def _perm(self, epoch: int) -> FeistelPermutation:
+        p = self._perms.get(epoch)
+        if p is None:
+            if len(self._perms) > 2:
+                self._perms.clear()
+            p = self._perms[epoch] = FeistelPermutation(self.num_windows, self.seed * 1_000_003 + epoch)
+        return p
+
+    def window_index(self, position: int) -> int:
+        e, i = divmod(position, self.num_windows)
+        return self._perm(e)(i) if self.shuffle else i
+
+    def window(self, k: int) -> np.ndarray:
+        """Tokens of window ``k`` (``seq_len + 1`` of them), possibly spanning two shards."""
+        start = k * self.seq_len
+        end = start + self.seq_len + 1
+        s = int(np.searchsorted(self._starts, start, side="right")) - 1
+        parts = []
+        while start < end:
+            off = start - int(self._starts[s])
+            take = min(end - start, len(self._shards[s]) - off)
+            parts.append(self._shards[s][off:off + take])
+            start += take
+            s += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    # -- iteration -------------------------------------------------------------------------------
+
+    def __iter__(self) -> "TokenLoader":
+        return self
+
+    def __next__(self):
+        import torch
+
+        gb = self.batch_size * self.world_size
+        base = self.position
+        out = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
+        for j in range(self.batch_size):
+            out[j] = self.window(self.window_index(base + self.rank + j * self.world_size))
+        self.position = base + gb
+        return torch.from_numpy(out)
+
+    # -- resume ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "position": int(self.position), "seed": self.seed,
+                "seq_len": self.seq_len, "split": self.split, "num_windows": self.num_windows,
+                "tokenizer_sha256": self.tokenizer_sha256}
+
+    def load_state_dict(self, d: dict) -> None:
+        if not isinstance(d, dict) or d.get("version") != STATE_VERSION:
+            raise UserError("loader state is missing or from an incompatible version")
+        for key in ("seq_len", "num_windows", "tokenizer_sha256", "split"):
+            if d.get(key) != getattr(self, key):
+                raise UserError(f"loader state does not match this dataset: {key} was {d.get(key)!r}, "
+                                f"now {getattr(self, key)!r}")
+        self.seed = int(d["seed"])
+        self._perms.clear()
+        self.position = int(d["position"])
+
+    def __repr__(self) -> str:
+        return (f"TokenLoader({str(self.path)!r}, split={self.split!r}, tokens={self.num_tokens}, "
+                f"windows={self.num_windows}, batch={self.batch_size}x{self.seq_len + 1}, "
+                f"rank={self.rank}/{self.world_size}, epoch={self.epoch})")
