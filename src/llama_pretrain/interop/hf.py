@@ -220,19 +220,76 @@ def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path,
 
 
 def write_hf_tokenizer(tokenizer_model: str | Path, out_dir: Path) -> None:
-    """Copy the SentencePiece model and describe it as a Llama tokenizer for ``AutoTokenizer``.
+    """Copy the SentencePiece model and describe it for ``AutoTokenizer``.
 
-    A ``tokenizer.json`` (fast tokenizer) is written too when ``transformers`` can convert the
-    model, so loading the directory needs no conversion step.
+    A ``tokenizer.json`` that reproduces SentencePiece exactly is written when the ``tokenizers``
+    package is present, and the config points at the generic fast tokenizer so it is loaded as
+    is: transformers 5's ``LlamaTokenizer`` rebuilds its pipeline with a Metaspace pre-tokenizer
+    that skips the dummy-prefix space before text that already starts with one (" hi" gives
+    different ids than SentencePiece). Special-token strings in text are split like ordinary
+    text, as SentencePiece does.
     """
     shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
+    fast = _sentencepiece_to_tokenizers(Path(tokenizer_model))
+    if fast is not None:
+        fast.save(str(out_dir / "tokenizer.json"))
     tok_cfg = {
-        "tokenizer_class": "LlamaTokenizer",
+        "tokenizer_class": "PreTrainedTokenizerFast" if fast is not None else "LlamaTokenizer",
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
         "add_bos_token": True, "add_eos_token": False, "legacy": True,
         "add_prefix_space": None, "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
         "sp_model_kwargs": {}, "model_max_length": 1000000000000000019884624838656,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
     (out_dir / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2) + "\n")
+
+
+def _sentencepiece_to_tokenizers(model_path: Path):
+    """A ``tokenizers.Tokenizer`` equal to a SentencePiece BPE model (None if not possible).
+
+    SentencePiece BPE merges the adjacent pair whose concatenation is the highest-scored piece;
+    as ranked merges that is every split (a, b) of a normal piece into two normal pieces, ordered
+    by the piece's id. Text goes through SentencePiece's own normalisation for identity models:
+    the dummy "▁" prefix and spaces as "▁", with no pre-tokenizer (it encodes whole lines).
+    """
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+        from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
+        from tokenizers.models import BPE
+    except ImportError:
+        return None
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_path.read_bytes())
+    if proto.trainer_spec.model_type != pb.TrainerSpec.BPE or proto.normalizer_spec.name not in ("identity", ""):
+        return None  # unigram or NFKC models: leave it to transformers' own conversion
+    NORMAL, UNKNOWN, CONTROL, USER = 1, 2, 3, 4
+    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
+    normal = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == NORMAL}
+    merges = []
+    for piece, pid in normal.items():
+        for k in range(1, len(piece)):
+            a, b = piece[:k], piece[k:]
+            if a in normal and b in normal:
+                merges.append((pid, normal[a], normal[b], a, b))
+    merges.sort()
+    unk = next((p.piece for p in proto.pieces if p.type == UNKNOWN), None)
+    tok = Tokenizer(BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token=unk,
+                        fuse_unk=True, byte_fallback=proto.trainer_spec.byte_fallback))
+    dummy = proto.normalizer_spec.add_dummy_prefix
+    tok.normalizer = normalizers.Sequence(
+        ([normalizers.Prepend("▁")] if dummy else []) + [normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = None
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(content=" ", left=1, right=0)] if dummy else []))
+    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False)
+                            for p in proto.pieces if p.type in (UNKNOWN, CONTROL)])
+    tok.add_tokens([AddedToken(p.piece, special=False, normalized=False)
+                    for p in proto.pieces if p.type == USER])
+    bos_id, bos = proto.trainer_spec.bos_id, proto.trainer_spec.bos_piece
+    if bos_id >= 0:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
+    return tok
