@@ -107,7 +107,7 @@ def _parse_ids(words: list[str]) -> list[int]:
 
 
 def _documents(sources, skipped: dict):
-    """Texts of every source via the data pipeline's readers; an unreadable file is an error,
+    """Texts of every source via the data pipeline's readers; an unreadable or corrupt file is an error,
     other bad records (invalid UTF-8, missing field, ...) are counted in ``skipped``."""
     from ..data.sources import expand_paths, iter_records
     from ..errors import UserError
@@ -117,8 +117,8 @@ def _documents(sources, skipped: dict):
             for rec in iter_records(path, src.text_field, src.url_field):
                 if rec.error is None:
                     yield rec.text
-                elif rec.error == "unreadable_file":
-                    raise UserError(f"cannot read {rec.loc}")
+                elif rec.error in ("unreadable_file", "corrupt_file"):
+                    raise UserError(f"cannot read {rec.loc}: {rec.error.replace('_', ' ')}")
                 else:
                     skipped[rec.error] = skipped.get(rec.error, 0) + 1
 
