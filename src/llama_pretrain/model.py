@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .losses import cross_entropy
 
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
 
@@ -35,8 +36,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 for stability under bf16, then scale in the input dtype (as Meta does).
-        xf = x.float()
+        # Normalise in fp32 (at least) for stability under bf16, then scale in the input dtype (as Meta does).
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
@@ -50,7 +51,7 @@ def rope_cos_sin(head_dim: int, end: int, theta: float) -> tuple[torch.Tensor, t
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by position; cos/sin [T, D/2]."""
-    xf = x.float().unflatten(-1, (-1, 2))
+    xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     cos = cos[:, None, :]
     sin = sin[:, None, :]
@@ -195,14 +196,14 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0):
         """Logits [B, T, vocab] for ``tokens`` [B, T]; with ``targets``, the mean cross-entropy.
 
-        Positions whose target is -100 are ignored. The loss path computes log-softmax in fp32 from
-        the head's output without keeping another copy of the logits.
+        Positions whose target is -100 are ignored. The loss is computed in fp32 without keeping an
+        fp32 copy of bf16 logits (see ``losses.py``).
         """
         h = self.hidden_states(tokens, start_pos)
         logits = self.output(h)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return cross_entropy(logits.flatten(0, 1), targets.flatten())
 
     # -- inference helpers ---------------------------------------------------------------------
     def setup_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:

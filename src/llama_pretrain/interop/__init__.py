@@ -24,11 +24,21 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
         raise UserError(f"{path}: a checkpoint is a directory (model.safetensors + config.json, "
                         "an HF model dir, or a Meta params.json dir)")
     if is_native_dir(path):
-        return (*load_native(path), "llama-pretrain")
-    if is_meta_dir(path):
-        return (*load_meta(path), "meta")
-    if is_hf_dir(path):
-        return (*load_hf(path), "hf")
+        cfg, state = load_native(path)
+        fmt = "llama-pretrain"
+    elif is_meta_dir(path):
+        cfg, state = load_meta(path)
+        fmt = "meta"
+    elif is_hf_dir(path):
+        cfg, state = load_hf(path)
+        fmt = "hf"
+    else:
+        _not_a_checkpoint(path)
+    check_state_dict(cfg, state, path)
+    return cfg, state, fmt
+
+
+def _not_a_checkpoint(path: Path) -> None:
     if (path / "latest").is_file() or any(path.glob("step-*")):
         raise UserError(f"{path}: this is a training run directory; pass one of its checkpoints "
                         f"(e.g. {path}/checkpoints/step-N) or export it first")
@@ -43,16 +53,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     cfg, state, _ = load_checkpoint(path)
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise UserError(f"{path}: tensors do not match the config "
-                        f"(missing: {missing[:3]}, unexpected: {extra[:3]})")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise UserError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                            f"config expects {tuple(expected[name].shape)}")
     model.to_empty(device=device)
     model.load_state_dict({k: v.to(dtype) if dtype else v for k, v in state.items()})
     model.init_rope()
@@ -66,3 +66,20 @@ def find_tokenizer(path: str | Path) -> Path | None:
     """The ``tokenizer.model`` stored next to a checkpoint, if any."""
     p = Path(path) / TOKENIZER
     return p if p.is_file() else None
+
+
+def check_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], where) -> None:
+    """UserError unless ``state`` holds exactly the tensors (names and shapes) ``cfg`` implies."""
+    from ..model import Transformer
+
+    with torch.device("meta"):
+        expected = Transformer(cfg).state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise UserError(f"{where}: tensors do not match the config "
+                        f"(missing: {missing[:3]}, unexpected: {extra[:3]})")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise UserError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}, "
+                            f"config expects {tuple(expected[name].shape)}")

@@ -1,0 +1,66 @@
+"""`llama-pretrain import-hf` / `export-hf`: lossless conversion to and from Hugging Face."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    imp = sub.add_parser("import-hf", help="convert a Hugging Face Llama dir to a llama-pretrain checkpoint",
+                         description="Reads config.json + safetensors (or pytorch_model*.bin), undoes HF's "
+                                     "q/k RoPE permutation, and writes model.safetensors + config.json "
+                                     "(+ tokenizer.model when the HF dir has one). Meta-layout dirs "
+                                     "(params.json + consolidated.*.pth) are accepted too.")
+    imp.add_argument("hf_dir")
+    imp.add_argument("--out", required=True, help="checkpoint dir to write")
+    imp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    imp.set_defaults(func=run_import)
+
+    exp = sub.add_parser("export-hf", help="convert a checkpoint to a Hugging Face Llama dir",
+                         description="Writes model.safetensors + config.json that "
+                                     "transformers.LlamaForCausalLM.from_pretrained loads, and the "
+                                     "tokenizer (tokenizer.model + tokenizer_config.json) when the "
+                                     "checkpoint has one.")
+    exp.add_argument("ckpt_dir", help="llama-pretrain checkpoint dir (or a Meta / HF dir)")
+    exp.add_argument("--out", required=True, help="HF dir to write")
+    exp.add_argument("--dtype", choices=sorted(_DTYPES), help="cast weights (default: keep)")
+    exp.add_argument("--tokenizer", help="SentencePiece .model to include (default: the checkpoint's)")
+    exp.add_argument("--force", action="store_true", help="replace --out if it exists")
+    exp.set_defaults(func=run_export)
+
+
+def _check_out(out: str, force: bool) -> Path:
+    from ..errors import UserError
+
+    path = Path(out)
+    if path.exists() and not force and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{path} already exists; pass --force to replace it")
+    return path
+
+
+def run_import(args) -> int:
+    from ..interop import find_tokenizer, load_checkpoint, save_native
+
+    out = _check_out(args.out, args.force)
+    cfg, state, fmt = load_checkpoint(args.hf_dir)
+    save_native(state, cfg, out, tokenizer_model=find_tokenizer(args.hf_dir),
+                extra={"source": {"format": fmt, "path": str(Path(args.hf_dir).resolve())}})
+    print(f"wrote {out} ({fmt} -> llama-pretrain, {sum(t.numel() for t in state.values()):,} parameters)")
+    return 0
+
+
+def run_export(args) -> int:
+    import torch
+
+    from ..interop import find_tokenizer, load_checkpoint, save_hf
+
+    out = _check_out(args.out, args.force)
+    cfg, state, _ = load_checkpoint(args.ckpt_dir)
+    tok = args.tokenizer or find_tokenizer(args.ckpt_dir)
+    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
+    save_hf(state, cfg, out, tokenizer_model=tok, dtype=dtype)
+    print(f"wrote {out} (Hugging Face LlamaForCausalLM{', with tokenizer' if tok else ''})")
+    return 0

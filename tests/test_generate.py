@@ -1,0 +1,63 @@
+"""KV-cache decoding against full recomputation, sampling, and the cache's GQA size."""
+
+import pytest
+import torch
+
+from llama_pretrain import ModelConfig, Transformer
+from llama_pretrain.generate import generate_ids, sample_next
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97,
+                                   multiple_of=32, max_seq_len=96)).eval()
+
+
+def test_greedy_with_cache_equals_recompute(model):
+    prompt = [1, 5, 9, 33, 7]
+    cached = generate_ids(model, prompt, max_new_tokens=40, use_cache=True)
+    full = generate_ids(model, prompt, max_new_tokens=40, use_cache=False)
+    assert len(cached) == 40
+    assert cached == full
+
+
+def test_cached_logits_equal_full_forward(model):
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_cache(batch=2, max_len=30)
+        parts = [model(tokens[:, :10], start_pos=0), model(tokens[:, 10:25], start_pos=10)]
+        parts += [model(tokens[:, i:i + 1], start_pos=i) for i in range(25, 30)]
+        model.clear_cache()
+    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+
+
+def test_sampling_is_seeded_and_stops_at_eos(model):
+    a = generate_ids(model, [1, 2, 3], max_new_tokens=30, temperature=1.0, top_p=0.9, seed=7)
+    b = generate_ids(model, [1, 2, 3], max_new_tokens=30, temperature=1.0, top_p=0.9, seed=7)
+    c = generate_ids(model, [1, 2, 3], max_new_tokens=30, temperature=1.0, top_p=0.9, seed=8)
+    assert a == b and a != c
+    greedy = generate_ids(model, [1, 2, 3], max_new_tokens=30)
+    eos = greedy[4]
+    stopped = generate_ids(model, [1, 2, 3], max_new_tokens=30, eos_id=eos)
+    assert stopped == greedy[:greedy.index(eos)]
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(sample_next(logits, 1.0, 0.7, g)) for _ in range(300)}
+    assert seen == {0, 1}
+    assert int(sample_next(logits, 0.0, 1.0, None)) == 0
+
+
+def test_kv_cache_is_sized_by_kv_heads():
+    cfg = dict(dim=64, n_layers=2, n_heads=8, vocab_size=50, multiple_of=32, max_seq_len=64)
+    gqa = Transformer(ModelConfig(n_kv_heads=2, **cfg))
+    mha = Transformer(ModelConfig(**cfg))
+    gqa.setup_cache(batch=3, max_len=64)
+    mha.setup_cache(batch=3, max_len=64)
+    assert mha.kv_cache_bytes() == 4 * gqa.kv_cache_bytes()
+    assert gqa.kv_cache_bytes() == 2 * 2 * 3 * 2 * 64 * 8 * 4  # layers x (k,v) x B x kv x T x D x fp32
