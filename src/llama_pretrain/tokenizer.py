@@ -79,7 +79,9 @@ def _spm_message(e: BaseException) -> str:
     """SentencePiece errors look like 'INTERNAL: src/x.cc(744) [cond] Message.'; keep the message."""
     msg = " ".join(str(e).split())
     msg = re.sub(r"^[A-Z_]+: ", "", msg)
-    msg = re.sub(r"^\S+\.cc\(\d+\) \[.*?\] ?", "", msg)
+    m = re.match(r"^\S+\.cc\(\d+\) \[(.*?)\] ?(.*)$", msg)
+    if m:  # the message, or the failed check when there is none
+        msg = m.group(2) or f"check failed: {m.group(1)}"
     return msg or type(e).__name__
 
 
@@ -323,7 +325,8 @@ def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int, *,
         spec[key] = value
     spec["vocab_size"] = int(vocab_size)
     spec["num_threads"] = int(num_threads or spec_overrides.get("num_threads") or os.cpu_count() or 1)
-    spec["input_sentence_size"] = int(input_sentences)
+    # We sample ourselves; 0 makes SentencePiece train on exactly the lines it is given.
+    spec["input_sentence_size"] = 0
 
     lines, stats = _sample_lines(texts, int(input_sentences), seed, int(spec["max_sentence_length"]),
                                  progress)
