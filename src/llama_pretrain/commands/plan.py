@@ -1,0 +1,120 @@
+"""`llama-pretrain plan`: GPU-hours, days, energy, carbon, memory and communication of a run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan", help="plan a pretraining run: GPU-hours, days, kWh, tCO2eq, memory, communication",
+        description="Forward mode (--mfu): GPU-hours = tokens x FLOPs/token / (bf16 dense peak x MFU), "
+                    "FLOPs/token = 6*N_non_embedding + 12*L*H*Q*T (torchtitan). Inverse mode "
+                    "(--gpu-hours): the MFU those hours imply. Memory per GPU is for FSDP full "
+                    "sharding with fp32 master weights, gradients and AdamW state and bf16 compute. "
+                    "Communication: FSDP all-gather x2 + reduce-scatter per step over the "
+                    "interconnect (assumed efficiencies and latencies in the README, section compute).")
+    p.add_argument("--preset", help="model preset (llama2-7b, llama2-70b, ...)")
+    p.add_argument("--config", help="model config file instead of --preset")
+    p.add_argument("--tokens", default="2T", help="training tokens: 2T, 2e12, 2,000,000,000,000 (default 2T)")
+    p.add_argument("--gpu", default="a100-80gb", help="GPU: a100-40gb, a100-80gb, h100, h200 (default a100-80gb)")
+    p.add_argument("--gpus", type=int, default=2048, help="number of GPUs (default 2048)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--mfu", type=float, help="model FLOPs utilisation, 0..1 or a percent (default 0.45)")
+    mode.add_argument("--gpu-hours", type=float, help="inverse mode: GPU-hours of the run -> implied MFU")
+    p.add_argument("--seq-len", type=int, help="sequence length (default: the model's context)")
+    p.add_argument("--global-batch-tokens", default="4M",
+                   help="tokens per optimizer step across all GPUs (default 4M = 4,194,304, the paper's)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward (default 1)")
+    p.add_argument("--interconnect", default="ib-200",
+                   help="ib-200, roce-200, ib-400, roce-400, nvlink (default ib-200)")
+    p.add_argument("--power-w", type=float, help="power per GPU for energy and carbon (default: the GPU's TDP)")
+    p.add_argument("--pue", type=float, default=1.1, help="power usage effectiveness (default 1.1)")
+    p.add_argument("--intensity", type=float, default=0.385, help="kgCO2eq per kWh (default 0.385)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def run(args) -> int:
+    from ..compute.carbon import _positive
+    from ..compute.gpus import get_gpu
+    from ..compute.plan import parse_count, plan
+    from ..config import ModelConfig, model_config_from_file
+    from ..errors import UserError
+
+    if bool(args.preset) == bool(args.config):
+        raise UserError("give one of --preset and --config")
+    cfg = ModelConfig.from_preset(args.preset) if args.preset else model_config_from_file(args.config)
+    gpu = get_gpu(args.gpu)
+    tokens = parse_count(args.tokens)
+    gbt = parse_count(args.global_batch_tokens, "global batch tokens")
+    if args.global_batch_tokens.strip().upper().endswith("M") and "." not in args.global_batch_tokens:
+        gbt = int(args.global_batch_tokens.strip()[:-1]) * 2**20  # 4M tokens = 4 x 2^20, as in the paper
+    mfu, hours = args.mfu, None
+    if args.gpu_hours is not None:
+        hours = _positive("--gpu-hours", args.gpu_hours)
+    elif mfu is None:
+        mfu = 0.45
+    if mfu is not None:
+        mfu = _positive("--mfu", mfu)
+        if 1 < mfu <= 100:
+            mfu /= 100  # a percentage
+    power = None if args.power_w is None else _positive("--power-w", args.power_w)
+    r = plan(cfg, tokens, gpu, args.gpus, mfu=mfu, gpu_hours=hours, seq_len=args.seq_len,
+             global_batch_tokens=gbt, micro_batch=args.micro_batch, interconnect=args.interconnect,
+             gpus_per_node=args.gpus_per_node, power_w=power, pue=_positive("--pue", args.pue),
+             intensity=_positive("--intensity", args.intensity, allow_zero=True))
+    r["model"] = args.preset or args.config
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    _print(r)
+    return 0
+
+
+def _print(r: dict) -> None:
+    mode = "implied by the GPU-hours" if r["mode"] == "inverse" else "given"
+    m0, m1 = r["memory"]["no_checkpointing"], r["memory"]["checkpointing"]
+    c = r["comm"]
+    rows = [
+        ("model", f"{r['model']} ({r['model_params']:,} parameters), seq {r['seq_len']}"),
+        ("tokens", f"{r['tokens']:,}"),
+        ("FLOPs/token", f"{r['flops_per_token']:.4e}  ({r['flops_definition']})"),
+        ("FLOPs total", f"{r['flops_total']:.4e}"),
+        ("GPU", f"{r['gpus']} x {r['gpu']} (bf16 dense peak {r['peak_flops'] / 1e12:g} TFLOP/s)"),
+        ("MFU", f"{100 * r['mfu']:.2f}% ({mode})"),
+        ("GPU-hours", f"{r['gpu_hours']:,.0f}"),
+        ("days", f"{r['days']:,.2f} on {r['gpus']} GPUs at this MFU "
+                 f"({r['days_with_modelled_comm']:,.2f} if the MFU excluded the modelled communication)"),
+        ("energy", f"{r['energy_kwh']:,.0f} kWh ({r['power_w']:g} W x PUE {r['pue']:g})"),
+        ("carbon", f"{r['tco2eq']:,.2f} tCO2eq at {r['intensity']:g} kgCO2eq/kWh"),
+        ("memory/GPU", f"{_gib(m0['total'])} ({'fits' if r['fits'] else 'does NOT fit'} in "
+                       f"{_gib(r['gpu_memory_bytes'])}): weights {_gib(m0['weights'])}, gradients "
+                       f"{_gib(m0['gradients'])}, AdamW {_gib(m0['optimizer'])}, activations "
+                       f"{_gib(m0['activations'])} (micro batch {r['micro_batch']})"),
+        ("  checkpointed", f"{_gib(m1['total'])} ({'fits' if r['fits_with_checkpointing'] else 'does NOT fit'}) "
+                           f"with activation checkpointing: activations {_gib(m1['activations'])}"),
+        ("comm/step", f"{c['comm_s']:.3f} s on {c['interconnect']} ({c['bytes_per_gpu'] / 1e9:.1f} GB per GPU, "
+                      f"latency {c['comm_latency_s']:.3f} s) vs compute {c['compute_s']:.3f} s; "
+                      f"scaling efficiency {100 * c['scaling_efficiency']:.1f}%"),
+    ]
+    if r["sequences_per_gpu_per_step"] < 1:
+        rows.append(("note", f"global batch gives {r['sequences_per_gpu_per_step']:.2f} sequences per GPU "
+                             "per step: needs tensor/sequence parallelism or a larger batch"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if r["scaling"]:
+        print(f"\nscaling efficiency (global batch {r['global_batch_tokens']:,} tokens, FSDP full sharding):")
+        nets = list(r["scaling"])
+        print(f"{'GPUs':>6} " + " ".join(f"{n:>10}" for n in nets) + "   comm s (" + ", ".join(nets) + ")  compute s")
+        for i, row in enumerate(r["scaling"][nets[0]]):
+            effs = " ".join(f"{100 * r['scaling'][n][i]['scaling_efficiency']:>9.1f}%" for n in nets)
+            comms = ", ".join(f"{r['scaling'][n][i]['comm_s']:.2f}" for n in nets)
+            print(f"{row['gpus']:>6} {effs}   {comms}  {row['compute_s']:.2f}")

@@ -1,0 +1,200 @@
+"""Plan a pretraining run before it starts: FLOPs, GPU-hours, days, energy, carbon, memory and
+data-parallel communication.
+
+Time: ``GPU-hours = tokens x FLOPs/token / (peak x MFU) / 3600``, FLOPs per token by torchtitan's
+definition (``flops.py``), peak the GPU's bf16 dense figure (``gpus.py``). MFU is the achieved
+end-to-end fraction of peak, so ``days = GPU-hours / GPUs / 24`` already includes whatever
+communication cost the run had at that MFU. The inverse mode turns GPU-hours into the implied MFU.
+
+Energy and carbon follow the paper (``carbon.py``): GPU-hours x power cap x PUE x intensity.
+
+Communication (``comm_step``): FSDP full sharding moves, per optimizer step and per GPU, the
+parameters twice (all-gather before forward and again before backward, since blocks are resharded
+after forward) and the gradients once (reduce-scatter). With a ring over N GPUs each collective
+on S bytes sends ``(N-1)/N x S`` per GPU. Within a node the ring runs over NVLink; across nodes
+NCCL runs one ring per NIC (rail), so a node's NICs together carry the ring's traffic and the
+per-GPU bus bandwidth is ``min(NVLink, gpus_per_node x NIC)`` x efficiency. Latency: one hop
+latency per ring step (``N-1`` steps, the network hop latency once the ring leaves a node), for
+each of the ``n_layers + 2`` FSDP units (blocks, embedding, head) and each of the 3 collectives.
+
+Interconnect assumptions (documented guesses, overridable; not measurements):
+
+    ib-200    NVIDIA Quantum HDR InfiniBand, 200 Gb/s per GPU (RSC): 90% of line rate, 3 us per hop
+    roce-200  RoCE on commodity Ethernet, 200 Gb/s per GPU (Meta production): 85%, 5 us per hop
+    ib-400 / roce-400   the same at 400 Gb/s (NDR / 400GbE)
+    NVLink    80% of the GPU's per-direction NVLink bandwidth, 1 us per hop
+    nvlink    single node only (no network)
+
+Overlap: FSDP prefetches the next block's all-gather during the current block's compute, so the
+step takes ``max(compute, comm) + comm / units`` (the first gather and last reduce-scatter are
+exposed). Scaling efficiency = compute / step. Compute per step is the global batch's FLOPs on N
+GPUs at the given MFU, so with a fixed global batch (4M tokens in the paper) compute per GPU shrinks
+as N grows while the parameter traffic per GPU does not: that is what limits scaling.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from ..errors import UserError
+from .carbon import DEFAULT_INTENSITY, DEFAULT_PUE, energy_kwh, tco2eq
+from .flops import flops_per_token, param_counts
+from .gpus import GPU
+from .memory import dtype_bytes, training_memory
+
+
+@dataclass(frozen=True)
+class Interconnect:
+    name: str
+    gbit_per_gpu: float  # network line rate per GPU (one NIC per GPU); 0 = no network
+    efficiency: float    # fraction of line rate NCCL reaches on large messages
+    hop_latency_s: float  # per ring step across the network
+    description: str
+
+
+INTERCONNECTS: dict[str, Interconnect] = {
+    "ib-200": Interconnect("ib-200", 200.0, 0.90, 3e-6, "InfiniBand HDR, 200 Gb/s per GPU"),
+    "roce-200": Interconnect("roce-200", 200.0, 0.85, 5e-6, "RoCE Ethernet, 200 Gb/s per GPU"),
+    "ib-400": Interconnect("ib-400", 400.0, 0.90, 3e-6, "InfiniBand NDR, 400 Gb/s per GPU"),
+    "roce-400": Interconnect("roce-400", 400.0, 0.85, 5e-6, "RoCE Ethernet, 400 Gb/s per GPU"),
+    "nvlink": Interconnect("nvlink", 0.0, 1.0, 0.0, "one node, NVLink only"),
+}
+NVLINK_EFFICIENCY = 0.80
+NVLINK_HOP_LATENCY_S = 1e-6
+SCALING_GPUS = (64, 128, 256, 512, 1024, 2048)
+
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_count(text, what: str = "token count") -> int:
+    """'2T', '2.0T', '1.4e12', '2e12', '2,000,000,000,000', '500B', '4M' -> a positive integer."""
+    s = str(text).strip().replace(",", "").replace("_", "")
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(?:[eE]([+-]?\d+))?\s*([kKmMbBgGtT]?)", s)
+    if not m:
+        raise UserError(f"cannot parse {what} {text!r}; use e.g. 2T, 2e12, 2000000000000 or 2,000,000,000,000")
+    mantissa, exp, suffix = m.groups()
+    value = float(mantissa) * 10 ** int(exp or 0) * _SUFFIX[suffix.upper()]
+    if not math.isfinite(value) or value < 1:
+        raise UserError(f"{what} must be at least 1, got {text!r}")
+    return int(round(value))
+
+
+def get_interconnect(name: str) -> Interconnect:
+    key = str(name).strip().lower()
+    if key not in INTERCONNECTS:
+        raise UserError(f"unknown interconnect {name!r}; known: {', '.join(INTERCONNECTS)}")
+    return INTERCONNECTS[key]
+
+
+def gpu_hours_for(total_flops: float, gpu: GPU, mfu: float) -> float:
+    return total_flops / (gpu.bf16_peak_flops * mfu) / 3600.0
+
+
+def implied_mfu(total_flops: float, gpu: GPU, gpu_hours: float) -> float:
+    return total_flops / (gpu.bf16_peak_flops * gpu_hours * 3600.0)
+
+
+def comm_step(cfg: ModelConfig, gpu: GPU, n_gpus: int, net: Interconnect, *, gpus_per_node: int = 8,
+              compute_s: float, param_dtype="bf16", reduce_dtype="fp32", nvlink_gbps: float | None = None,
+              efficiency: float | None = None, hop_latency_s: float | None = None) -> dict:
+    """Per-step FSDP communication time on ``n_gpus`` and the scaling efficiency against ``compute_s``."""
+    n = param_counts(cfg).total
+    nodes = max(1, math.ceil(n_gpus / gpus_per_node))
+    if nodes > 1 and net.gbit_per_gpu <= 0:
+        raise UserError(f"interconnect {net.name!r} has no network; it covers one node "
+                        f"({gpus_per_node} GPUs), not {n_gpus}")
+    nvl = (nvlink_gbps or gpu.nvlink_gbps) * 1e9 * NVLINK_EFFICIENCY
+    eff = net.efficiency if efficiency is None else efficiency
+    lat = net.hop_latency_s if hop_latency_s is None else hop_latency_s
+    if nodes > 1:
+        bus = min(nvl, min(gpus_per_node, n_gpus) * net.gbit_per_gpu / 8 * 1e9 * eff)
+        step_latency = lat
+    else:
+        bus, step_latency = nvl, NVLINK_HOP_LATENCY_S
+    frac = (n_gpus - 1) / n_gpus
+    gather_bytes = 2 * n * dtype_bytes(param_dtype)     # forward and backward all-gathers
+    reduce_bytes = n * dtype_bytes(reduce_dtype)        # gradient reduce-scatter
+    units = cfg.n_layers + 2
+    bandwidth_s = frac * (gather_bytes + reduce_bytes) / bus if n_gpus > 1 else 0.0
+    latency_s = 3 * units * (n_gpus - 1) * step_latency
+    comm_s = bandwidth_s + latency_s
+    step_s = max(compute_s, comm_s) + comm_s / units
+    return {"gpus": n_gpus, "nodes": nodes, "interconnect": net.name, "bus_bandwidth_Bps": bus,
+            "bytes_per_gpu": frac * (gather_bytes + reduce_bytes), "comm_bandwidth_s": bandwidth_s,
+            "comm_latency_s": latency_s, "comm_s": comm_s, "compute_s": compute_s, "step_s": step_s,
+            "scaling_efficiency": compute_s / step_s}
+
+
+def plan(cfg: ModelConfig, tokens: int, gpu: GPU, n_gpus: int, *, mfu: float | None = None,
+         gpu_hours: float | None = None, seq_len: int | None = None, global_batch_tokens: int = 4 * 2**20,
+         micro_batch: int = 1, interconnect: str = "ib-200", gpus_per_node: int = 8,
+         power_w: float | None = None, pue: float = DEFAULT_PUE, intensity: float = DEFAULT_INTENSITY,
+         scaling_gpus=SCALING_GPUS) -> dict:
+    """Everything ``llama-pretrain plan`` prints, as a dict (see the module docstring)."""
+    if (mfu is None) == (gpu_hours is None):
+        raise UserError("give exactly one of --mfu (forward mode) and --gpu-hours (inverse mode)")
+    if tokens < 1:
+        raise UserError(f"tokens must be at least 1, got {tokens}")
+    if n_gpus < 1:
+        raise UserError(f"--gpus must be at least 1, got {n_gpus}")
+    if gpus_per_node < 1:
+        raise UserError(f"--gpus-per-node must be at least 1, got {gpus_per_node}")
+    if global_batch_tokens < 1 or micro_batch < 1:
+        raise UserError("global batch and micro batch must be at least 1")
+    seq = cfg.max_seq_len if seq_len is None else seq_len
+    if seq < 1:
+        raise UserError(f"--seq-len must be at least 1, got {seq}")
+    fpt = flops_per_token(cfg, seq)
+    total = float(fpt) * tokens
+    if gpu_hours is not None:
+        if not (gpu_hours > 0 and math.isfinite(gpu_hours)):
+            raise UserError(f"--gpu-hours must be a positive number, got {gpu_hours}")
+        mfu = implied_mfu(total, gpu, gpu_hours)
+        mode = "inverse"
+    else:
+        if not (0 < mfu <= 1):
+            raise UserError(f"--mfu must be in (0, 1], got {mfu}")
+        gpu_hours = gpu_hours_for(total, gpu, mfu)
+        mode = "forward"
+    power = gpu.tdp_w if power_w is None else power_w
+    kwh = energy_kwh(gpu_hours, power, pue)
+    net = get_interconnect(interconnect)
+
+    mem = {ckpt: training_memory(cfg, seq, micro_batch, n_gpus, activation_checkpointing=ckpt)
+           for ckpt in (False, True)}
+
+    def step(n):
+        compute_s = global_batch_tokens * fpt / (n * gpu.bf16_peak_flops * mfu)
+        return comm_step(cfg, gpu, n, net, gpus_per_node=gpus_per_node, compute_s=compute_s)
+
+    comm = step(n_gpus)
+    scaling = {}
+    for name in ("ib-200", "roce-200") if net.gbit_per_gpu else ():
+        other = get_interconnect(name)
+        scaling[name] = [
+            comm_step(cfg, gpu, n, other, gpus_per_node=gpus_per_node,
+                      compute_s=global_batch_tokens * fpt / (n * gpu.bf16_peak_flops * mfu))
+            for n in scaling_gpus]
+    seqs_per_gpu = global_batch_tokens / seq / n_gpus
+    return {
+        "mode": mode, "model_params": param_counts(cfg).total, "tokens": tokens, "seq_len": seq,
+        "gpu": gpu.name, "gpus": n_gpus, "mfu": mfu,
+        "flops_definition": "6*N_non_embedding + 12*L*H*Q*T (torchtitan); MFU against bf16 dense peak",
+        "flops_per_token": fpt, "flops_total": total, "peak_flops": gpu.bf16_peak_flops,
+        "gpu_hours": gpu_hours, "days": gpu_hours / n_gpus / 24.0,
+        "days_with_modelled_comm": gpu_hours / n_gpus / 24.0 / comm["scaling_efficiency"],
+        "power_w": power, "pue": pue, "intensity": intensity, "energy_kwh": kwh,
+        "tco2eq": tco2eq(gpu_hours, power, pue, intensity),
+        "memory_per_gpu_bytes": mem[False]["total"],
+        "memory_per_gpu_bytes_checkpointing": mem[True]["total"],
+        "memory": {"no_checkpointing": mem[False], "checkpointing": mem[True]},
+        "gpu_memory_bytes": gpu.memory_bytes,
+        "fits": mem[False]["total"] <= gpu.memory_bytes,
+        "fits_with_checkpointing": mem[True]["total"] <= gpu.memory_bytes,
+        "global_batch_tokens": global_batch_tokens, "micro_batch": micro_batch,
+        "sequences_per_gpu_per_step": seqs_per_gpu,
+        "comm": comm, "scaling": scaling,
+    }
