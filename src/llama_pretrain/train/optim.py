@@ -1,0 +1,79 @@
+"""AdamW with the paper's settings, its weight-decay groups, and the warm-up + cosine schedule.
+
+Weight decay (0.1) reaches the 2-D weight matrices of the linear layers: the attention
+projections ``wq/wk/wv/wo``, the feed-forward ``w1/w2/w3`` and the output head. It does not reach
+the RMSNorm gains (1-D scales whose "natural" value is 1, not 0: decaying them pulls every
+normalised activation towards zero) nor, by default, the token-embedding table: an embedding row
+receives a gradient only when its token occurs, so decay would shrink the rows of rare tokens on
+every step they are absent (the GPT-2/nanoGPT/Megatron practice; ``optimizer.decay_embeddings``
+switches it on).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+    """Two AdamW groups: decayed (linear weights [+ embeddings]) and not decayed (everything else)."""
+    decay_ids = set()
+    for module in model.modules():
+        if isinstance(module, nn.Linear) or (decay_embeddings and isinstance(module, nn.Embedding)):
+            decay_ids.add(id(module.weight))
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if id(p) in decay_ids else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+
+
+def decayed_parameter_names(model: nn.Module, decay_embeddings: bool = False) -> list[str]:
+    groups = param_groups(model, 1.0, decay_embeddings)
+    ids = {id(p) for p in groups[0]["params"]}
+    return [n for n, p in model.named_parameters() if id(p) in ids]
+
+
+def build_optimizer(model: nn.Module, lr: float, betas=(0.9, 0.95), eps: float = 1e-5,
+                    weight_decay: float = 0.1, decay_embeddings: bool = False,
+                    implementation: str = "auto") -> torch.optim.AdamW:
+    device = next(model.parameters()).device
+    kwargs: dict = {}
+    if implementation == "auto":
+        # fused AdamW is the fastest on GPU; on CPU the multi-tensor (foreach) path is.
+        implementation = "fused" if device.type == "cuda" else "foreach"
+    if implementation == "fused":
+        kwargs["fused"] = True
+    elif implementation == "foreach":
+        kwargs["foreach"] = True
+    else:
+        kwargs["foreach"] = False
+    groups = param_groups(model, weight_decay, decay_embeddings)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **kwargs)
+
+
+def lr_at(step: int, peak_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """Learning rate of optimizer step ``step`` (0-based; the last step is ``max_steps - 1``).
+
+    Warm-up: ``peak * (step + 1) / warmup_steps`` for ``step < warmup_steps``, so the first update
+    is not wasted at LR 0 and the last warm-up step (``warmup_steps - 1``) is at the peak.
+    Then cosine: with ``p = (step + 1 - warmup_steps) / (max_steps - warmup_steps)``,
+    ``min + (peak - min) * (1 + cos(pi * p)) / 2``, which reaches ``min = min_lr_ratio * peak``
+    exactly at the last step.
+    """
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    min_lr = min_lr_ratio * peak_lr
+    decay_steps = max_steps - warmup_steps
+    if decay_steps <= 0:
+        return peak_lr
+    progress = min(1.0, (step + 1 - warmup_steps) / decay_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
