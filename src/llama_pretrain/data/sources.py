@@ -111,7 +111,7 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
         "dup_ngram_char_frac": [[5, 0.15], [6, 0.14], [7, 0.13], [8, 0.12], [9, 0.11], [10, 0.10]],
     },
     "c4": {
-        "enabled": True, "min_words_per_line": 3, "min_sentences": 3, "max_word_length": 1000,
+        "enabled": True, "min_words_per_line": 3, "min_sentences": 5, "max_word_length": 1000,
         "terminal_punct": True, "lorem_ipsum": True, "javascript": True, "curly_bracket": False,
         "policy": True,
     },
