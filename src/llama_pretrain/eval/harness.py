@@ -1,0 +1,388 @@
+"""The harness core: what every benchmark asks of a model, over one backend interface.
+
+Three requests, as in lm-evaluation-harness:
+
+- ``loglikelihood([(context, continuation), ...])`` -> ``[(log p(continuation | context), greedy)]``.
+  Requests that share a context (the choices of one question) run the context once: a batch of
+  distinct contexts is prefilled, its key/value cache is repeated once per continuation, and the
+  continuations are scored in one extension step.
+- ``loglikelihood_rolling([text, ...])`` -> total log-likelihood of each text (perplexity), in
+  windows of the model's context length, each token predicted exactly once.
+- ``generate([(context, until, max_new_tokens), ...])`` -> greedy continuations cut at the first
+  stop sequence, in left-padded batches.
+
+A backend is anything with ``forward(tokens, mask, cache) -> (logits, cache)``, ``select(cache,
+rows)`` and ``max_length``: ``tokens`` [B, T] are new tokens, ``mask`` [B, past + T] marks real
+(non-pad) positions so positions and attention follow from it. ``NativeBackend`` runs our
+``Transformer``; ``HFBackend`` any ``transformers`` causal LM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# --------------------------------------------------------------------------------------------
+# backends
+
+
+def _positions(mask: torch.Tensor, new: int) -> torch.Tensor:
+    """Position ids of the last ``new`` columns: the count of real tokens before each one."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Meta's interleaved-pair rotation with per-row positions: x [B, T, H, D], cos/sin [B, T, D/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+class NativeBackend:
+    """Our ``Transformer`` with a padding-aware KV cache.
+
+    ``model.py``'s own cache assumes every row starts at position 0; evaluation batches hold
+    prompts of different lengths, so this runs the model's own modules (same weights, same maths)
+    with per-row positions and a key mask. The cache is a list of (k, v) per block, [B, Hkv, S, D].
+    """
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.max_length = model.config.max_seq_len
+        self.device = model.output.weight.device
+        self.name = "llama-pretrain"
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, cache=None):
+        from ..model import _sdpa
+
+        m = self.model
+        B, T = tokens.shape
+        past = 0 if cache is None else cache[0][0].shape[2]
+        pos = _positions(mask, T)
+        cos, sin = m.rope_cos[pos], m.rope_sin[pos]
+        # Query i (absolute column past+i) sees real keys at columns <= past+i, and always itself,
+        # so a pad query never has an empty row (which would turn into NaN and spread).
+        causal = torch.ones(T, past + T, dtype=torch.bool, device=tokens.device).tril(diagonal=past)
+        attn = causal[None, None] & mask.bool()[:, None, None, :]
+        ar = torch.arange(T, device=tokens.device)
+        attn[:, :, ar, past + ar] = True
+        h = m.tok_embeddings(tokens)
+        new_cache = []
+        for i, layer in enumerate(m.layers.values()):
+            a = layer.attention
+            x = layer.attention_norm(h)
+            q = _rope(a.wq(x).view(B, T, a.n_heads, a.head_dim), cos, sin).transpose(1, 2)
+            k = _rope(a.wk(x).view(B, T, a.n_kv_heads, a.head_dim), cos, sin).transpose(1, 2)
+            v = a.wv(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+            if cache is not None:
+                k = torch.cat([cache[i][0], k], dim=2)
+                v = torch.cat([cache[i][1], v], dim=2)
+            new_cache.append((k, v))
+            out = _sdpa(q, k, v, attn, False, a.n_heads // a.n_kv_heads)
+            h = h + a.wo(out.transpose(1, 2).reshape(B, T, -1))
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+        return m.output(m.norm(h)), new_cache
+
+    @staticmethod
+    def select(cache, rows: torch.Tensor):
+        return [(k[rows], v[rows]) for k, v in cache]
+
+
+class HFBackend:
+    """Any ``transformers`` causal LM (``AutoModelForCausalLM``), with its own cache object."""
+
+    def __init__(self, model, max_length: int | None = None):
+        self.model = model.eval()
+        cfg = model.config
+        self.max_length = max_length or next(
+            (getattr(cfg, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len",
+                                       "seq_length") if getattr(cfg, k, None)), 2048)
+        self.device = next(model.parameters()).device
+        self.name = "hf"
+        import inspect
+        # transformers >= 5.2x renamed the cache argument from past_key_values to cache.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, cache=None):
+        out = self.model(input_ids=tokens, attention_mask=mask.long(),
+                         position_ids=_positions(mask, tokens.shape[1]),
+                         use_cache=True, **{self._cache_arg: cache})
+        return out.logits, getattr(out, self._cache_arg)
+
+    @staticmethod
+    def select(cache, rows: torch.Tensor):
+        if hasattr(cache, "batch_select_indices"):
+            cache.batch_select_indices(rows)  # in place; repeated rows are allowed
+            return cache
+        return tuple(tuple(t[rows] for t in layer) for layer in cache)  # legacy tuple caches
+
+
+# --------------------------------------------------------------------------------------------
+# requests
+
+
+@dataclass
+class GenRequest:
+    context: str
+    until: Sequence[str] = ("\n",)
+    max_new_tokens: int = 128
+
+
+class CausalLM:
+    """Scores text with a backend and a tokenizer (see the module docstring).
+
+    ``batch_size`` bounds the rows of every forward pass (continuations in the log-likelihood
+    extension step, prompts in generation). A BOS token, when the tokenizer has one, starts every
+    sequence, as the Llama models were trained.
+    """
+
+    def __init__(self, backend, tokenizer, batch_size: int = 16, progress: bool = False):
+        self.backend = backend
+        self.tok = tokenizer
+        self.batch_size = max(1, int(batch_size))
+        self.progress = progress
+        self.max_length = backend.max_length
+        self.device = backend.device
+        self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
+
+    def _prefix(self) -> list[int]:
+        return [self.tok.bos_id] if self.tok.bos_id is not None else []
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, unit="req")
+
+    # -- tokenisation as lm-evaluation-harness does it ----------------------------------------
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Context and continuation ids; trailing spaces of the context move to the continuation,
+        and the split is taken from the joint encoding so the tokens are what the model would see."""
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        whole = self.tok.encode(context + continuation)
+        ctx = self.tok.encode(context) if context else []
+        cont = whole[len(ctx):]
+        if not cont:  # the joint encoding swallowed the continuation into the context
+            cont = self.tok.encode(continuation)
+            ctx = whole[:len(whole) - len(cont)] if whole[len(whole) - len(cont):] == cont else ctx
+        return self._prefix() + ctx, cont
+
+    # -- log-likelihood ----------------------------------------------------------------------
+    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+        pairs = [self.encode_pair(c, x) for c, x in requests]
+        return self.loglikelihood_tokens(pairs)
+
+    def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        groups: dict[tuple, list[int]] = {}
+        for i, (ctx, cont) in enumerate(pairs):
+            if not cont:
+                raise ValueError(f"request {i} has an empty continuation")
+            groups.setdefault(tuple(ctx), []).append(i)
+        # Longest contexts first: padding within a batch stays small and memory peaks early.
+        order = sorted(groups.items(), key=lambda kv: -len(kv[0]))
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        bar = self._bar(len(pairs), "loglikelihood")
+        batch: list[tuple[tuple, list[int]]] = []
+        rows = 0
+        for item in order:
+            if batch and rows + len(item[1]) > self.batch_size:
+                self._score_groups(batch, pairs, results)
+                bar.update(rows)
+                batch, rows = [], 0
+            batch.append(item)
+            rows += len(item[1])
+        if batch:
+            self._score_groups(batch, pairs, results)
+            bar.update(rows)
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def _score_groups(self, batch, pairs, results) -> None:
+        L = self.max_length
+        dev = self.device
+        ctxs, conts, owner, req_ids = [], [], [], []
+        for g, (ctx, idxs) in enumerate(batch):
+            longest = max(len(pairs[i][1]) for i in idxs)
+            if longest > L:
+                raise ValueError(f"a continuation of {longest} tokens exceeds the model's context {L}")
+            # The scored sequence is ctx + cont[:-1]; keep the context's end when it must shrink.
+            keep = max(1, L - (longest - 1))
+            ctxs.append(list(ctx)[-keep:] if len(ctx) > keep else list(ctx))
+            for i in idxs:
+                conts.append(pairs[i][1])
+                owner.append(g)
+                req_ids.append(i)
+        # Prefill the distinct contexts, left-padded.
+        Tc = max(len(c) for c in ctxs)
+        tokens = torch.full((len(ctxs), Tc), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ctxs), Tc), dtype=torch.bool)
+        for g, c in enumerate(ctxs):
+            if c:
+                tokens[g, Tc - len(c):] = torch.tensor(c)
+                mask[g, Tc - len(c):] = True
+        if Tc == 0:  # no BOS and empty contexts: nothing to condition on
+            raise ValueError("empty context and the tokenizer has no BOS token")
+        tokens, mask = tokens.to(dev), mask.to(dev)
+        logits, cache = self.backend.forward(tokens, mask)
+        first = F.log_softmax(logits[:, -1].float(), dim=-1)  # predicts each continuation's token 0
+        rows = torch.tensor(owner, device=dev)
+        first = first[rows]
+        Tx = max(len(c) for c in conts) - 1
+        ext = None
+        if Tx > 0:
+            # One extension step for every continuation, right-padded; the pads are masked out and
+            # come after the scored tokens, so they change nothing.
+            cache = self.backend.select(cache, rows)
+            xt = torch.full((len(conts), Tx), self.pad_id, dtype=torch.long)
+            xm = torch.zeros((len(conts), Tx), dtype=torch.bool)
+            for r, c in enumerate(conts):
+                if len(c) > 1:
+                    xt[r, :len(c) - 1] = torch.tensor(c[:-1])
+                    xm[r, :len(c) - 1] = True
+            xmask = torch.cat([mask[rows], xm.to(dev)], 1)
+            ext, _ = self.backend.forward(xt.to(dev), xmask, cache)
+            ext = F.log_softmax(ext.float(), dim=-1)
+        for r, cont in enumerate(conts):
+            target = torch.tensor(cont, device=dev)
+            lp = first[r:r + 1]
+            if len(cont) > 1:
+                lp = torch.cat([lp, ext[r, :len(cont) - 1]], 0)
+            total = lp.gather(1, target[:, None]).sum().item()
+            greedy = bool((lp.argmax(-1) == target).all().item())
+            results[req_ids[r]] = (total, greedy)
+
+    # -- rolling log-likelihood --------------------------------------------------------------
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
+        """Sum of log p(token | everything before it, up to the context length) over each text."""
+        L = self.max_length
+        windows: list[tuple[int, list[int], list[int]]] = []  # (text index, context, targets)
+        for ti, text in enumerate(texts):
+            ids = self._prefix() + self.tok.encode(text)
+            if not self._prefix():
+                ids = [self.pad_id] + ids  # something to predict the first token from
+            for a in range(1, len(ids), L):
+                b = min(a + L, len(ids))
+                lo = max(0, b - 1 - L)
+                window = ids[lo:b]
+                n_ctx = a - lo  # window tokens that are context only
+                windows.append((ti, window[:n_ctx], window[n_ctx:]))
+        scores = self.loglikelihood_tokens([(c, t) for _, c, t in windows])
+        totals = [0.0] * len(texts)
+        for (ti, _, _), (lp, _) in zip(windows, scores):
+            totals[ti] += lp
+        return totals
+
+    # -- generation --------------------------------------------------------------------------
+    def generate(self, requests: Sequence[GenRequest | tuple]) -> list[str]:
+        reqs = [r if isinstance(r, GenRequest) else GenRequest(*r) for r in requests]
+        encoded = [self._prefix() + self.tok.encode(r.context) for r in reqs]
+        order = sorted(range(len(reqs)), key=lambda i: -len(encoded[i]))
+        out: list[str | None] = [None] * len(reqs)
+        bar = self._bar(len(reqs), "generate")
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s:s + self.batch_size]
+            texts = self._generate_batch([encoded[i] for i in idx], [reqs[i] for i in idx])
+            for i, t in zip(idx, texts):
+                out[i] = t
+            bar.update(len(idx))
+        bar.close()
+        return out  # type: ignore[return-value]
+
+    def _decode_new(self, ctx: list[int], new: list[int]) -> str:
+        # Decode with a few context tokens in front so a leading space or indentation survives
+        # SentencePiece's "strip the first space" rule, then drop the context's text.
+        tail = ctx[-8:]
+        head = self.tok.decode(tail)
+        text = self.tok.decode(tail + new)
+        return text[len(head):] if text.startswith(head) else self.tok.decode(new)
+
+    @staticmethod
+    def _cut(text: str, until: Sequence[str]) -> tuple[str, bool]:
+        cut = min((text.find(s) for s in until if s and s in text), default=-1)
+        return (text[:cut], True) if cut >= 0 else (text, False)
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: list[list[int]], reqs: list[GenRequest]) -> list[str]:
+        dev = self.device
+        max_new = max(r.max_new_tokens for r in reqs)
+        keep = max(1, self.max_length - max_new)
+        prompts = [p[-keep:] for p in prompts]
+        B, T = len(prompts), max(len(p) for p in prompts)
+        tokens = torch.full((B, T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, T), dtype=torch.bool)
+        for r, p in enumerate(prompts):
+            tokens[r, T - len(p):] = torch.tensor(p)
+            mask[r, T - len(p):] = True
+        tokens, mask = tokens.to(dev), mask.to(dev)
+        logits, cache = self.backend.forward(tokens, mask)
+        new: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        texts = [""] * B
+        eos = self.tok.eos_id
+        for step in range(max_new):
+            nxt = logits[:, -1].float().argmax(-1)
+            for r in range(B):
+                if done[r]:
+                    continue
+                t = int(nxt[r])
+                if t == eos:
+                    done[r] = True
+                    continue
+                new[r].append(t)
+                texts[r], stopped = self._cut(self._decode_new(prompts[r], new[r]), reqs[r].until)
+                if stopped or len(new[r]) >= reqs[r].max_new_tokens:
+                    done[r] = True
+            if all(done) or T + step + 1 >= self.max_length:
+                break
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.bool, device=dev)], 1)
+            logits, cache = self.backend.forward(nxt[:, None].to(dev), mask, cache)
+        return texts
+
+
+def load_lm(model: str, *, backend: str = "auto", tokenizer: str | None = None, device: str = "cpu",
+            dtype: str | None = None, batch_size: int = 16, progress: bool = False) -> CausalLM:
+    """A ``CausalLM`` for a checkpoint directory or HF model name.
+
+    ``backend``: ``native`` loads any checkpoint ``load_model`` reads (ours, Meta, HF Llama) into
+    our ``Transformer``; ``hf`` loads it with ``transformers.AutoModelForCausalLM`` (any
+    architecture: MPT, Falcon, ...); ``auto`` picks ``native`` for our and Meta's formats and
+    ``hf`` otherwise.
+    """
+    from pathlib import Path
+
+    from ..errors import UserError
+    from .tokenization import load_tokenizer
+
+    torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                   "float16": torch.float16}.get(dtype, "bad")
+    if torch_dtype == "bad":
+        raise UserError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
+    path = Path(model)
+    if backend == "auto":
+        from ..interop.hf import is_hf_dir
+        backend = "hf" if (not path.exists() or is_hf_dir(path)) else "native"
+    if backend == "native":
+        from ..interop import load_model
+        m = load_model(path, device=device, dtype=torch_dtype)
+        be = NativeBackend(m)
+    elif backend == "hf":
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            raise UserError("--backend hf needs `transformers` (pip install 'llama-pretrain[eval]')") from None
+        try:
+            m = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype or "auto")
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load {model} with transformers: {str(e).splitlines()[0]}") from None
+        be = HFBackend(m.to(device))
+    else:
+        raise UserError(f"--backend {backend!r}: choose auto, native or hf")
+    tok = load_tokenizer(tokenizer or model)
+    return CausalLM(be, tok, batch_size=batch_size, progress=progress)

@@ -1,0 +1,112 @@
+"""Commonsense Reasoning (Table 3): PIQA, SIQA, HellaSwag, WinoGrande, ARC easy/challenge,
+OpenBookQA, CommonsenseQA. Zero-shot except CommonsenseQA (7-shot); prompts as lm-eval-harness."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .base import MultipleChoiceTask
+
+GROUP = "Commonsense Reasoning"
+
+
+def _letter_gold(doc: dict) -> int:
+    """Index of ``answerKey`` among ``choices.label`` (ARC, OpenBookQA, CommonsenseQA)."""
+    labels = list(doc["choices"]["label"])
+    key = str(doc["answerKey"]).strip()
+    if key in labels:
+        return labels.index(key)
+    if key.isdigit() and labels and labels[0].isalpha():  # a few ARC records use 1-4
+        return int(key) - 1
+    raise ValueError(f"answerKey {key!r} not among labels {labels}")
+
+
+@dataclass
+class PIQA(MultipleChoiceTask):
+    def text(self, d): return f"Question: {d['goal']}\nAnswer:"
+    def choices(self, d): return [d["sol1"], d["sol2"]]
+    def gold(self, d): return int(d["label"])
+
+
+@dataclass
+class SIQA(MultipleChoiceTask):
+    def text(self, d): return f"Q: {d['context']} {d['question']}\nA:"
+    def choices(self, d): return [d["answerA"], d["answerB"], d["answerC"]]
+    def gold(self, d): return int(str(d["label"]).strip()) - 1
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+@dataclass
+class HellaSwag(MultipleChoiceTask):
+    def text(self, d):
+        ctx = d["ctx_a"] + " " + d["ctx_b"].capitalize()
+        return _hellaswag_clean(d["activity_label"] + ": " + ctx)
+    def choices(self, d): return [_hellaswag_clean(e) for e in d["endings"]]
+    def gold(self, d): return int(d["label"])
+
+
+@dataclass
+class WinoGrande(MultipleChoiceTask):
+    """Partial evaluation: each option fills the blank in the context; the text after the blank is
+    the scored continuation, identical for both options."""
+
+    def _split(self, d):
+        i = d["sentence"].index("_")
+        return d["sentence"][:i], " " + d["sentence"][i + 1:].strip()
+
+    def text(self, d): return self._split(d)[0] + self.choices(d)[self.gold(d)]
+    def choices(self, d): return [d["option1"], d["option2"]]
+    def gold(self, d): return int(str(d["answer"]).strip()) - 1
+    def example(self, d): return self.text(d) + self._split(d)[1]
+
+    def requests(self, d, prefix):
+        head, tail = self._split(d)
+        return [(prefix + head + opt, tail) for opt in self.choices(d)]
+
+    def char_lengths(self, d):
+        return [len(self._split(d)[1])] * 2
+
+
+@dataclass
+class ARC(MultipleChoiceTask):
+    def text(self, d): return f"Question: {d['question']}\nAnswer:"
+    def choices(self, d): return list(d["choices"]["text"])
+    def gold(self, d): return _letter_gold(d)
+
+
+@dataclass
+class OpenBookQA(MultipleChoiceTask):
+    def text(self, d): return d["question_stem"]
+    def choices(self, d): return list(d["choices"]["text"])
+    def gold(self, d): return _letter_gold(d)
+
+
+_ARC_FIELDS = ("question", "choices", "answerKey")
+
+TASKS = [
+    PIQA("piqa", "PIQA", GROUP, "ybisk/piqa", ("goal", "sol1", "sol2", "label"), "validation", "train",
+         0, "acc_norm"),
+    SIQA("siqa", "SIQA", GROUP, "allenai/social_i_qa",
+         ("context", "question", "answerA", "answerB", "answerC", "label"), "validation", "train", 0,
+         "acc_norm"),
+    HellaSwag("hellaswag", "HellaSwag", GROUP, "Rowan/hellaswag",
+              ("ctx_a", "ctx_b", "activity_label", "endings", "label"), "validation", "train", 0, "acc_norm"),
+    WinoGrande("winogrande", "WinoGrande", GROUP, "allenai/winogrande:winogrande_xl",
+               ("sentence", "option1", "option2", "answer"), "validation", "train", 0, "acc",
+               sep="\n\n"),
+    ARC("arc_easy", "ARC-e", GROUP, "allenai/ai2_arc:ARC-Easy", _ARC_FIELDS, "test", "train", 0, "acc_norm"),
+    ARC("arc_challenge", "ARC-c", GROUP, "allenai/ai2_arc:ARC-Challenge", _ARC_FIELDS, "test", "train", 0,
+        "acc_norm"),
+    OpenBookQA("openbookqa", "OpenBookQA", GROUP, "allenai/openbookqa:main",
+               ("question_stem", "choices", "answerKey"), "test", "train", 0, "acc_uncond", uncond=True,
+               notes="acc_uncond: choice log-likelihood minus its log-likelihood after 'Answer:' "
+                     "(Brown et al. 2020, as the LLaMA paper does for OpenBookQA and BoolQ)"),
+    ARC("commonsense_qa", "CommonsenseQA", GROUP, "tau/commonsense_qa", _ARC_FIELDS, "validation", "train",
+        7, "acc_norm"),
+]

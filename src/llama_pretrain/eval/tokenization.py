@@ -1,0 +1,74 @@
+"""One small tokenizer interface for the harness, over SentencePiece models and HF tokenizers.
+
+The harness needs: ``encode(text)`` without special tokens, ``decode(ids)`` that ignores ids it
+does not know (a model's vocabulary may be padded past the tokenizer's), ``bos_id`` (or None) and
+``eos_id`` (or None).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+
+
+class SentencePieceText:
+    """Our ``Tokenizer`` (a SentencePiece model file, Meta's or one trained by this project)."""
+
+    def __init__(self, path: str | Path):
+        from ..tokenizer import Tokenizer
+
+        self.tok = Tokenizer(path)
+        self.name = str(path)
+        self.bos_id = self.tok.bos_id if self.tok.bos_id >= 0 else None
+        self.eos_id = self.tok.eos_id if self.tok.eos_id >= 0 else None
+        self.vocab_size = self.tok.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, bos=False, eos=False)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([i for i in ids if 0 <= i < self.vocab_size])
+
+
+class HFText:
+    """A ``transformers`` tokenizer (``AutoTokenizer.from_pretrained``)."""
+
+    def __init__(self, name_or_path: str | Path):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise UserError("scoring a Hugging Face model needs `transformers` "
+                            "(pip install 'llama-pretrain[eval]')") from None
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(name_or_path))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load a tokenizer from {name_or_path}: {str(e).splitlines()[0]}") from None
+        self.name = str(name_or_path)
+        self.bos_id = self.tok.bos_token_id
+        self.eos_id = self.tok.eos_token_id
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+
+
+def load_tokenizer(path: str | Path):
+    """A SentencePiece ``.model`` file, a checkpoint dir holding ``tokenizer.model``, or an HF dir/name."""
+    p = Path(path)
+    if p.is_file():
+        return SentencePieceText(p)
+    if p.is_dir():
+        from ..interop import find_tokenizer
+        from ..interop.hf import is_hf_dir
+
+        sp = find_tokenizer(p)
+        if is_hf_dir(p) and any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            return HFText(p)
+        if sp is not None:
+            return SentencePieceText(sp)
+        raise UserError(f"{p}: no tokenizer found (tokenizer.model or an HF tokenizer); pass --tokenizer")
+    return HFText(path)  # a hub name
