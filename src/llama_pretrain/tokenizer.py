@@ -22,6 +22,7 @@ import os
 import random
 import re
 import sys
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -180,10 +181,14 @@ class Tokenizer:
     def _pool(self, workers: int):
         pool = self._pools.get(workers)
         if pool is None:
+            # fork where available: spawn/forkserver re-import the caller's __main__, which breaks
+            # (or re-runs) scripts without a __main__ guard. Workers only run sentencepiece's C++,
+            # so a parent's other threads (torch) do not matter to them.
             methods = multiprocessing.get_all_start_methods()
-            # forkserver: fast worker start without forking a parent that may run threads (torch).
-            ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(self._data,))
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            with warnings.catch_warnings():  # Python >= 3.12 warns about fork with threads
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pool = ctx.Pool(workers, initializer=_init_worker, initargs=(self._data,))
             weakref.finalize(self, pool.terminate)
             self._pools[workers] = pool
         return pool
