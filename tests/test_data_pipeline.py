@@ -1,0 +1,243 @@
+"""`data prepare` / `data merge` end to end: accounting, round trip, mixture, determinism, resume,
+bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama_pretrain.cli import main
+from llama_pretrain.data.normalize import normalize_text
+from llama_pretrain.data.shards import iter_documents, open_tokens, read_manifest
+from llama_pretrain.tokenizer import Tokenizer, train_tokenizer
+
+WORDS = ("the be to of and that have with time person year way day thing man world life hand part child "
+         "eye woman place work week case point government company number group problem fact river mountain "
+         "garden window kitchen teacher student market village history science music letter paper story "
+         "water morning evening winter summer table chair doctor engine bridge station library museum forest "
+         "island ocean valley harbor castle farmer painter writer soldier sailor merchant builder walked "
+         "found carried opened closed painted studied visited repaired described watched").split()
+
+
+def prose(rng: random.Random, sentences: int = 9) -> str:
+    sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(7, 13))).capitalize() + "."
+             for _ in range(sentences)]
+    return "\n\n".join(" ".join(sents[i:i + 3]) for i in range(0, sentences, 3))
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> None:
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tok")
+    rng = random.Random(123)
+    train_tokenizer([prose(rng) for _ in range(300)], d / "tok.model", 600, progress=False)
+    return d / "tok.model"
+
+
+def run(*argv) -> int:
+    return main(["data", *map(str, argv)])
+
+
+def files_bytes(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file() and "_work" not in p.parts and p.name != "manifest.json"}
+
+
+# -- accounting and round trip ---------------------------------------------------------------------
+
+def test_prepare_accounts_for_every_record_and_round_trips(tmp_path, tok, capsys):
+    rng = random.Random(0)
+    good = [prose(rng) for _ in range(40)]
+    src = tmp_path / "in"
+    src.mkdir()
+    docs = [{"text": t, "url": f"https://site{i}.org/p"} for i, t in enumerate(good[:30])]
+    docs.append({"text": good[0], "url": "https://mirror.org/"})                    # exact duplicate
+    docs.append({"text": prose(rng), "url": "https://www.spokeo.com/Jane-Doe"})       # blocklisted
+    docs.append({"text": "Too short to keep.", "url": None})                           # quality
+    docs.append({"txt": "wrong field"})                                                 # missing field
+    docs.append({"text": 42})                                                           # not a string
+    lines = [json.dumps(d) for d in docs]
+    lines.insert(3, "{not json")
+    (src / "a.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe bad utf8\n")
+    with gzip.open(src / "b.jsonl.gz", "wt") as fh:
+        fh.write("".join(json.dumps({"text": t}) + "\n" for t in good[30:36]))
+    (src / "c.txt").write_text(good[36])
+    (src / "empty.txt").write_text("")
+    (src / "blob.bin").write_bytes(b"\x00\x01\x02binary")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": good[37:40] + [None]}), src / "d.parquet")
+
+    out = tmp_path / "out"
+    assert run("prepare", "--input", src, "--url-field", "url", "--tokenizer", tok, "--out", out,
+               "--val-fraction", "0.1") == 0
+    assert "total" in capsys.readouterr().out
+    m = read_manifest(out)
+    t = m["total"]
+    assert t["documents_in"] == 31 + 5 + 1 + 6 + 1 + 1 + 1 + 4
+    for s in list(m["sources"].values()) + [t]:
+        assert s["documents_in"] == s["documents_kept"] + sum(s["dropped"].values())
+    assert t["dropped"] == {"binary_file": 1, "blocklisted_domain": 1, "c4_too_few_sentences": 1,
+                            "empty_file": 1, "exact_duplicate": 1, "invalid_utf8": 1, "malformed_json": 1,
+                            "missing_text_field": 2, "text_not_a_string": 1}
+    assert t["documents_kept"] == 40
+    assert t["bad_record_locations"]["malformed_json"] == [f"{src / 'a.jsonl'}:4"]
+    assert len(m["tokenizer"]["sha256"]) == 64 and m["dtype"] == "uint16"
+    assert m["splits"]["val"]["documents"] >= 1 and m["splits"]["train"]["documents"] >= 30
+
+    # Shards read back with numpy decode to exactly the kept documents (independent encode).
+    tk = Tokenizer(tok)
+    want = sorted(tk.encode(normalize_text(g), bos=True, eos=True) for g in good)
+    got = [d.tolist() for sp in ("train", "val") for d in iter_documents(out, sp)]
+    assert sorted(got) == want
+    raw = np.concatenate([np.fromfile(out / sh["file"], dtype="<u2")
+                          for sh in m["splits"]["train"]["shards"]])
+    assert np.array_equal(raw, np.concatenate(open_tokens(out, "train")))
+    assert t["tokens"] == sum(map(len, want))
+    assert run("inspect", out) == 0
+    from llama_pretrain.data.loader import TokenLoader
+    val = TokenLoader(out, split="val", batch_size=2, seq_len=16)
+    assert next(val).shape == (2, 17) and val.vocab_size == tk.vocab_size
+
+
+def test_strict_and_configuration_errors(tmp_path, tok, capsys):
+    rng = random.Random(1)
+    f = tmp_path / "x.jsonl"
+    f.write_text(json.dumps({"text": prose(rng)}) + "\n{oops\n")
+    assert run("prepare", "--input", f, "--tokenizer", tok, "--out", tmp_path / "o", "--strict") == 2
+    err = capsys.readouterr().err
+    assert f"{f}:2" in err and "malformed_json" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    g = tmp_path / "y.jsonl"
+    write_jsonl(g, [{"body": "a", "id": 1}, {"body": "b", "id": 2}])
+    assert run("prepare", "--input", g, "--tokenizer", tok, "--out", tmp_path / "o2") == 2
+    err = capsys.readouterr().err
+    assert "no record has the text field 'text'" in err and "body, id" in err
+    assert run("prepare", "--input", tmp_path / "nope*.jsonl", "--tokenizer", tok, "--out", tmp_path / "o3") == 2
+    assert "matches no files" in capsys.readouterr().err
+    h = tmp_path / "z.jsonl"
+    write_jsonl(h, [{"text": "short"}])
+    assert run("prepare", "--input", h, "--tokenizer", tok, "--out", tmp_path / "o4") == 2
+    assert "no documents left after filtering" in capsys.readouterr().err
+
+
+# -- near dedup and mixture ----------------------------------------------------------------------------
+
+def test_near_duplicates_removed_and_weights_applied(tmp_path, tok):
+    rng = random.Random(2)
+    a_docs = [prose(rng, 30) for _ in range(40)]
+    near = a_docs[0].split(" ")
+    for i in random.Random(3).sample(range(len(near)), max(1, len(near) // 50)):
+        near[i] = "river"  # ~2% of the words replaced
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in a_docs] + [{"text": " ".join(near)}])
+    write_jsonl(tmp_path / "b.jsonl", [{"text": prose(rng, 12)} for _ in range(200)])
+    write_jsonl(tmp_path / "c.jsonl", [{"text": prose(rng, 12)} for _ in range(200)])
+    (tmp_path / "mix.toml").write_text(
+        'val_fraction = 0.0\n'
+        '[[sources]]\nname = "a"\npaths = ["a.jsonl"]\nweight = 1.0\n'
+        '[[sources]]\nname = "b"\npaths = ["b.jsonl"]\nweight = 2.0\n'
+        '[[sources]]\nname = "c"\npaths = ["c.jsonl"]\nweight = 0.5\n')
+    out = tmp_path / "out"
+    assert run("prepare", "--config", tmp_path / "mix.toml", "--tokenizer", tok, "--out", out, "--quiet") == 0
+    m = read_manifest(out)
+    s = m["sources"]
+    assert s["a"]["dropped"] == {"near_duplicate": 1} and s["a"]["documents_kept"] == 40
+    assert s["b"]["tokens_after_mixing"] == 2 * s["b"]["tokens_before_mixing"]
+    assert abs(s["c"]["tokens_after_mixing"] / s["c"]["tokens_before_mixing"] - 0.5) < 0.01
+    total = sum(x["tokens_after_mixing"] for x in s.values())
+    assert m["splits"]["train"]["tokens"] == total
+    assert abs(sum(x["effective_share"] for x in s.values()) - 1) < 1e-4
+    assert s["b"]["effective_share"] == pytest.approx(s["b"]["tokens_after_mixing"] / total, abs=1e-6)
+
+
+# -- determinism, resume, tasks ------------------------------------------------------------------------
+
+def _corpus(d: Path, files: int, docs: int, seed: int = 5) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    shared = [prose(rng) for _ in range(5)]
+    for i in range(files):
+        rows = [{"text": prose(rng)} for _ in range(docs)] + [{"text": shared[i % 5]}]  # cross-file dups
+        write_jsonl(d / f"part{i:03d}.jsonl", rows)
+    return d
+
+
+def test_workers_tasks_and_merge_are_byte_identical(tmp_path, tok):
+    src = _corpus(tmp_path / "in", 6, 15)
+    common = ["--input", src, "--tokenizer", tok, "--quiet", "--val-fraction", "0.05"]
+    assert run("prepare", *common, "--out", tmp_path / "w1") == 0
+    assert run("prepare", *common, "--out", tmp_path / "w2", "--workers", "2") == 0
+    ref = files_bytes(tmp_path / "w1")
+    assert ref == files_bytes(tmp_path / "w2")
+    m1, m2 = (json.loads((tmp_path / w / "manifest.json").read_text()) for w in ("w1", "w2"))
+    assert m1 == m2
+    for i in range(3):
+        assert run("prepare", *common, "--out", tmp_path / f"t{i}", "--num-tasks", "3", "--task-index", i) == 0
+    assert run("merge", *(tmp_path / f"t{i}" for i in range(3)), "--out", tmp_path / "merged", "--quiet") == 0
+    assert files_bytes(tmp_path / "merged") == ref
+    mm = read_manifest(tmp_path / "merged")
+    assert mm["total"] == m1["total"] and mm["sources"] == m1["sources"]
+    assert m1["total"]["dropped"]["exact_duplicate"] == 1  # the shared docs repeat across task parts
+    assert run("merge", tmp_path / "t0", tmp_path / "t1", "--out", tmp_path / "bad", "--quiet") == 2
+
+
+def test_kill_and_rerun_resumes_to_identical_output(tmp_path, tok):
+    src = _corpus(tmp_path / "in", 24, 40, seed=9)
+    args = ["--input", str(src), "--tokenizer", str(tok), "--quiet"]
+    assert run("prepare", *args, "--out", tmp_path / "clean") == 0
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "llama_pretrain", "data", "prepare", *args, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    units = out / "_work" / "units" / "input"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if units.is_dir() and len(list(units.glob("0*"))) >= 3:
+            break
+        time.sleep(0.02)
+    killed = proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if killed:
+        assert not (out / "manifest.json").exists()
+    # what exists under a final name is complete
+    for u in units.glob("0*"):
+        assert (u / "stats.json").is_file()
+    done_before = len(list(units.glob("0*")))
+    from llama_pretrain.data.prepare import prepare
+    from llama_pretrain.data.sources import DataConfig, SourceConfig
+    m = prepare(DataConfig([SourceConfig("input", [str(src)])]), tok, out, progress=False)
+    assert m["_reused_units"] == done_before
+    assert files_bytes(out) == files_bytes(tmp_path / "clean")
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "clean" / "manifest.json").read_bytes()
+
+
+# -- built-in corpus -----------------------------------------------------------------------------------
+
+def test_builtin_corpus(tmp_path, tok):
+    from llama_pretrain.data.builtin import write_builtin_corpus
+    from llama_pretrain.data.sources import load_data_config
+
+    cfg_path = write_builtin_corpus(tmp_path / "b", max_docs=20)
+    cfg = load_data_config(cfg_path)
+    assert [(s.name, s.weight) for s in cfg.sources] == [("stdlib_code", 1.0), ("stdlib_docs", 2.0)]
+    code = [json.loads(x) for x in (tmp_path / "b" / "stdlib_code.jsonl").read_text().splitlines()]
+    docs = [json.loads(x) for x in (tmp_path / "b" / "stdlib_docs.jsonl").read_text().splitlines()]
+    assert len(code) == 20 and len(docs) == 20
+    assert any("def " in c["text"] for c in code) and all(len(d["text"]) >= 200 for d in docs)
+    assert run("prepare", "--config", cfg_path, "--tokenizer", tok, "--out", tmp_path / "o", "--quiet") == 0
+    s = read_manifest(tmp_path / "o")["sources"]
+    assert s["stdlib_docs"]["tokens_after_mixing"] == 2 * s["stdlib_docs"]["tokens_before_mixing"]
+    assert s["stdlib_code"]["documents_kept"] >= 18
