@@ -68,6 +68,7 @@ class CodeTask(Task):
 @dataclass
 class HumanEval(CodeTask):
     def prompt(self, d): return d["prompt"]
+    def example(self, d): return d["prompt"] + d.get("canonical_solution", "")
 
     def program(self, d, completion):
         return f"{d['prompt']}{completion}\n\n{d['test']}\n\ncheck({d['entry_point']})\n"
