@@ -77,3 +77,16 @@ def test_activation_checkpointing_smaller_and_scales_with_tokens():
     c = training_memory(cfg, 4096, 1, 8, activation_checkpointing=True)
     assert c["activations"] < a["activations"] / 5
     assert c["total"] < a["total"]
+
+
+def test_activation_formula_under_cpu_autocast():
+    # fp32 weights, bf16 autocast: fp32 residual stream, per-matmul input casts, cached bf16 weights.
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("llama2-debug", n_layers=3)
+    model = Transformer(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measured = _saved_activation_bytes(model, tokens)
+    est = training_memory(cfg, 64, 2, 1, param_dtype="fp32", compute_dtype="bf16", autocast=True)
+    assert measured == pytest.approx(est["activations"], rel=0.01)
+    assert est["peak"] > est["weights"] + est["optimizer"] + est["activations"]

@@ -94,12 +94,12 @@ def _print(r: dict) -> None:
                  f"({r['days_with_modelled_comm']:,.2f} if the MFU excluded the modelled communication)"),
         ("energy", f"{r['energy_kwh']:,.0f} kWh ({r['power_w']:g} W x PUE {r['pue']:g})"),
         ("carbon", f"{r['tco2eq']:,.2f} tCO2eq at {r['intensity']:g} kgCO2eq/kWh"),
-        ("memory/GPU", f"{_gib(m0['total'])} ({'fits' if r['fits'] else 'does NOT fit'} in "
+        ("memory/GPU", f"{_gib(r['memory_per_gpu_bytes'])} ({'fits' if r['fits'] else 'does NOT fit'} in "
                        f"{_gib(r['gpu_memory_bytes'])}): weights {_gib(m0['weights'])}, gradients "
                        f"{_gib(m0['gradients'])}, AdamW {_gib(m0['optimizer'])}, activations "
-                       f"{_gib(m0['activations'])} (micro batch {r['micro_batch']})"),
-        ("  checkpointed", f"{_gib(m1['total'])} ({'fits' if r['fits_with_checkpointing'] else 'does NOT fit'}) "
-                           f"with activation checkpointing: activations {_gib(m1['activations'])}"),
+                       f"{_gib(m0['activations'])} (micro batch {r['micro_batch']}); modelled step peak {_gib(m0['peak'])}"),
+        ("  checkpointed", f"{_gib(r['memory_per_gpu_bytes_checkpointing'])} ({'fits' if r['fits_with_checkpointing'] else 'does NOT fit'}) "
+                           f"with activation checkpointing: activations {_gib(m1['activations'])}; peak {_gib(m1['peak'])}"),
         ("comm/step", f"{c['comm_s']:.3f} s on {c['interconnect']} ({c['bytes_per_gpu'] / 1e9:.1f} GB per GPU, "
                       f"latency {c['comm_latency_s']:.3f} s) vs compute {c['compute_s']:.3f} s; "
                       f"scaling efficiency {100 * c['scaling_efficiency']:.1f}%"),

@@ -165,6 +165,7 @@ def plan(cfg: ModelConfig, tokens: int, gpu: GPU, n_gpus: int, *, mfu: float | N
 
     mem = {ckpt: training_memory(cfg, seq, micro_batch, n_gpus, activation_checkpointing=ckpt)
            for ckpt in (False, True)}
+    fit = {ckpt: max(m["total"], m["peak"]) for ckpt, m in mem.items()}  # the larger: see memory.py
 
     def step(n):
         compute_s = global_batch_tokens * fpt / (n * gpu.bf16_peak_flops * mfu)
@@ -188,12 +189,14 @@ def plan(cfg: ModelConfig, tokens: int, gpu: GPU, n_gpus: int, *, mfu: float | N
         "days_with_modelled_comm": gpu_hours / n_gpus / 24.0 / comm["scaling_efficiency"],
         "power_w": power, "pue": pue, "intensity": intensity, "energy_kwh": kwh,
         "tco2eq": tco2eq(gpu_hours, power, pue, intensity),
-        "memory_per_gpu_bytes": mem[False]["total"],
-        "memory_per_gpu_bytes_checkpointing": mem[True]["total"],
+        "memory_per_gpu_bytes": fit[False],
+        "memory_per_gpu_bytes_checkpointing": fit[True],
+        "memory_per_gpu_peak_bytes": mem[False]["peak"],
+        "memory_per_gpu_peak_bytes_checkpointing": mem[True]["peak"],
         "memory": {"no_checkpointing": mem[False], "checkpointing": mem[True]},
         "gpu_memory_bytes": gpu.memory_bytes,
-        "fits": mem[False]["total"] <= gpu.memory_bytes,
-        "fits_with_checkpointing": mem[True]["total"] <= gpu.memory_bytes,
+        "fits": fit[False] <= gpu.memory_bytes,
+        "fits_with_checkpointing": fit[True] <= gpu.memory_bytes,
         "global_batch_tokens": global_batch_tokens, "micro_batch": micro_batch,
         "sequences_per_gpu_per_step": seqs_per_gpu,
         "comm": comm, "scaling": scaling,
