@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,8 +55,9 @@ def run(args) -> int:
     gpu = get_gpu(args.gpu)
     tokens = parse_count(args.tokens)
     gbt = parse_count(args.global_batch_tokens, "global batch tokens")
-    if args.global_batch_tokens.strip().upper().endswith("M") and "." not in args.global_batch_tokens:
-        gbt = int(args.global_batch_tokens.strip()[:-1]) * 2**20  # 4M tokens = 4 x 2^20, as in the paper
+    whole_m = re.fullmatch(r"\s*(\d+)\s*[mM]\s*", args.global_batch_tokens)
+    if whole_m:  # the paper's "4M tokens" is 4 x 2^20 = 1024 sequences of 4096
+        gbt = int(whole_m.group(1)) * 2**20
     mfu, hours = args.mfu, None
     if args.gpu_hours is not None:
         hours = _positive("--gpu-hours", args.gpu_hours)
