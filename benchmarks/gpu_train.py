@@ -48,12 +48,13 @@ def run_one(args) -> dict:
     model.init_weights()
     model = parallelize(model, info, mode=args.mode, compile=args.compile,
                         activation_checkpointing=args.ac, mixed_precision="bf16")
-    try:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5,
-                                weight_decay=0.1, fused=True)
-    except (RuntimeError, TypeError):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5,
-                                weight_decay=0.1, foreach=True)
+    def make_opt(fused: bool):
+        kind = {"fused": True} if fused else {"foreach": True}
+        return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-5,
+                                 weight_decay=0.1, **kind)
+
+    opt = make_opt(fused=True)
+    optimizer_kind = "fused"
     B, T = args.micro_batch, args.seq_len
     gen = torch.Generator(device=info.device).manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (B, T + 1), device=info.device, generator=gen)
@@ -61,6 +62,7 @@ def run_one(args) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.mode != "fsdp" else None
 
     def step(i):
+        nonlocal opt, optimizer_kind
         x = batches[i % len(batches)]
         if autocast is not None:
             with autocast:
@@ -69,7 +71,14 @@ def run_one(args) -> dict:
             loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        try:
+            opt.step()
+        except (RuntimeError, TypeError) as e:  # a fused kernel that this build lacks for DTensor
+            if optimizer_kind != "fused":
+                raise
+            print(f"fused AdamW failed ({e}); using foreach", file=sys.stderr)
+            opt, optimizer_kind = make_opt(fused=False), "foreach"
+            opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
@@ -97,7 +106,7 @@ def run_one(args) -> dict:
         "step_s": round(seconds / args.steps, 4), "tokens_per_s": round(tokens_per_s),
         "mfu": round(fpt * tokens_per_s / peak, 4), "flops_per_token": fpt,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "loss": round(float(loss), 4), "device": torch.cuda.get_device_name(),
+        "loss": round(float(loss), 4), "optimizer": optimizer_kind, "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
     }
 
