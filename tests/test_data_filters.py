@@ -171,3 +171,15 @@ def test_split_and_weights():
     assert abs(lengths[half].sum() / lengths.sum() - 0.5) < 0.01
     full, part = copy_masks(hashes, lengths, 1.3, 0)
     assert full is None and abs(lengths[part].sum() / lengths.sum() - 0.3) < 0.01
+
+
+def test_dup_ngram_coverage_shrinks_with_n():
+    """The shortcut in gopher_repetition relies on this monotonicity."""
+    from llama_pretrain.data.filters import _dup_ngram_char_frac
+
+    rng = random.Random(11)
+    for _ in range(30):
+        words = [rng.choice(WORDS[:12]) for _ in range(rng.randint(20, 200))]
+        total = sum(map(len, words))
+        fr = [_dup_ngram_char_frac(words, n, total) for n in range(5, 11)]
+        assert all(a >= b for a, b in zip(fr, fr[1:]))

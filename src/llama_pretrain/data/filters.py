@@ -174,9 +174,17 @@ def gopher_repetition(text: str, s: dict) -> str | None:
     for n, limit in s["top_ngram_char_frac"]:
         if _top_ngram_char_frac(words, int(n), total) > limit:
             return "gopher_top_ngram"
-    for n, limit in s["dup_ngram_char_frac"]:
-        if _dup_ngram_char_frac(words, int(n), total) > limit:
+    rules = sorted((int(n), limit) for n, limit in s["dup_ngram_char_frac"])
+    if rules:
+        # Coverage by repeated n-grams can only shrink as n grows (a repeated (n+1)-gram holds two
+        # repeated n-grams), so if the shortest n is under every limit, all longer n are too.
+        first = _dup_ngram_char_frac(words, rules[0][0], total)
+        if first > rules[0][1]:
             return "gopher_dup_ngrams"
+        if first > min(limit for _, limit in rules):
+            for n, limit in rules[1:]:
+                if _dup_ngram_char_frac(words, n, total) > limit:
+                    return "gopher_dup_ngrams"
     return None
 
 
