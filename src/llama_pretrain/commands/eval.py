@@ -45,7 +45,7 @@ def run(args) -> int:
     import sys
 
     from ..errors import UserError
-    from ..eval.evaluator import evaluate, format_table, load_samples_file
+    from ..eval.evaluator import evaluate, format_table, load_samples_file, preflight
     from ..eval.tasks import TASKS, resolve
     from ..fsutil import atomic_file
 
@@ -58,6 +58,7 @@ def run(args) -> int:
         raise UserError("--batch-size must be >= 1")
     if args.timeout <= 0:
         raise UserError("--timeout must be > 0")
+    preflight(ids, args.data_dir)
     completions = load_samples_file(args.samples) if args.samples else None
     if completions is not None:
         other = [t for t in ids if TASKS[t].kind != "code"]

@@ -64,6 +64,16 @@ def prompts_for(task, samples: list[Sample], all_samples: list[Sample], data_dir
     return prompts, source
 
 
+def preflight(task_ids: list[str], data_dir) -> None:
+    """Fail before loading a model when a task's evaluation split is missing locally."""
+    if data_dir is None:
+        return
+    for tid in task_ids:
+        task = TASKS[tid]
+        if tid != "humaneval" and not find_split(Path(data_dir), tid, task.split):
+            load_split(task, data_dir, task.split)  # raises the explanation
+
+
 def run_task(task, lm, data_dir=None, shots: int | None = None, limit: int | None = None,
              completions: dict[str, list[str]] | None = None, timeout: float = 10.0,
              progress: bool = False) -> tuple[dict, list[dict]]:
