@@ -58,7 +58,7 @@ class NativeBackend:
         self.name = "llama-pretrain"
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, cache=None):
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, cache=None, last_only: bool = False):
         from ..model import _sdpa
 
         m = self.model
@@ -87,6 +87,8 @@ class NativeBackend:
             out = _sdpa(q, k, v, attn, False, a.n_heads // a.n_kv_heads)
             h = h + a.wo(out.transpose(1, 2).reshape(B, T, -1))
             h = h + layer.feed_forward(layer.ffn_norm(h))
+        if last_only:  # the output head over a long context is wasted work when only the end is read
+            h = h[:, -1:]
         return m.output(m.norm(h)), new_cache
 
     @staticmethod
@@ -109,12 +111,14 @@ class HFBackend:
         # transformers >= 5.2x renamed the cache argument from past_key_values to cache.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._keep_arg = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, cache=None):
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, cache=None, last_only: bool = False):
+        extra = {self._keep_arg: 1} if last_only and self._keep_arg else {}
         out = self.model(input_ids=tokens, attention_mask=mask.long(),
                          position_ids=_positions(mask, tokens.shape[1]),
-                         use_cache=True, **{self._cache_arg: cache})
+                         use_cache=True, **{self._cache_arg: cache}, **extra)
         return out.logits, getattr(out, self._cache_arg)
 
     @staticmethod
@@ -230,7 +234,7 @@ class CausalLM:
         if Tc == 0:  # no BOS and empty contexts: nothing to condition on
             raise ValueError("empty context and the tokenizer has no BOS token")
         tokens, mask = tokens.to(dev), mask.to(dev)
-        logits, cache = self.backend.forward(tokens, mask)
+        logits, cache = self.backend.forward(tokens, mask, last_only=True)
         first = F.log_softmax(logits[:, -1].float(), dim=-1)  # predicts each continuation's token 0
         rows = torch.tensor(owner, device=dev)
         first = first[rows]
@@ -321,7 +325,7 @@ class CausalLM:
             tokens[r, T - len(p):] = torch.tensor(p)
             mask[r, T - len(p):] = True
         tokens, mask = tokens.to(dev), mask.to(dev)
-        logits, cache = self.backend.forward(tokens, mask)
+        logits, cache = self.backend.forward(tokens, mask, last_only=True)
         new: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         texts = [""] * B
