@@ -19,6 +19,7 @@ previous one is used.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import pickle
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +96,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, trainer_state:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
-    dcp.save(_tensor_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+    with _quiet_single_process():
+        dcp.save(_tensor_state(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
     _barrier()
     if is_main:
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n")
@@ -174,7 +177,8 @@ def load_checkpoint(ckpt: Path, model, optimizer) -> dict[str, Any]:
     """Load weights and optimizer moments into ``model``/``optimizer`` (any world size); returns the
     trainer state."""
     state = _tensor_state(model, optimizer)
-    dcp.load(state, storage_reader=_SafeReader(str(ckpt)))
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=_SafeReader(str(ckpt)))
     _, full_optim = get_state_dict(model, optimizer)
     full_optim["state"] = state["optim"]["state"]
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=full_optim)
@@ -189,7 +193,8 @@ def load_model_weights(ckpt: Path, model) -> None:
     if problem:
         raise UserError(f"{ckpt}: damaged checkpoint ({problem})")
     sd = {"model": get_model_state_dict(model)}
-    dcp.load(sd, storage_reader=_SafeReader(str(ckpt)))
+    with _quiet_single_process():
+        dcp.load(sd, storage_reader=_SafeReader(str(ckpt)))
     set_model_state_dict(model, sd["model"])
 
 
@@ -213,6 +218,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(_unb64(state["torch"]))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every call without a process group that it assumes one process: we know."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        yield
 
 
 def _barrier() -> None:

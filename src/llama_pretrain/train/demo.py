@@ -36,7 +36,8 @@ def _stage(name: str, msg: str) -> None:
     print(f"[{name}] {msg}", file=sys.stderr, flush=True)
 
 
-def prepare_demo_data(run_dir: Path, vocab_size: int, progress: bool = True) -> tuple[Path, Path]:
+def prepare_demo_data(run_dir: Path, vocab_size: int, progress: bool = True,
+                      max_docs: int | None = None) -> tuple[Path, Path]:
     """Stages 1-3; returns (dataset dir, tokenizer.model)."""
     try:
         from ..data.builtin import write_builtin_corpus
@@ -48,10 +49,10 @@ def prepare_demo_data(run_dir: Path, vocab_size: int, progress: bool = True) -> 
     from ..tokenizer import train_tokenizer
 
     corpus_dir = run_dir / "corpus"
-    data_toml = corpus_dir / "data.toml"
+    data_toml = corpus_dir / "builtin_data.toml"
     if not data_toml.is_file():
         t0 = time.perf_counter()
-        data_toml = Path(write_builtin_corpus(corpus_dir))
+        data_toml = Path(write_builtin_corpus(corpus_dir, max_docs=max_docs))
         _stage("corpus", f"wrote {corpus_dir} from the standard library ({time.perf_counter() - t0:.1f} s)")
     else:
         _stage("corpus", f"reusing {corpus_dir}")
@@ -82,7 +83,7 @@ def prepare_demo_data(run_dir: Path, vocab_size: int, progress: bool = True) -> 
 
 
 def run_demo(run_dir: Path, overrides: list[str] | None = None, print_config: bool = False,
-             sample_tokens: int = 48) -> int:
+             sample_tokens: int = 48, max_docs: int | None = None) -> int:
     from ..commands.train import print_summary
     from .config import load_run_config
     from .loop import train
@@ -97,7 +98,8 @@ def run_demo(run_dir: Path, overrides: list[str] | None = None, print_config: bo
         return 0
     t0 = time.perf_counter()
     if not has_data:
-        prepare_demo_data(run_dir, cfg.model_config().vocab_size, progress=cfg.logging.progress)
+        prepare_demo_data(run_dir, cfg.model_config().vocab_size, progress=cfg.logging.progress,
+                          max_docs=max_docs)
     summary = train(cfg, run_dir)
     print()
     print_summary(summary, run_dir)

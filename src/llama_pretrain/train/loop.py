@@ -143,12 +143,14 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     use_autocast = mixed == "bf16" and cfg.parallel.mode != "fsdp"
 
     step, tokens_seen, elapsed_before = 0, 0, 0.0
+    energy_before = {"kwh": 0.0, "tco2eq": 0.0}
     guard = NonFiniteGuard(t.max_nonfinite_in_row)
     spikes = SpikeDetector(t.spike_sigma)
     if start_ckpt is not None:
         state = ckpt_io.load_checkpoint(start_ckpt, model, optimizer)
         step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
+        energy_before = state.get("energy", energy_before)
         loaders, rngs = state["loader"], state["rng"]
         same_world = len(loaders) == info.world_size
         loader.load_state_dict(loaders[info.rank] if same_world else loaders[0])
@@ -246,9 +248,11 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
             record["val_perplexity"] = math.exp(min(val, 50.0))
             first_val = val if first_val is None else first_val
             last_val = val
-        if meter is not None:
-            energy = meter.read()
-            record["kwh"], record["tco2eq"] = energy["kwh"], energy["tco2eq"]
+        energy_now = energy_before
+        if meter is not None:  # energy of this process plus that of the runs it resumed
+            e = meter.read()
+            energy_now = {"kwh": energy_before["kwh"] + e["kwh"], "tco2eq": energy_before["tco2eq"] + e["tco2eq"]}
+            record["kwh"], record["tco2eq"] = energy_now["kwh"], energy_now["tco2eq"]
         if writer is not None and (step % cfg.logging.every_steps == 0 or "val_loss" in record or bad
                                    or step == t.max_steps):
             writer.write(record)
@@ -265,6 +269,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
             trainer_state = {
                 "format": TRAINER_FORMAT, "step": step, "tokens_seen": tokens_seen,
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                "energy": energy_now,
                 "loader": ckpt_io.gather_object(loader.state_dict()),
                 "rng": ckpt_io.gather_object(ckpt_io.rng_state()),
                 "world_size": info.world_size,
@@ -281,9 +286,12 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     # -- the end: final weights in the native format, summary --------------------------------------
     if cfg.checkpoint.export_final:
         export_final(model, model_cfg, run_dir / "final", tokenizer_model, info.is_main)
-    energy = meter.stop() if meter is not None else None
     summary = None
     if info.is_main:
+        energy = meter.stop() if meter is not None else None
+        if energy is not None:
+            energy = dict(energy, kwh=energy_before["kwh"] + energy["kwh"],
+                          tco2eq=energy_before["tco2eq"] + energy["tco2eq"])
         writer.close()
         summary = summarize(run_dir, energy, peak_source)
         with atomic_file(run_dir / "summary.json", "w") as fh:
