@@ -2,12 +2,15 @@
 
 Both models have the same shape (preset llama2-small: dim 512, 8 layers, GQA 8/4, FFN 1536, vocab
 32000) and are trained on the same batches at sequence 512 with the same step: forward, mean
-cross-entropy in fp32, backward, clip to 1.0, AdamW (0.9, 0.95, eps 1e-5, wd 0.1 on linear weights,
-foreach kernel). Steps alternate between the two models so machine noise hits both alike; the
-median step time is reported. MFU uses FLOPs/token = 6*N_non_embedding + 12*L*H*Q*T against the
-best fp32 matmul rate measured here at start-up.
+cross-entropy in fp32, backward, clip to 1.0, fused AdamW (0.9, 0.95, eps 1e-5, wd 0.1 on linear
+weights; the default of our loop and of the HF Trainer). Each precision is compared like for like:
+fp32 for both, then bf16 autocast for both. Our side uses its training loss (``train/loss.py``:
+chunked cross-entropy on bf16 logits), theirs the upcast-then-CE of LlamaForCausalLM. Steps
+alternate between the two models so machine noise hits both alike; the median step time is
+reported. MFU uses FLOPs/token = 6*N_non_embedding + 12*L*H*Q*T against the best matmul rate of the
+same precision measured here at start-up.
 
-    python benchmarks/bench_train.py [--steps 6] [--batch 4] [--seq 512] [--threads N]
+    python benchmarks/bench_train.py [--steps 4] [--batch 4] [--seq 512] [--precision both]
 """
 
 from __future__ import annotations
@@ -33,16 +36,20 @@ def hf_model(cfg):
     return model
 
 
-def make_step(model, forward, lr=1e-3):
+def make_step(model, forward, loss_fn, precision: str):
+    """One optimizer step as the training loop does it: forward (bf16 autocast when asked), fp32
+    loss, backward, clip 1.0, fused AdamW (the default of our loop and of the HF Trainer)."""
     from llama_pretrain.train.optim import build_optimizer
 
-    opt = build_optimizer(model, lr, implementation="foreach")
-    params = [p for p in model.parameters()]
+    opt = build_optimizer(model, 1e-3, implementation="fused")
+    params = list(model.parameters())
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step(batch):
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = forward(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        with autocast:
+            logits = forward(inputs)
+        loss = loss_fn(logits, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
@@ -52,11 +59,53 @@ def make_step(model, forward, lr=1e-3):
     return step
 
 
+def hf_loss(logits, targets):  # what LlamaForCausalLM's loss does: upcast the logits, then CE
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def compare(precision: str, args, cfg, peak: float, fpt: float) -> float:
+    from llama_pretrain.model import Transformer
+    from llama_pretrain.train.loss import lm_loss
+
+    torch.manual_seed(0)
+    ours = Transformer(cfg)
+    theirs = hf_model(cfg)
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    steps = {"llama-pretrain": make_step(ours, ours, lm_loss, precision),
+             "transformers": make_step(theirs, lambda x: theirs(input_ids=x).logits, hf_loss, precision)}
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen)
+               for _ in range(args.steps + 1)]
+    times = {k: [] for k in steps}
+    first = {}
+    for i, batch in enumerate(batches):
+        for name, fn in steps.items():  # alternate, so machine noise hits both alike
+            t0 = time.perf_counter()
+            loss = fn(batch)
+            if i:  # the first step of each is warm-up
+                times[name].append(time.perf_counter() - t0)
+            else:
+                first[name] = loss
+    tokens = args.batch * args.seq
+    rates = {}
+    print(f"[{precision}] MFU against the measured {precision} matmul peak {peak / 1e9:.0f} GFLOP/s")
+    for name in times:
+        med = statistics.median(times[name])
+        rates[name] = tokens / med
+        print(f"  {name:>15}: {rates[name]:7.0f} tokens/s  (median step {med:.2f} s of {len(times[name])})  "
+              f"MFU {100 * rates[name] * fpt / peak:5.1f}%  first loss {first[name]:.4f}")
+    ratio = rates["llama-pretrain"] / rates["transformers"]
+    print(f"  ratio llama-pretrain / transformers: {ratio:.2f}x")
+    return ratio
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per model (after 1 warm-up)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per model (after 1 warm-up)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both",
+                    help="compute precision of both models (bf16: autocast, fp32 master weights)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
@@ -64,56 +113,18 @@ def main() -> None:
 
     from llama_pretrain.compute.flops import flops_per_token
     from llama_pretrain.config import ModelConfig
-    from llama_pretrain.model import Transformer
-    from llama_pretrain.train.loss import lm_loss
     from llama_pretrain.train.metrics import measure_matmul_peak
 
     cfg = ModelConfig.from_preset("llama2-small")
-    torch.manual_seed(0)
-    ours = Transformer(cfg)
-    theirs = hf_model(cfg)
-    n_ours = sum(p.numel() for p in ours.parameters())
-    n_theirs = sum(p.numel() for p in theirs.parameters())
-    assert n_ours == n_theirs, (n_ours, n_theirs)
-
-    from llama_pretrain.train.optim import build_optimizer
-    opt = build_optimizer(ours, 1e-3, implementation="foreach")
-    params = list(ours.parameters())
-
-    def our_step(batch):  # exactly the training loop's step (train/loop.py)
-        loss = lm_loss(ours(batch[:, :-1]), batch[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    their_step = make_step(theirs, lambda x: theirs(input_ids=x).logits)
-    peak = measure_matmul_peak("cpu")
     fpt = flops_per_token(cfg, args.seq)
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen)
-               for _ in range(args.steps + 1)]
-    times = {"llama-pretrain": [], "transformers": []}
-    losses = {"llama-pretrain": [], "transformers": []}
-    for i, batch in enumerate(batches):
-        for name, fn in (("llama-pretrain", our_step), ("transformers", their_step)):
-            t0 = time.perf_counter()
-            losses[name].append(fn(batch))
-            if i:  # the first step of each is warm-up
-                times[name].append(time.perf_counter() - t0)
-    tokens = args.batch * args.seq
     print(f"config: llama2-small (dim {cfg.dim}, {cfg.n_layers} layers, GQA {cfg.n_heads}/{cfg.kv_heads}, "
-          f"vocab {cfg.vocab_size}), {n_ours / 1e6:.1f}M params, batch {args.batch} x seq {args.seq}, "
-          f"{torch.get_num_threads()} threads")
-    print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; FLOPs/token {fpt / 1e6:.1f}M (6N+12LHQT)")
-    rates = {}
-    for name in times:
-        med = statistics.median(times[name])
-        rates[name] = tokens / med
-        print(f"{name:>15}: {rates[name]:8.0f} tokens/s  (median step {med:.3f} s)  "
-              f"MFU {100 * rates[name] * fpt / peak:5.1f}%  first loss {losses[name][0]:.4f}")
-    print(f"ratio llama-pretrain / transformers: {rates['llama-pretrain'] / rates['transformers']:.2f}x")
+          f"FFN {cfg.hidden_dim}, vocab {cfg.vocab_size}), batch {args.batch} x seq {args.seq}, "
+          f"{torch.get_num_threads()} threads; FLOPs/token {fpt / 1e6:.1f}M (6N+12LHQT)")
+    precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+    for precision in precisions:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        peak = measure_matmul_peak("cpu", 1024, dtype)
+        compare(precision, args, cfg, peak, fpt)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def small_cfg(data: Path, **over) -> RunConfig:
     items = {"model.preset": "llama2-debug", "data.path": str(data), "training.max_steps": 4,
              "training.seq_len": 32, "training.micro_batch_size": 2, "training.global_batch_tokens": 256,
              "schedule.warmup_steps": 100, "training.eval_every_steps": 0, "checkpoint.every_steps": 2,
-             "logging.progress": False, "logging.peak_flops": 1e11, "logging.tensorboard": "off"}
+             "logging.progress": False, "logging.peak_flops": 1e11, "logging.tensorboard": "off",
+             "parallel.mixed_precision": "fp32"}
     items.update(over)
     return load_run_config(None, [f"{k}={v}" for k, v in items.items()])
 
@@ -139,8 +140,10 @@ def test_accumulation_equals_large_micro_batch(dataset, tmp_path):
 def test_injected_nan_skips_step_and_leaves_weights(dataset, tmp_path):
     from llama_pretrain.train.loop import train
 
-    train(small_cfg(dataset, **{"training.max_steps": 2}), tmp_path / "clean")
-    train(small_cfg(dataset, **{"training.max_steps": 3, "training.debug_nan_at_step": 3}), tmp_path / "nan")
+    # bf16 autocast (fp32 master weights) here, to run the mixed-precision path and chunked loss too
+    bf16 = {"parallel.mixed_precision": "bf16"}
+    train(small_cfg(dataset, **{"training.max_steps": 2}, **bf16), tmp_path / "clean")
+    train(small_cfg(dataset, **{"training.max_steps": 3, "training.debug_nan_at_step": 3}, **bf16), tmp_path / "nan")
     wc, wn = final_weights(tmp_path / "clean"), final_weights(tmp_path / "nan")
     for name in wc:
         assert torch.equal(wc[name], wn[name]), name  # step 3 changed nothing
@@ -250,6 +253,8 @@ warmup_steps = 10
 [logging]
 progress = false
 peak_flops = 1e11
+[parallel]
+mixed_precision = "fp32"
 {extra}
 """)
     return p

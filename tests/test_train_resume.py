@@ -20,7 +20,8 @@ from train_data import make_dataset  # noqa: E402
 ARGS = ["--model.preset=llama2-debug", "--training.max_steps=10", "--training.seq_len=32",
         "--training.micro_batch_size=2", "--training.global_batch_tokens=256", "--schedule.warmup_steps=3",
         "--checkpoint.every_steps=3", "--training.eval_every_steps=4", "--logging.progress=false",
-        "--logging.peak_flops=1e11", "--logging.tensorboard=off"]
+        "--logging.peak_flops=1e11", "--logging.tensorboard=off",
+        "--parallel.mixed_precision=bf16"]
 
 
 def _cmd(config: Path, run_dir: Path) -> list[str]:

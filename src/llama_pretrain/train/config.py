@@ -68,7 +68,7 @@ class TrainingSection:
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     fused_loss: str = "auto"
-    """Chunked cross-entropy without an fp32 copy of the logits: auto (when logits are not fp32), on, off."""
+    """Chunked cross-entropy without an fp32 copy of the logits: auto (bf16 logits, or CPU), on, off."""
     eval_every_steps: int = 100
     """Validation loss every N steps (and at the last step); 0 disables it."""
     eval_batches: int = 8

@@ -81,7 +81,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     from . import checkpoint as ckpt_io
     from .guards import NonFiniteGuard, SpikeDetector
     from .loss import lm_loss
-    from .metrics import MetricsWriter, device_peak_flops, truncate_metrics
+    from .metrics import MetricsWriter, resolve_precision, truncate_metrics
     from .optim import build_optimizer, lr_at, set_lr
     from .parallel import all_reduce_max, all_reduce_mean, barrier, grad_sync, init_distributed, parallelize
 
@@ -119,7 +119,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         start_ckpt = ckpt_io.latest_valid(ckpt_root, warn=lambda m: _say(m, info.is_main))
         if start_ckpt is None:
             raise UserError(f"every checkpoint in {ckpt_root} is damaged; nothing to resume from")
-        diff = _identity_diff(ckpt_io.read_trainer_state(start_ckpt).get("identity", {}), identity)
+        start_state = ckpt_io.read_trainer_state(start_ckpt)
+        diff = _identity_diff(start_state.get("identity", {}), identity)
         if diff:
             raise UserError(f"{run_dir} holds checkpoints of another run ({diff}); use another --run-dir")
     elif resume:
@@ -130,8 +131,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     torch.manual_seed(t.seed)
     device = info.device
     mixed = cfg.parallel.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if device.type == "cuda" else "fp32"
+    if mixed == "auto" and start_ckpt is not None:  # a resumed run keeps the precision it chose
+        mixed = start_state.get("precision", "auto")
+    mixed, peak, peak_source = resolve_precision(device, mixed, cfg.logging.peak_flops)
     with torch.device(device):
         model = Transformer(model_cfg)
     model = parallelize(model, info, cfg.parallel.mode, compile=cfg.parallel.compile,
@@ -161,13 +163,13 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
 
     # -- reporting ---------------------------------------------------------------------------------
     fpt = flops_per_token(model_cfg, seq_len)
-    peak, peak_source = device_peak_flops(device, cfg.logging.peak_flops)
     writer = meter = None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_file(run_file, "w") as fh:
             json.dump({"format": TRAINER_FORMAT, "identity": identity, "config": cfg.to_dict(),
-                       "world_size": info.world_size, "peak_flops": peak, "peak_source": peak_source,
+                       "world_size": info.world_size, "precision": mixed, "peak_flops": peak,
+                       "peak_source": peak_source,
                        "flops_per_token": fpt}, fh, indent=1)
         truncate_metrics(run_dir / "metrics.jsonl", step)
         writer = MetricsWriter(run_dir, cfg.logging.tensorboard)
@@ -179,7 +181,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
             meter = None
         _say(f"training {cfg.model.get('preset', 'custom')}: {sum(p.numel() for p in model.parameters()):,} "
              f"params, seq {seq_len}, global batch {t.global_batch_tokens:,} tokens = {info.world_size} rank(s) "
-             f"x {t.micro_batch_size} seq x {accum} accumulation; {fpt / 1e6:.1f} MFLOP/token; MFU vs "
+             f"x {t.micro_batch_size} seq x {accum} accumulation; {mixed} compute, fp32 weights; "
+             f"{fpt / 1e6:.1f} MFLOP/token; MFU vs "
              f"{peak / 1e12:.3f} TFLOP/s per device ({peak_source})")
 
     from tqdm import tqdm
@@ -208,14 +211,13 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
                 (loss / accum).backward()
             loss_sum += loss.detach()
         loss_val = all_reduce_mean(loss_sum / accum)
-        max_norm = opt.grad_clip if opt.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP: the global norm over all shards
-            norm = norm.full_tensor()
-        grad_norm = float(norm)
+        grad_norm = global_grad_norm(params)
         bad = not (math.isfinite(loss_val) and math.isfinite(grad_norm))
         bad = all_reduce_max(float(bad)) > 0  # every rank must agree to skip
         if not bad:
+            if 0 < opt.grad_clip < grad_norm:  # scale only when clipping (saves a pass over the grads)
+                torch._foreach_mul_([p.grad for p in params if p.grad is not None],
+                                    opt.grad_clip / (grad_norm + 1e-6))
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -272,7 +274,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
                 "energy": energy_now,
                 "loader": ckpt_io.gather_object(loader.state_dict()),
                 "rng": ckpt_io.gather_object(ckpt_io.rng_state()),
-                "world_size": info.world_size,
+                "world_size": info.world_size, "precision": mixed,
                 "schedule": {"peak_lr": cfg.peak_lr, "warmup_steps": cfg.schedule.warmup_steps,
                              "max_steps": t.max_steps, "min_lr_ratio": cfg.schedule.min_lr_ratio,
                              "last_lr": lr},
@@ -298,6 +300,16 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
             json.dump(summary, fh, indent=1)
     barrier()
     return summary or {}
+
+
+@torch.no_grad()
+def global_grad_norm(params) -> float:
+    """The L2 norm of all gradients together (over every shard and rank under FSDP)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP: reduce the shards' partial norms
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 @torch.no_grad()

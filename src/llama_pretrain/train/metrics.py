@@ -36,21 +36,33 @@ def measure_matmul_peak(device: torch.device | str = "cpu", n: int = 1024, dtype
     return 2 * n**3 / best
 
 
-def device_peak_flops(device: torch.device, configured: float = 0.0) -> tuple[float, str]:
-    """(peak FLOP/s, how it was obtained) for MFU on ``device``."""
-    if configured > 0:
-        return configured, "configured (logging.peak_flops)"
+def resolve_precision(device: torch.device, requested: str = "auto", configured_peak: float = 0.0
+                      ) -> tuple[str, float, str]:
+    """(compute precision, peak FLOP/s for MFU, where the peak comes from).
+
+    ``auto`` is bf16 on GPU. On a CPU it is bf16 only where a bf16 matmul measured here runs at
+    least 1.5x faster than an fp32 one (AVX512-BF16/AMX parts), else fp32. The peak is the one of
+    the precision used: the GPU's bf16 datasheet figure, or the measured CPU matmul rate.
+    """
     if device.type == "cuda":
         from ..compute.gpus import peak_flops_for_device
 
         name = torch.cuda.get_device_name(device)
+        precision = "bf16" if requested == "auto" else requested
         peak = peak_flops_for_device(name)
-        if peak:
-            return peak, f"{name} bf16 dense peak"
-        return measure_matmul_peak(device, 8192, torch.bfloat16), f"{name} measured bf16 matmul"
-    # Do not disturb the training RNG stream: measure under a forked RNG.
-    with torch.random.fork_rng(devices=[]):
-        return measure_matmul_peak("cpu"), "measured fp32 matmul (1024^3) on this CPU"
+        source = f"{name} bf16 dense peak"
+        if not peak:
+            peak, source = measure_matmul_peak(device, 8192, torch.bfloat16), f"{name} measured bf16 matmul"
+    else:
+        with torch.random.fork_rng(devices=[]):  # leave the training RNG stream alone
+            fp32 = measure_matmul_peak(device, 1024, torch.float32)
+            bf16 = measure_matmul_peak(device, 1024, torch.bfloat16) if requested != "fp32" else 0.0
+        precision = requested if requested != "auto" else ("bf16" if bf16 >= 1.5 * fp32 else "fp32")
+        peak = bf16 if precision == "bf16" else fp32
+        source = f"measured {precision} matmul (1024^3) on this CPU"
+    if configured_peak > 0:
+        return precision, configured_peak, "configured (logging.peak_flops)"
+    return precision, peak, source
 
 
 class MetricsWriter:
