@@ -99,6 +99,40 @@ def compare(precision: str, args, cfg, peak: float, fpt: float) -> float:
     return ratio
 
 
+def parts(args) -> None:
+    """The pieces our step chose by measurement: the AdamW kernel and the loss."""
+    from llama_pretrain.config import ModelConfig
+    from llama_pretrain.model import Transformer
+    from llama_pretrain.train.loss import chunked_cross_entropy
+    from llama_pretrain.train.optim import build_optimizer
+
+    model = Transformer(ModelConfig.from_preset("llama2-small"))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    for impl in ("for-loop", "foreach", "fused"):
+        opt = build_optimizer(model, 1e-3, implementation=impl)
+        ts = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            opt.step()
+            ts.append(time.perf_counter() - t0)
+        print(f"AdamW {impl:>8} step, 57.9M params: {statistics.median(ts[1:]):.3f} s")
+    targets = torch.randint(0, 32000, (2048,))
+    for dtype in (torch.float32, torch.bfloat16):
+        res = {"F.cross_entropy(logits.float())": [], "chunked (64 rows)": []}
+        for _ in range(6):
+            for name in res:
+                logits = torch.randn(2048, 32000).to(dtype).requires_grad_()
+                t0 = time.perf_counter()
+                if name.startswith("F."):
+                    F.cross_entropy(logits.float(), targets).backward()
+                else:
+                    chunked_cross_entropy(logits, targets, 64).backward()
+                res[name].append(time.perf_counter() - t0)
+        for name, ts in res.items():
+            print(f"loss fwd+bwd 2048 x 32000 {str(dtype)[6:]:>8} {name}: {statistics.median(ts[1:]):.3f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per model (after 1 warm-up)")
@@ -107,9 +141,12 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both",
                     help="compute precision of both models (bf16: autocast, fp32 master weights)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--parts", action="store_true", help="also time the AdamW kernels and the two losses")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.parts:
+        parts(args)
 
     from llama_pretrain.compute.flops import flops_per_token
     from llama_pretrain.config import ModelConfig

@@ -23,13 +23,14 @@ DEMO_CONFIG = {
     "model": {"preset": "llama2-tiny"},
     "optimizer": {"lr": 3.0e-3},
     "schedule": {"warmup_steps": 20, "min_lr_ratio": 0.1},
-    "training": {"max_steps": 150, "seq_len": 256, "micro_batch_size": 16, "global_batch_tokens": 16384,
-                 "seed": 0, "eval_every_steps": 25, "eval_batches": 8},
-    "checkpoint": {"every_steps": 50, "keep_last": 2},
+    "training": {"max_steps": 240, "seq_len": 256, "micro_batch_size": 16, "global_batch_tokens": 16384,
+                 "seed": 0, "eval_every_steps": 40, "eval_batches": 8},
+    "checkpoint": {"every_steps": 80, "keep_last": 2},
     "logging": {"every_steps": 1},
 }
 
-SAMPLE_PROMPT = "def "
+SAMPLE_PROMPT = "import os\n\n\ndef "
+SAMPLE = dict(temperature=0.8, top_p=0.95, seed=0)
 
 
 def _stage(name: str, msg: str) -> None:
@@ -110,12 +111,13 @@ def run_demo(run_dir: Path, overrides: list[str] | None = None, print_config: bo
     print(f"{'plot':<10}  {fig}")
     sample = demo_sample(run_dir / "final", sample_tokens)
     if sample is not None:
-        print(f"\nsample (greedy, prompt {SAMPLE_PROMPT!r}):\n{SAMPLE_PROMPT}{sample}")
+        print(f"\nsample (temperature {SAMPLE['temperature']}, top-p {SAMPLE['top_p']}, seed {SAMPLE['seed']}):\n"
+              f"{SAMPLE_PROMPT}{sample}")
     return 0
 
 
 def demo_sample(final_dir: Path, max_new_tokens: int) -> str | None:
-    """A short greedy continuation from the trained model, or None when generation is unavailable."""
+    """A short sampled continuation from the trained model, or None when generation is unavailable."""
     try:
         from ..generate import generate
     except ImportError:
@@ -127,5 +129,4 @@ def demo_sample(final_dir: Path, max_new_tokens: int) -> str | None:
     if tok_path is None:
         return None
     model = load_model(final_dir, "cpu")
-    return generate(model, Tokenizer(tok_path), SAMPLE_PROMPT, max_new_tokens=max_new_tokens,
-                    temperature=0.0, top_p=1.0, seed=0)
+    return generate(model, Tokenizer(tok_path), SAMPLE_PROMPT, max_new_tokens=max_new_tokens, **SAMPLE)

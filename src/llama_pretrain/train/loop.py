@@ -49,10 +49,10 @@ def find_tokenizer_model(cfg: RunConfig) -> Path | None:
         recorded = read_manifest(data).get("tokenizer", {}).get("path")
     except UserError:
         return None
-    if recorded:
-        p = Path(recorded) if Path(recorded).is_absolute() else data / recorded
-        if p.is_file():
-            return p
+    if recorded:  # as recorded (absolute or relative to where prepare ran), else beside the data
+        for p in (Path(recorded), data / recorded, data / Path(recorded).name, data.parent / Path(recorded).name):
+            if p.is_file():
+                return p
     return None
 
 
