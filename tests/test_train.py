@@ -235,6 +235,36 @@ def test_default_lr_is_preset_peak_and_overrides_parse():
     assert cfg.data.path == "123" and cfg.schedule.warmup_steps == 2000
 
 
+def test_print_config_round_trips(tmp_path, capsys):
+    assert cli_main(["train", "--config", str(REPO / "configs" / "llama2-13b.toml"), "--print-config",
+                     "--training.max_steps=7", "--data.path=/some/where"]) == 0
+    printed = tmp_path / "printed.toml"
+    printed.write_text(capsys.readouterr().out)
+    again = load_run_config(printed)
+    assert again.to_dict() == load_run_config(REPO / "configs" / "llama2-13b.toml",
+                                              ["training.max_steps=7", "data.path=/some/where"]).to_dict()
+    assert again.training.max_steps == 7 and again.data.path == "/some/where"
+
+
+def test_fused_adamw_matches_foreach():
+    import copy
+
+    torch.manual_seed(0)
+    a = Transformer(ModelConfig.from_preset("llama2-debug"))
+    b = copy.deepcopy(a)
+    oa = build_optimizer(a, 1e-2, implementation="foreach")
+    ob = build_optimizer(b, 1e-2, implementation="fused")
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in a.parameters()]
+        for m in (a, b):
+            for p, g in zip(m.parameters(), grads):
+                p.grad = g.clone()
+        oa.step()
+        ob.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
 def _toml(tmp_path: Path, data: Path, extra: str = "") -> Path:
     p = tmp_path / "run.toml"
     p.write_text(f"""

@@ -17,8 +17,9 @@ Without --config this runs the built-in end-to-end demo on 2 CPU cores in a few 
 from Python's own standard library -> tokenizer -> shards -> llama2-tiny -> summary, Figure-5 plot
 and a generated sample (run dir runs/demo; re-running reuses finished stages).
 
-Every config key can be overridden as --section.key=value (listed below). Under torchrun the same
-command trains data-parallel (see --parallel.mode)."""
+Every config key can be overridden as --section.key=value (listed below; --model.<field> takes any
+ModelConfig field, e.g. --model.n_layers=2). Under torchrun the same command trains data-parallel
+(see --parallel.mode). README section "Training" documents every key."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
