@@ -134,6 +134,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     if mixed == "auto" and start_ckpt is not None:  # a resumed run keeps the precision it chose
         mixed = start_state.get("precision", "auto")
     mixed, peak, peak_source = resolve_precision(device, mixed, cfg.logging.peak_flops)
+    chosen = ckpt_io.gather_object(mixed)[0]  # a timing-based choice: every rank follows rank 0's
+    if chosen != mixed:
+        mixed, peak, peak_source = resolve_precision(device, chosen, cfg.logging.peak_flops)
     with torch.device(device):
         model = Transformer(model_cfg)
     model = parallelize(model, info, cfg.parallel.mode, compile=cfg.parallel.compile,
