@@ -16,7 +16,7 @@ def export_checkpoint(ckpt: Path, out: Path, tokenizer_model: Path | None = None
     from ..interop import save_native
     from ..model import Transformer
     from .checkpoint import load_model_weights, read_trainer_state
-    from .config import RunConfig, load_run_config
+    from .config import load_run_config
     from .loop import find_tokenizer_model
 
     if not (ckpt / "trainer_state.json").is_file():
@@ -36,5 +36,3 @@ def export_checkpoint(ckpt: Path, out: Path, tokenizer_model: Path | None = None
             tokenizer_model = None
     return save_native(model.state_dict(), model_cfg, out, tokenizer_model=tokenizer_model)
 
-
-__all__ = ["export_checkpoint", "RunConfig"]

@@ -21,7 +21,7 @@ def measure_matmul_peak(device: torch.device | str = "cpu", n: int = 1024, dtype
                         repeats: int = 5) -> float:
     """Best FLOP/s of an ``n x n @ n x n`` matmul on ``device`` (one warm-up, then ``repeats``)."""
     device = torch.device(device)
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=None)
+    a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for i in range(repeats + 1):
