@@ -97,11 +97,17 @@ def run_demo(run_dir: Path, overrides: list[str] | None = None, print_config: bo
     if print_config:
         sys.stdout.write(cfg.to_toml())
         return 0
+    from .parallel import barrier, init_distributed
+
     t0 = time.perf_counter()
-    if not has_data:
+    info = init_distributed(cfg.training.device)  # under torchrun: rank 0 prepares, the others wait
+    if not has_data and info.is_main:
         prepare_demo_data(run_dir, cfg.model_config().vocab_size, progress=cfg.logging.progress,
                           max_docs=max_docs)
+    barrier()
     summary = train(cfg, run_dir)
+    if not info.is_main:
+        return 0
     print()
     print_summary(summary, run_dir)
     print(f"{'total time':<10}  {time.perf_counter() - t0:.1f} s (all stages, this invocation)")

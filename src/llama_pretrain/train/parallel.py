@@ -58,7 +58,10 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _resolve_device(device, local_rank)
-    if world_size <= 1 and not dist.is_initialized():
+    # torchrun sets TORCHELASTIC_RUN_ID; under it even a single rank joins a process group, so
+    # `torchrun --nproc_per_node 1` behaves like N ranks (FSDP, sharded checkpoints).
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or ("MASTER_ADDR" in os.environ and "RANK" in os.environ)
+    if world_size <= 1 and not launched and not dist.is_initialized():
         return DistInfo(device=dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -137,6 +140,9 @@ def parallelize(model: nn.Module, info: DistInfo, mode: str = "none", compile: b
             raise UserError("parallel.mode needs the torchrun process group; launch with torchrun")
         if mode == "ddp":
             mode = "none"  # one process: nothing to replicate
+        else:  # FSDP in one process without torchrun: a process group of one, in memory
+            backend = "nccl" if info.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
@@ -147,8 +153,6 @@ def parallelize(model: nn.Module, info: DistInfo, mode: str = "none", compile: b
         ids = [info.device.index] if info.device.type == "cuda" else None
         model = DDP(model, device_ids=ids)
     elif mode == "fsdp":
-        if not dist.is_initialized():
-            raise UserError("parallel.mode=fsdp needs a process group; launch with torchrun")
         model = apply_fsdp(model, info, mixed_precision, reshard_after_forward)
     return model
 

@@ -1,0 +1,182 @@
+"""Data-parallel training through torchrun on CPU (gloo): DDP and FSDP2 equal one process with
+accumulation, sharded checkpoints reshard across world sizes, a dead rank ends the job and a
+torchrun restart resumes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_data import make_dataset  # noqa: E402
+
+# 4 x 32-token sequences per micro-batch across ranks... global batch 256 tokens = 8 sequences:
+# 1 process x micro-batch 2 x accumulation 4, or 2 processes x micro-batch 2 x accumulation 2.
+# The warm-up outlasts the run, so a run's LRs do not depend on max_steps (resumes may extend it).
+COMMON = ["--model.preset=llama2-debug", "--training.seq_len=32", "--training.micro_batch_size=2",
+          "--training.global_batch_tokens=256", "--schedule.warmup_steps=100", "--optimizer.lr=1e-2",
+          "--checkpoint.every_steps=2", "--training.eval_every_steps=0", "--logging.progress=false",
+          "--logging.peak_flops=1e11", "--logging.tensorboard=off", "--parallel.mixed_precision=fp32",
+          "--training.device=cpu"]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def _cmd(nproc: int, data: Path, run_dir: Path, *extra: str, restarts: int = 0) -> list[str]:
+    launcher = [sys.executable, "-m", "llama_pretrain"] if nproc == 0 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        f"--max-restarts={restarts}", "-m", "llama_pretrain"]
+    config = run_dir.parent / f"{run_dir.name}.toml"
+    config.write_text(f'[data]\npath = "{data}"\n')
+    return launcher + ["train", "--config", str(config), "--run-dir", str(run_dir), *COMMON, *extra]
+
+
+def train(nproc: int, data: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(_cmd(nproc, data, run_dir, *extra), env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        assert rec["step"] not in out, f"step {rec['step']} logged twice"
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_same_run(a: Path, b: Path, steps: list[int] | None = None, atol: float = 2e-5) -> None:
+    la, lb = losses(a), losses(b)
+    for step in steps or sorted(la):
+        assert lb[step] == pytest.approx(la[step], abs=atol), f"step {step}: {la[step]} vs {lb[step]}"
+    wa, wb = weights(a), weights(b)
+    assert set(wa) == set(wb)
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=atol, rtol=1e-4, msg=name)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("pdata") / "data")
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    """One process, micro-batch 2 x accumulation 4, 6 steps."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    train(0, data, run, "--training.max_steps=6")
+    return run
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process_with_accumulation(mode, data, reference, tmp_path):
+    run = tmp_path / mode
+    r = train(2, data, run, "--training.max_steps=6", f"--parallel.mode={mode}")
+    assert_same_run(reference, run)
+    assert "2 rank(s)" in r.stderr and "2 accumulation" in r.stderr
+    # Rank 0 alone writes metrics: every step exactly once.
+    assert sorted(losses(run)) == list(range(1, 7))
+
+
+def test_sharded_checkpoint_resumes_on_other_world_sizes(data, reference, tmp_path):
+    # Written by 2 FSDP ranks (one shard file per rank), resumed by 1 process.
+    two = tmp_path / "two_then_one"
+    train(2, data, two, "--training.max_steps=4", "--parallel.mode=fsdp")
+    ckpt = two / "checkpoints" / "step-0000004"
+    assert len(list(ckpt.glob("*.distcp"))) == 2
+    train(0, data, two, "--training.max_steps=6")
+    assert_same_run(reference, two, steps=[5, 6])
+    # Written by 1 process, resumed by 2 FSDP ranks.
+    one = tmp_path / "one_then_two"
+    train(0, data, one, "--training.max_steps=4")
+    train(2, data, one, "--training.max_steps=6", "--parallel.mode=fsdp")
+    assert_same_run(reference, one, steps=[5, 6])
+
+
+def _worker_pids(agent_pid: int) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes (children of the agent)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != agent_pid:
+                continue
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        for var in env:
+            if var.startswith(b"RANK="):
+                found[int(var[5:])] = int(entry.name)
+    return found
+
+
+def _kill_rank_after_step(proc: subprocess.Popen, run_dir: Path, rank: int, step: int, timeout: float = 120):
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("the job ended before the rank could be killed")
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= step:
+            pids = _worker_pids(proc.pid)
+            if rank in pids:
+                os.kill(pids[rank], signal.SIGKILL)
+                return
+        time.sleep(0.05)
+    raise AssertionError("the run never reached the step to kill at")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find torchrun's workers")
+def test_dead_rank_ends_the_job_and_a_restart_resumes(data, tmp_path):
+    slow = ["--training.max_steps=40", "--parallel.mode=ddp"]
+    # Without restarts: the job exits non-zero, promptly, instead of hanging in a collective.
+    # Output goes to files: an unread pipe would fill up and block the workers.
+    run = tmp_path / "dies"
+    log = open(tmp_path / "dies.log", "w")
+    proc = subprocess.Popen(_cmd(2, data, run, *slow), env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    _kill_rank_after_step(proc, run, rank=1, step=3)
+    killed_at = time.time()
+    try:
+        proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the job hung after a rank died")
+    assert proc.returncode != 0
+    assert time.time() - killed_at < 90
+    # With --max-restarts=1: torchrun restarts every rank; they resume from the last checkpoint and
+    # the run completes with each step logged once.
+    run = tmp_path / "restarts"
+    cmd = _cmd(2, data, run, "--training.max_steps=8", "--parallel.mode=ddp", restarts=1)
+    log = open(tmp_path / "restarts.log", "w")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    _kill_rank_after_step(proc, run, rank=1, step=5)
+    proc.wait(timeout=240)
+    err = (tmp_path / "restarts.log").read_text()
+    assert proc.returncode == 0, err[-3000:]
+    assert "resuming from" in err
+    assert sorted(losses(run)) == list(range(1, 9))
+    ref = tmp_path / "uninterrupted"
+    train(2, data, ref, "--training.max_steps=8", "--parallel.mode=ddp")
+    assert_same_run(ref, run, atol=1e-6)
