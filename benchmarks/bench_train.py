@@ -127,7 +127,7 @@ def parts(args) -> None:
                 if name.startswith("F."):
                     F.cross_entropy(logits.float(), targets).backward()
                 else:
-                    chunked_cross_entropy(logits, targets, 64).backward()
+                    chunked_cross_entropy(logits, targets, chunk_rows=64).backward()
                 res[name].append(time.perf_counter() - t0)
         for name, ts in res.items():
             print(f"loss fwd+bwd 2048 x 32000 {str(dtype)[6:]:>8} {name}: {statistics.median(ts[1:]):.3f} s")

@@ -180,3 +180,25 @@ def test_dead_rank_ends_the_job_and_a_restart_resumes(data, tmp_path):
     ref = tmp_path / "uninterrupted"
     train(2, data, ref, "--training.max_steps=8", "--parallel.mode=ddp")
     assert_same_run(ref, run, atol=1e-6)
+
+
+def test_export_hf_reads_a_sharded_training_checkpoint(data, reference, tmp_path):
+    """A 2-rank FSDP checkpoint converts straight to Hugging Face, with the run's final weights."""
+    transformers = pytest.importorskip("transformers")
+    run = tmp_path / "fsdp"
+    train(2, data, run, "--training.max_steps=2", "--parallel.mode=fsdp", "--checkpoint.export_final=false")
+    ckpt = run / "checkpoints" / "step-0000002"
+    r = subprocess.run([sys.executable, "-m", "llama_pretrain", "export-hf", str(ckpt), "--out",
+                        str(tmp_path / "hf")], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    from llama_pretrain import load_model
+    ours = load_model(ckpt)
+    tokens = torch.randint(0, 512, (1, 40))
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
+    # The checkpoint's weights are the run's weights after step 2: same as a 1-process run's.
+    one = tmp_path / "one"
+    train(0, data, one, "--training.max_steps=2")
+    torch.testing.assert_close(ours.state_dict()["output.weight"], weights(one)["output.weight"],
+                               atol=2e-5, rtol=1e-4)

@@ -32,6 +32,10 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
     elif is_hf_dir(path):
         cfg, state = load_hf(path)
         fmt = "hf"
+    elif (path / "trainer_state.json").is_file():  # RUN_DIR/checkpoints/step-N (DCP, any world size)
+        from ..train.export import load_training_checkpoint
+        cfg, state, _ = load_training_checkpoint(path)
+        fmt = "training-checkpoint"
     else:
         _not_a_checkpoint(path)
     check_state_dict(cfg, state, path)
@@ -39,9 +43,9 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
 
 
 def _not_a_checkpoint(path: Path) -> None:
-    if (path / "latest").is_file() or any(path.glob("step-*")):
-        raise UserError(f"{path}: this is a training run directory; pass one of its checkpoints "
-                        f"(e.g. {path}/checkpoints/step-N) or export it first")
+    if (path / "run.json").is_file() or (path / "checkpoints").is_dir() or any(path.glob("step-*")):
+        raise UserError(f"{path}: this is a training run directory; pass {path}/final or one of its "
+                        f"checkpoints ({path}/checkpoints/step-N)")
     raise UserError(f"{path}: not a llama-pretrain, Hugging Face or Meta checkpoint directory")
 
 
@@ -63,9 +67,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 
 def find_tokenizer(path: str | Path) -> Path | None:
-    """The ``tokenizer.model`` stored next to a checkpoint, if any."""
+    """The ``tokenizer.model`` stored in a checkpoint dir (or, for a training checkpoint, the one
+    its run was trained with), if any."""
     p = Path(path) / TOKENIZER
-    return p if p.is_file() else None
+    if p.is_file():
+        return p
+    if (Path(path) / "trainer_state.json").is_file():
+        from ..train.export import training_checkpoint_tokenizer
+        try:
+            return training_checkpoint_tokenizer(Path(path))
+        except UserError:
+            return None
+    return None
 
 
 def check_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], where) -> None:

@@ -7,19 +7,21 @@ from pathlib import Path
 from ..errors import UserError
 
 
-def export_checkpoint(ckpt: Path, out: Path, tokenizer_model: Path | None = None) -> Path:
-    """Read the weights of ``ckpt`` (RUN_DIR/checkpoints/step-N) in one process and write ``out``
-    (model.safetensors + config.json [+ tokenizer.model]) for generate / eval / export-hf."""
+def is_training_checkpoint(path: Path) -> bool:
+    return (Path(path) / "trainer_state.json").is_file()
+
+
+def load_training_checkpoint(ckpt: Path):
+    """(ModelConfig, full state dict on CPU, tokenizer.model or None) of a training checkpoint
+    (RUN_DIR/checkpoints/step-N, written by any number of ranks), read in one process."""
     import torch
 
     from ..config import ModelConfig
-    from ..interop import save_native
     from ..model import Transformer
     from .checkpoint import load_model_weights, read_trainer_state
-    from .config import load_run_config
-    from .loop import find_tokenizer_model
 
-    if not (ckpt / "trainer_state.json").is_file():
+    ckpt = Path(ckpt)
+    if not is_training_checkpoint(ckpt):
         raise UserError(f"{ckpt} is not a training checkpoint (no trainer_state.json)")
     state = read_trainer_state(ckpt)
     model_cfg = ModelConfig.from_dict(state["identity"]["model"], where=str(ckpt))
@@ -27,12 +29,32 @@ def export_checkpoint(ckpt: Path, out: Path, tokenizer_model: Path | None = None
         model = Transformer(model_cfg)
     model.to_empty(device="cpu")
     load_model_weights(ckpt, model)
-    if tokenizer_model is None:
-        cfg = state.get("config", {})
-        try:
-            run_cfg = load_run_config(base={k: v for k, v in cfg.items() if k in ("data",)})
-            tokenizer_model = find_tokenizer_model(run_cfg) if run_cfg.data.path else None
-        except UserError:
-            tokenizer_model = None
-    return save_native(model.state_dict(), model_cfg, out, tokenizer_model=tokenizer_model)
+    return model_cfg, model.state_dict(), _tokenizer_of(state)
+
+
+def training_checkpoint_tokenizer(ckpt: Path) -> Path | None:
+    """The tokenizer.model a training checkpoint's run used, when it can still be found."""
+    from .checkpoint import read_trainer_state
+
+    return _tokenizer_of(read_trainer_state(Path(ckpt)))
+
+
+def _tokenizer_of(trainer_state: dict) -> Path | None:
+    from .config import load_run_config
+    from .loop import find_tokenizer_model
+
+    try:
+        run_cfg = load_run_config(base={k: v for k, v in trainer_state.get("config", {}).items() if k == "data"})
+        return find_tokenizer_model(run_cfg) if run_cfg.data.path else None
+    except UserError:
+        return None
+
+
+def export_checkpoint(ckpt: Path, out: Path, tokenizer_model: Path | None = None) -> Path:
+    """Read the weights of ``ckpt`` (RUN_DIR/checkpoints/step-N) in one process and write ``out``
+    (model.safetensors + config.json [+ tokenizer.model]) for generate / eval / export-hf."""
+    from ..interop import save_native
+
+    model_cfg, state, found_tokenizer = load_training_checkpoint(ckpt)
+    return save_native(state, model_cfg, out, tokenizer_model=tokenizer_model or found_tokenizer)
 
