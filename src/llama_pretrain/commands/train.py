@@ -54,6 +54,15 @@ def overrides_from_args(args) -> list[str]:
 
 
 def run(args) -> int:
+    from ..train.parallel import shutdown_distributed
+
+    try:
+        return _run(args)
+    finally:
+        shutdown_distributed()  # under torchrun: leave the process group cleanly
+
+
+def _run(args) -> int:
     from ..errors import UserError
 
     overrides = overrides_from_args(args)
