@@ -61,3 +61,41 @@ def test_kv_cache_is_sized_by_kv_heads():
     mha.setup_cache(batch=3, max_len=64)
     assert mha.kv_cache_bytes() == 4 * gqa.kv_cache_bytes()
     assert gqa.kv_cache_bytes() == 2 * 2 * 3 * 2 * 64 * 8 * 4  # layers x (k,v) x B x kv x T x D x fp32
+
+
+def test_generate_cli_with_checkpoint_tokenizer(tmp_path):
+    import subprocess
+    import sys
+
+    from llama_pretrain.interop import save_native
+    from llama_pretrain.tokenizer import Tokenizer, train_tokenizer
+
+    words = ["alpha", "beta", "gamma", "delta", "llama", "model", "train", "token", "2023", "data"]
+    corpus = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(300)]
+    tok_path = train_tokenizer(corpus, tmp_path / "tok.model", 300, progress=False, num_threads=1)
+    tok = Tokenizer(tok_path)
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
+                      multiple_of=32, max_seq_len=64)
+    model = Transformer(cfg).eval()
+    save_native(model.state_dict(), cfg, tmp_path / "ckpt", tokenizer_model=tok_path)
+
+    def cli(*extra):
+        return subprocess.run([sys.executable, "-m", "llama_pretrain", "generate", str(tmp_path / "ckpt"),
+                               "--prompt", "llama model", "--max-new-tokens", "8", *extra],
+                              capture_output=True, text=True)
+
+    greedy = cli()
+    assert greedy.returncode == 0, greedy.stderr
+    prompt = tok.encode("llama model")
+    new = generate_ids(model, prompt, max_new_tokens=8, eos_id=tok.eos_id)
+    continuation = tok.decode(prompt + new)[len(tok.decode(prompt)):]
+    assert greedy.stdout.rstrip("\n") == "llama model" + continuation
+    sampled = ("--temperature", "1.0", "--top-p", "0.9", "--seed", "3")
+    a, b = cli(*sampled), cli(*sampled)
+    assert a.returncode == 0 and a.stdout == b.stdout
+    bad = cli("--top-p", "0")
+    assert bad.returncode == 2 and "--top-p" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    other = train_tokenizer(corpus, tmp_path / "other.model", 280, progress=False, num_threads=1)
+    mismatch = cli("--tokenizer", str(other))
+    assert mismatch.returncode == 2 and "vocab_size" in mismatch.stderr
