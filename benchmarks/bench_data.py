@@ -18,19 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-
-WORDS = ("the be to of and that have with time person year way day thing man world life hand part child "
-         "eye woman place work week case point government company number group problem fact river mountain "
-         "garden window kitchen teacher student market village history science music letter paper story "
-         "water morning evening winter summer table chair doctor engine bridge station library museum forest "
-         "island ocean valley harbor castle farmer painter writer soldier sailor merchant builder walked "
-         "found carried opened closed painted studied visited repaired described watched").split()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from synthetic_text import prose  # noqa: E402
 
 
-def prose(rng: random.Random) -> str:
-    sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(7, 14))).capitalize() + "."
-             for _ in range(rng.randint(12, 40))]
-    return "\n\n".join(" ".join(sents[i:i + 4]) for i in range(0, len(sents), 4))
+
+
+
+def document(rng: random.Random) -> str:
+    return prose(rng, sentences=rng.randint(12, 40), per_para=4)
 
 
 def main() -> None:
@@ -49,7 +45,7 @@ def main() -> None:
     rng = random.Random(0)
     texts = []
     for i in range(args.files):
-        docs = [prose(rng) for _ in range(args.docs)]
+        docs = [document(rng) for _ in range(args.docs)]
         texts += docs
         (tmp / f"in{i:02d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     tok = tmp / "tok.model"

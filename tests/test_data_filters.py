@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,21 +17,16 @@ from llama_pretrain.data.pii import EMAIL_TOKEN, IP_TOKEN, PHONE_TOKEN, scrub_pi
 from llama_pretrain.data.sources import STAGE_DEFAULTS
 from llama_pretrain.errors import UserError
 
-WORDS = ("the be to of and that have with time person year way day thing man world life hand part child "
-         "eye woman place work week case point government company number group problem fact river mountain "
-         "garden window kitchen teacher student market village history science music letter paper story "
-         "water morning evening winter summer table chair doctor engine bridge station library museum forest "
-         "island ocean valley harbor castle farmer painter writer soldier sailor merchant builder walked "
-         "found carried opened closed painted studied visited repaired described watched").split()
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_text import WORDS, prose as synthetic_prose  # noqa: E402
+
+
 
 GQ, GR, C4 = STAGE_DEFAULTS["gopher_quality"], STAGE_DEFAULTS["gopher_repetition"], STAGE_DEFAULTS["c4"]
 
 
 def prose(seed: int, sentences: int = 12, per_para: int = 4) -> str:
-    rng = random.Random(seed)
-    sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(7, 13))).capitalize() + "."
-             for _ in range(sentences)]
-    return "\n\n".join(" ".join(sents[i:i + per_para]) for i in range(0, sentences, per_para))
+    return synthetic_prose(random.Random(seed), sentences, per_para)
 
 
 # -- normalisation -------------------------------------------------------------------------------

@@ -21,18 +21,10 @@ from llama_pretrain.data.normalize import normalize_text
 from llama_pretrain.data.shards import iter_documents, open_tokens, read_manifest
 from llama_pretrain.tokenizer import Tokenizer, train_tokenizer
 
-WORDS = ("the be to of and that have with time person year way day thing man world life hand part child "
-         "eye woman place work week case point government company number group problem fact river mountain "
-         "garden window kitchen teacher student market village history science music letter paper story "
-         "water morning evening winter summer table chair doctor engine bridge station library museum forest "
-         "island ocean valley harbor castle farmer painter writer soldier sailor merchant builder walked "
-         "found carried opened closed painted studied visited repaired described watched").split()
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic_text import prose  # noqa: E402
 
 
-def prose(rng: random.Random, sentences: int = 9) -> str:
-    sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(7, 13))).capitalize() + "."
-             for _ in range(sentences)]
-    return "\n\n".join(" ".join(sents[i:i + 3]) for i in range(0, sentences, 3))
 
 
 def write_jsonl(path: Path, docs: list[dict]) -> None:
