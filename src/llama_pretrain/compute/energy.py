@@ -124,6 +124,7 @@ class _NvmlSource(_Source):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._j, self._last = 0.0, (time.monotonic(), self._power_w())
+        self.t_start = self._last[0]
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
@@ -203,7 +204,9 @@ class EnergyMeter:
 
     def start(self) -> "EnergyMeter":
         self.source.start()
-        self.t0 = time.monotonic()
+        # A sampling source integrates from its own first sample: measure time from there too, so
+        # mean power = energy / time holds exactly however the threads are scheduled.
+        self.t0 = getattr(self.source, "t_start", None) or time.monotonic()
         self._final = None
         return self
 
@@ -212,8 +215,10 @@ class EnergyMeter:
             return dict(self._final)
         if self.t0 is None:
             self.start()
-        seconds = time.monotonic() - self.t0
-        joules = max(0.0, self.source.joules(seconds))
+        now = time.monotonic()
+        joules = max(0.0, self.source.joules(now - self.t0))
+        last_sample = getattr(self.source, "_last", None)
+        seconds = (last_sample[0] if last_sample else now) - self.t0
         kwh = joules / 3.6e6
         return {"kwh": kwh, "tco2eq": tco2eq(kwh=kwh, pue=self.pue, intensity=self.intensity),
                 "method": self.method, "seconds": seconds,
