@@ -4,6 +4,7 @@ torchrun restart resumes it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -133,6 +134,13 @@ def _worker_pids(agent_pid: int) -> dict[int, int]:
     return found
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    for pid in _worker_pids(proc.pid).values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.kill()
+
+
 def _kill_rank_after_step(proc: subprocess.Popen, run_dir: Path, rank: int, step: int, timeout: float = 120):
     deadline = time.time() + timeout
     metrics = run_dir / "metrics.jsonl"
@@ -161,7 +169,7 @@ def test_dead_rank_ends_the_job_and_a_restart_resumes(data, tmp_path):
     try:
         proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _kill_tree(proc)
         raise AssertionError("the job hung after a rank died")
     assert proc.returncode != 0
     assert time.time() - killed_at < 90
@@ -173,7 +181,11 @@ def test_dead_rank_ends_the_job_and_a_restart_resumes(data, tmp_path):
     log = open(tmp_path / "restarts.log", "w")
     proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     _kill_rank_after_step(proc, run, rank=1, step=5)
-    proc.wait(timeout=240)
+    try:
+        proc.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        raise AssertionError("the restarted job hung: " + (tmp_path / "restarts.log").read_text()[-2000:])
     err = (tmp_path / "restarts.log").read_text()
     assert proc.returncode == 0, err[-3000:]
     assert "resuming from" in err

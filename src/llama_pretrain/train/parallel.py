@@ -67,8 +67,15 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
         torch.cuda.set_device(dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        # The rendezvous store can outlive a torchrun restart; keys of a dead attempt (a rank's
+        # old address) must not be read by the new one, so each attempt gets its own namespace.
+        store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"llama_pretrain/attempt-{attempt}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timeout, **kwargs)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                     device=dev, is_main=dist.get_rank() == 0, backend=backend)
 
