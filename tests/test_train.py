@@ -353,3 +353,20 @@ def test_final_export_loads_and_plot(dataset, tmp_path):
     assert cli_main(["plot", str(run), str(run), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli_main(["plot", str(tmp_path / "nope"), "--out", str(png)]) == 2
+
+
+def test_mfu_never_exceeds_one_when_the_startup_peak_was_measured_on_a_busy_machine(dataset, tmp_path, monkeypatch):
+    from llama_pretrain.train import metrics
+    from llama_pretrain.train.loop import train
+
+    real = metrics.resolve_precision
+
+    def busy_machine(device, requested="auto", configured_peak=0.0):
+        precision, _, _ = real(device, requested, 0.0)
+        return precision, 1e6, "measured fp32 matmul (1024^3) on this CPU"  # far too low
+
+    monkeypatch.setattr(metrics, "resolve_precision", busy_machine)
+    cfg = small_cfg(dataset, **{"logging.peak_flops": 0})
+    train(cfg, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(0 < r["mfu"] <= 1.0 for r in records)
