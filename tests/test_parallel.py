@@ -89,10 +89,12 @@ def reference(data, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_equal_one_process_with_accumulation(mode, data, reference, tmp_path):
+@pytest.mark.parametrize("mode,extra", [("ddp", []), ("fsdp", []),
+                                        ("fsdp", ["--parallel.activation_checkpointing=true"])],
+                         ids=["ddp", "fsdp", "fsdp+activation-checkpointing"])
+def test_two_ranks_equal_one_process_with_accumulation(mode, extra, data, reference, tmp_path):
     run = tmp_path / mode
-    r = train(2, data, run, "--training.max_steps=6", f"--parallel.mode={mode}")
+    r = train(2, data, run, "--training.max_steps=6", f"--parallel.mode={mode}", *extra)
     assert_same_run(reference, run)
     assert "2 rank(s)" in r.stderr and "2 accumulation" in r.stderr
     # Rank 0 alone writes metrics: every step exactly once.
