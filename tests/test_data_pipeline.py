@@ -186,6 +186,25 @@ def test_workers_tasks_and_merge_are_byte_identical(tmp_path, tok):
     assert run("merge", tmp_path / "t0", tmp_path / "t1", "--out", tmp_path / "bad", "--quiet") == 2
 
 
+def test_bad_config_values_and_out_paths_are_user_errors(tmp_path, tok, capsys):
+    f = tmp_path / "x.jsonl"
+    write_jsonl(f, [{"text": prose(random.Random(4))}])
+    cases = {'weight = "heavy"': "weight must be a number", 'quality = "no"': "quality must be true or false",
+             "text_field = 3": "text_field must be a string", 'TOP seed = "x"': "seed must be an integer",
+             "TOP shard_tokens = [1]": "shard_tokens must be an integer", "TOP seed = 1.5": "seed must be an integer"}
+    for i, (line, want) in enumerate(cases.items()):
+        top, src = (line[4:], "") if line.startswith("TOP ") else ("", line)
+        c = tmp_path / f"c{i}.toml"
+        c.write_text(f'{top}\n[[sources]]\nname = "a"\npaths = ["{f}"]\n{src}\n')
+        assert run("prepare", "--config", c, "--tokenizer", tok, "--out", tmp_path / f"o{i}") == 2, line
+        err = capsys.readouterr().err
+        assert want in err and "Traceback" not in err, (line, err)
+    assert run("prepare", "--input", f, "--tokenizer", tok, "--out", tmp_path / "o", "--num-tasks", "0") == 2
+    assert "--num-tasks must be >= 1" in capsys.readouterr().err
+    assert run("merge", tmp_path / "t0", "--out", f) == 2  # --out is a file: refused before any work
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
 def test_kill_and_rerun_resumes_to_identical_output(tmp_path, tok):
     src = _corpus(tmp_path / "in", 24, 40, seed=9)
     args = ["--input", str(src), "--tokenizer", str(tok), "--quiet"]

@@ -195,6 +195,15 @@ def test_contamination_finds_planted_overlaps(setup, tmp_path, capsys):
     assert s["2"]["contaminated_tokens"] == 0 and s["3"]["contaminated_tokens"] == 0
     assert "Clean" in s["3"]["subsets"]
     assert rep["subsets"]["Dirty"]["n"] == 1 and rep["subsets"]["Clean"]["n"] == 3
+    base = ["contamination", "--shards", str(shards), "--task", "piqa", "--data-dir", str(tmp_path / "d")]
+    assert main(base + ["--limit", "0"]) == 2  # not "no limit"
+    assert "--limit must be >= 1" in capsys.readouterr().err
+    for rows in ([{"id": "0", "acc": "high"}], [{"acc": 1.0}], 7):
+        res = tmp_path / "res.json"
+        res.write_text(json.dumps({"results": {"piqa": {"primary": "acc"}}, "samples": {"piqa": rows}}))
+        assert main(base + ["--results", str(res)]) == 2
+        err = capsys.readouterr().err
+        assert "need an id and a numeric 'acc'" in err and "Traceback" not in err
 
 
 def test_contamination_mismatches_and_streaming():

@@ -10,8 +10,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "contamination", help="find eval samples that overlap the training token shards (Llama 2 A.6)",
         description="Mark the tokens of each formatted eval sample that lie in a token n-gram of length "
                     ">= L shared with the training shards (up to --max-mismatches substitutions, never at "
-                    "the ends), report each sample's contaminated share and the Clean (<20%%), Not clean "
-                    "(>=20%%), Not dirty (<80%%) and Dirty (>=80%%) subsets, and, given an eval results "
+                    "the ends), report each sample's contaminated share and the Clean (<20%), Not clean "
+                    "(>=20%), Not dirty (<80%) and Dirty (>=80%) subsets, and, given an eval results "
                     "file, the task's score on each subset. Shards are streamed from memory maps, so "
                     "they may be far larger than RAM.")
     p.add_argument("--shards", required=True, help="a prepared dataset dir (manifest.json + token shards)")
@@ -52,6 +52,8 @@ def run(args) -> int:
         raise UserError("--min-match must be >= 2")
     if args.max_mismatches < 0:
         raise UserError("--max-mismatches must be >= 0")
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be >= 1")
     seed = args.seed_len or args.min_match
     if not 1 <= seed <= args.min_match:
         raise UserError("--seed-len must be between 1 and --min-match")
@@ -68,7 +70,7 @@ def run(args) -> int:
 
     task = TASKS[args.task]
     records, source = _records(task, args.data_dir)
-    samples = task.samples(records)[:args.limit] if args.limit else task.samples(records)
+    samples = task.samples(records)[:args.limit]
     ids = [s.id for s in samples]
     tokens = [np.asarray(tok.encode(task.example(s.doc)), dtype=np.int64) for s in samples]
     streams = open_tokens(args.shards, args.split)
@@ -89,7 +91,11 @@ def run(args) -> int:
         except (KeyError, TypeError):
             raise UserError(f"{args.results}: no per-sample results for {args.task} "
                             f"(write it with `llama-pretrain eval --tasks {args.task} --out FILE`)") from None
-        scores = {str(r["id"]): float(r[primary]) for r in rows if primary in r}
+        try:
+            scores = {str(r["id"]): float(r[primary]) for r in rows if primary in r}
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{args.results}: per-sample results for {args.task} need an id and a numeric "
+                            f"{primary!r} in every row") from None
     report = summarize(ids, marks, scores)
     report = {"task": args.task, "data": source, "shards": args.shards, "split": args.split,
               "train_tokens": total, "min_match": args.min_match, "max_mismatches": args.max_mismatches,

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from .prepare import UnitRef, finalize
+from .prepare import UnitRef, check_out_dir, finalize
 from .shards import read_manifest
 from .sources import data_config_from_dict
 
@@ -21,7 +21,7 @@ from .sources import data_config_from_dict
 def merge(parts: list[str | Path], out: str | Path, progress: bool = True) -> dict:
     if not parts:
         raise UserError("no part directories given")
-    out = Path(out)
+    out = check_out_dir(out)
     manifests = [(Path(p), read_manifest(p)) for p in parts]
     first_dir, first = manifests[0]
     for d, m in manifests:

@@ -491,16 +491,24 @@ def tokenizer_info(tokenizer_path: str | Path) -> dict:
             "bos_id": tok.bos_id, "eos_id": tok.eos_id}
 
 
-def prepare(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, workers: int = 1,
-            strict: bool = False, num_tasks: int = 1, task_index: int = 0, progress: bool = True) -> dict:
-    """Run the pipeline; returns the manifest (also written to ``out/manifest.json``)."""
-    if num_tasks < 1 or not 0 <= task_index < num_tasks:
-        raise UserError(f"--task-index must be in [0, {num_tasks}), got {task_index}")
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
+def check_out_dir(out: str | Path) -> Path:
+    """``out`` as a Path; a ``UserError`` if it exists and is not a directory."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
+    return out
+
+
+def prepare(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, workers: int = 1,
+            strict: bool = False, num_tasks: int = 1, task_index: int = 0, progress: bool = True) -> dict:
+    """Run the pipeline; returns the manifest (also written to ``out/manifest.json``)."""
+    if num_tasks < 1:
+        raise UserError(f"--num-tasks must be >= 1, got {num_tasks}")
+    if not 0 <= task_index < num_tasks:
+        raise UserError(f"--task-index must be in [0, {num_tasks}), got {task_index}")
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    out = check_out_dir(out)
     tok = tokenizer_info(tokenizer_path)
     jobs = plan_units(cfg, out, tok["sha256"], num_tasks, task_index, strict, str(tokenizer_path))
     if not jobs:

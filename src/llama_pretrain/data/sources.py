@@ -204,9 +204,23 @@ def _source_from_dict(d: Any, base: Path | None, i: int) -> SourceConfig:
         raise UserError(f"source {d['name']}: paths must be a list of strings")
     if base is not None:  # relative paths are relative to the config file
         paths = [p if os.path.isabs(os.path.expanduser(p)) else str(base / p) for p in paths]
+    where = f"source {d['name']}"
+    for key in ("text_field", "url_field"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise UserError(f"{where}: {key} must be a string, got {d[key]!r}")
+    if d.get("quality") is not None and not isinstance(d["quality"], bool):
+        raise UserError(f"{where}: quality must be true or false, got {d['quality']!r}")
     return SourceConfig(name=d["name"], paths=paths, text_field=d.get("text_field", "text"),
-                        url_field=d.get("url_field"), weight=float(d.get("weight", 1.0)),
+                        url_field=d.get("url_field"), weight=_number(d, "weight", 1.0, float, where),
                         quality=d.get("quality"))
+
+
+def _number(d: dict[str, Any], key: str, default: float, kind: type, where: str = "data config"):
+    """``d[key]`` as ``kind`` (int or float); a ``UserError`` naming the key for anything else."""
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
+        raise UserError(f"{where}: {key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
+    return kind(v)
 
 
 def data_config_from_dict(d: dict[str, Any], base: Path | None = None, path: str | None = None) -> DataConfig:
@@ -222,8 +236,8 @@ def data_config_from_dict(d: dict[str, Any], base: Path | None = None, path: str
     cfg = DataConfig(
         sources=[_source_from_dict(s, base, i) for i, s in enumerate(sources)],
         stages=merge_stages(d.get("stages")),
-        seed=int(d.get("seed", 0)), val_fraction=float(d.get("val_fraction", 0.005)),
-        shard_tokens=int(d.get("shard_tokens", 1 << 28)), path=path,
+        seed=_number(d, "seed", 0, int), val_fraction=_number(d, "val_fraction", 0.005, float),
+        shard_tokens=_number(d, "shard_tokens", 1 << 28, int), path=path,
     )
     return cfg.validate()
 
@@ -271,8 +285,8 @@ def iter_records(path: Path, text_field: str = "text", url_field: str | None = N
 def _read_text_file(path: Path) -> Record:
     try:
         data = path.read_bytes()
-    except OSError as e:
-        return Record(None, None, str(path), f"unreadable_file")
+    except OSError:
+        return Record(None, None, str(path), "unreadable_file")
     if not data.strip():
         return Record(None, None, str(path), "empty_file")
     if b"\x00" in data[:65536]:
