@@ -113,6 +113,12 @@ def test_strict_and_configuration_errors(tmp_path, tok, capsys):
     err = capsys.readouterr().err
     assert f"{f}:2" in err and "malformed_json" in err and "Traceback" not in err
     assert not (tmp_path / "o" / "manifest.json").exists()
+    # A lax run keeps the good record; a --strict rerun into the same dir must still refuse the file.
+    f.write_text("\n".join(json.dumps({"text": prose(rng)}) for _ in range(3)) + "\n{oops\n")
+    assert run("prepare", "--input", f, "--tokenizer", tok, "--out", tmp_path / "lax") == 0
+    capsys.readouterr()
+    assert run("prepare", "--input", f, "--tokenizer", tok, "--out", tmp_path / "lax", "--strict") == 2
+    assert "malformed_json" in capsys.readouterr().err
     g = tmp_path / "y.jsonl"
     write_jsonl(g, [{"body": "a", "id": 1}, {"body": "b", "id": 2}])
     assert run("prepare", "--input", g, "--tokenizer", tok, "--out", tmp_path / "o2") == 2

@@ -152,7 +152,6 @@ def process_unit(job: dict) -> dict:
                     continue
                 text = rec.text
                 if st["normalize"]["enabled"]:
-                    from .normalize import normalize_text
                     text = normalize_text(text, st["normalize"]["fix_encoding"])
                 if not text.strip():
                     drop("empty_text", rec.loc)
@@ -213,7 +212,8 @@ def plan_units(cfg: DataConfig, out: Path, tokenizer_sha: str, num_tasks: int = 
             ref = UnitRef(si, fi, str(path), out / WORK / "units" / src.name / f"{fi:06d}")
             fp = _fingerprint({"v": PIPELINE_VERSION, "stages": stages, "text_field": src.text_field,
                                "url_field": src.url_field, "path": str(path), "size": s.st_size,
-                               "mtime": s.st_mtime_ns, "tokenizer": tokenizer_sha})
+                               "mtime": s.st_mtime_ns, "tokenizer": tokenizer_sha,
+                               "strict": strict})  # a --strict rerun must re-read what a lax run kept
             jobs.append((ref, {"path": str(path), "dir": str(ref.dir), "stages": stages,
                                "text_field": src.text_field, "url_field": src.url_field,
                                "tokenizer": tokenizer_path, "fingerprint": fp, "strict": strict}))
