@@ -36,6 +36,7 @@ def test_model_info_table_and_config_file(tmp_path, capsys):
 @pytest.mark.parametrize("args,needle", [
     (["model", "info", "--preset", "llama9"], "unknown preset 'llama9'"),
     (["model", "info", "--config", "/nonexistent.json"], "cannot read /nonexistent.json"),
+    (["model", "info", "--preset", "llama2-debug", "--seq-len", "0"], "--seq-len must be at least 1"),
 ])
 def test_user_errors_are_one_line_exit_2(args, needle, capsys):
     assert main(args) == 2
@@ -59,3 +60,15 @@ def test_python_dash_m_is_the_console_script():
         b = subprocess.run([exe, "model", "info", "--preset", "llama2-13b", "--json"],
                            capture_output=True, text=True, check=True)
         assert a.stdout == b.stdout
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("params.json", "[1, 2]", "expected a JSON object, got list"),
+    ("config.json", '"x"', "expected a JSON object, got str"),
+    ("params.json", '{"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": "x"}', "model.vocab_size must be an integer"),
+])
+def test_config_file_that_is_not_an_object_is_a_user_error(tmp_path, capsys, name, text, needle):
+    (tmp_path / name).write_text(text)
+    assert main(["model", "info", "--config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err

@@ -16,6 +16,7 @@ from train_data import make_dataset  # noqa: E402
 
 from llama_pretrain.cli import main as cli_main
 from llama_pretrain.config import ModelConfig
+from llama_pretrain.errors import UserError
 from llama_pretrain.model import Transformer
 from llama_pretrain.train.config import RunConfig, load_run_config
 from llama_pretrain.train.optim import build_optimizer, decayed_parameter_names, lr_at
@@ -245,6 +246,17 @@ def test_print_config_round_trips(tmp_path, capsys):
     assert again.training.max_steps == 7 and again.data.path == "/some/where"
 
 
+def test_model_none_override_reaches_config_and_round_trips(tmp_path, capsys):
+    # TOML has no null: "none" is how n_kv_heads=None (no GQA) is asked for, and --print-config keeps it
+    cfg = load_run_config(None, ["model.preset=llama2-debug", "model.n_kv_heads=none"])
+    assert cfg.model_config().n_kv_heads is None and cfg.model_config().kv_heads == 4
+    printed = tmp_path / "printed.toml"
+    printed.write_text(cfg.to_toml())
+    assert load_run_config(printed).model_config().kv_heads == 4
+    with pytest.raises(UserError, match="model.dim must be an integer"):
+        load_run_config(None, ["model.dim=none"])
+
+
 def test_fused_adamw_matches_foreach():
     import copy
 
@@ -349,10 +361,25 @@ def test_final_export_loads_and_plot(dataset, tmp_path):
     exported = load_file(str(out / "model.safetensors"))
     for k, v in final_weights(run).items():
         assert torch.equal(v, exported[k])
+    # an existing --out is not replaced unless --force
+    ckpt = str(run / "checkpoints" / "step-0000002")
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    assert cli_main(["train", "--export-checkpoint", ckpt, "--out", str(keep)]) == 2
+    assert (keep / "notes.txt").read_text() == "mine" and not (keep / "model.safetensors").exists()
+    assert cli_main(["train", "--export-checkpoint", ckpt, "--out", str(keep), "--force"]) == 0
+    assert (keep / "model.safetensors").is_file()
     png = tmp_path / "fig5.png"
     assert cli_main(["plot", str(run), str(run), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert cli_main(["plot", str(tmp_path / "nope"), "--out", str(png)]) == 2
+    # an unknown image format is a one-line error, and nothing is written
+    assert cli_main(["plot", str(run), "--out", str(tmp_path / "fig5.txt")]) == 2
+    assert not (tmp_path / "fig5.txt").exists()
+    # a damaged run.json only costs the label
+    (run / "run.json").write_text('{"identity": {}}')
+    assert cli_main(["plot", str(run), "--out", str(png)]) == 0
 
 
 def test_mfu_never_exceeds_one_when_the_startup_peak_was_measured_on_a_busy_machine(dataset, tmp_path, monkeypatch):

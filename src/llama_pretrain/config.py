@@ -118,14 +118,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as e:
-            raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: expected a JSON object")
+        data = read_json_object(path)
         data = data.get("model", data)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls.from_dict({k: v for k, v in data.items() if k in known or k not in _IGNORED_KEYS},
@@ -187,20 +180,30 @@ def model_config_from_file(path: str | Path) -> ModelConfig:
         if preset is not None:
             return ModelConfig.from_preset(preset, **section)
         return ModelConfig.from_dict(section, where=str(path))
+    data = read_json_object(path)
+    if "model_type" in data or "architectures" in data:
+        from .interop.hf import config_from_hf
+        return config_from_hf(data, str(path))
+    if path.name == "params.json":  # Meta: vocab_size -1 means "the tokenizer's"; no context stored
+        data = {k: v for k, v in data.items()
+                if k not in _IGNORED_KEYS and not (k == "vocab_size" and isinstance(v, int) and v <= 0)}
+        data.setdefault("max_seq_len", 4096)
+        return ModelConfig.from_dict(data, where=str(path))
+    return ModelConfig.from_json(path)
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; any problem is a one-line UserError naming the file."""
+    path = Path(path)
     try:
         data = json.loads(path.read_text())
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
         raise UserError(f"{path} is not valid JSON: {e}") from None
-    if isinstance(data, dict) and ("model_type" in data or "architectures" in data):
-        from .interop.hf import config_from_hf
-        return config_from_hf(data, str(path))
-    if isinstance(data, dict) and path.name == "params.json":
-        data = {k: v for k, v in data.items() if k != "vocab_size" or v > 0}
-        data.setdefault("max_seq_len", 4096)
-    return ModelConfig.from_json(path) if path.name != "params.json" else ModelConfig.from_dict(
-        {k: v for k, v in data.items() if k not in _IGNORED_KEYS}, where=str(path))
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

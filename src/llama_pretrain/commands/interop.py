@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp.set_defaults(func=run_export)
 
 
-def _check_out(out: str, force: bool) -> Path:
+def check_out(out: str, force: bool) -> Path:
     from ..errors import UserError
 
     path = Path(out)
@@ -44,7 +44,7 @@ def _check_out(out: str, force: bool) -> Path:
 def run_import(args) -> int:
     from ..interop import find_tokenizer, load_checkpoint, save_native
 
-    out = _check_out(args.out, args.force)
+    out = check_out(args.out, args.force)
     cfg, state, fmt = load_checkpoint(args.hf_dir)
     save_native(state, cfg, out, tokenizer_model=find_tokenizer(args.hf_dir),
                 extra={"source": {"format": fmt, "path": str(Path(args.hf_dir).resolve())}})
@@ -57,7 +57,7 @@ def run_export(args) -> int:
 
     from ..interop import find_tokenizer, load_checkpoint, save_hf
 
-    out = _check_out(args.out, args.force)
+    out = check_out(args.out, args.force)
     cfg, state, _ = load_checkpoint(args.ckpt_dir)
     tok = args.tokenizer or find_tokenizer(args.ckpt_dir)
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None

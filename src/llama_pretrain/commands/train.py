@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="instead of training: turn a training checkpoint (RUN_DIR/checkpoints/step-N, any "
                         "world size) into a native model dir (needs --out)")
     p.add_argument("--out", help="output dir for --export-checkpoint")
+    p.add_argument("--force", action="store_true", help="with --export-checkpoint: replace --out if it exists")
     g = p.add_argument_group("config overrides (--section.key=value)")
     g.add_argument("--model.preset", dest="ov:model.preset", metavar="NAME",
                    help="model preset (llama2-7b ... llama2-tiny, llama2-debug)")
@@ -70,7 +71,8 @@ def _run(args) -> int:
         if not args.out:
             raise UserError("--export-checkpoint needs --out DIR")
         from ..train.export import export_checkpoint
-        out = export_checkpoint(Path(args.export_checkpoint), Path(args.out))
+        from .interop import check_out
+        out = export_checkpoint(Path(args.export_checkpoint), check_out(args.out, args.force))
         print(f"wrote {out}")
         return 0
     if args.config is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, read_json_object
 from ..errors import UserError
 from ..fsutil import atomic_dir
 
@@ -168,13 +168,7 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read an HF Llama directory (safetensors, sharded or not, or pytorch_model*.bin)."""
     path = Path(path)
     cfg_path = path / "config.json"
-    try:
-        data = json.loads(cfg_path.read_text())
-    except OSError as e:
-        raise UserError(f"cannot read {cfg_path}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise UserError(f"{cfg_path} is not valid JSON: {e}") from None
-    cfg = config_from_hf(data, str(cfg_path))
+    cfg = config_from_hf(read_json_object(cfg_path), str(cfg_path))
     files = sorted(path.glob("*.safetensors"))
     state: dict[str, torch.Tensor] = {}
     if files:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, read_json_object
 from ..errors import UserError
 
 _ROW_SPLIT = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
@@ -27,12 +27,7 @@ def is_meta_dir(path: Path) -> bool:
 def load_meta(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     path = Path(path)
     params_path = path / "params.json"
-    try:
-        params = json.loads(params_path.read_text())
-    except OSError as e:
-        raise UserError(f"cannot read {params_path}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise UserError(f"{params_path} is not valid JSON: {e}") from None
+    params = read_json_object(params_path)
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
         raise UserError(f"{path}: no consolidated.*.pth files")
@@ -58,7 +53,8 @@ def load_meta(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     fields = {k: v for k, v in params.items()
               if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                        "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")}
-    if fields.get("vocab_size", -1) <= 0 and "tok_embeddings.weight" in state:
+    vocab = fields.get("vocab_size", -1)
+    if isinstance(vocab, int) and vocab <= 0 and "tok_embeddings.weight" in state:
         fields["vocab_size"] = state["tok_embeddings.weight"].shape[0]  # Meta writes -1 here
     fields.setdefault("max_seq_len", 4096)
     return ModelConfig.from_dict(fields, where=str(params_path)), state

@@ -171,7 +171,9 @@ class RunConfig:
         for section, values in self.to_dict().items():
             lines.append(f"[{section}]")
             for key, value in values.items():
-                if value is None:
+                if value is None and section == "model":
+                    lines.append(f'{key} = "none"')  # an explicit override (read back as None)
+                elif value is None:
                     lines.append(f"# {key} = (default)")
                 else:
                     lines.append(f"{key} = {_toml_value(value)}")
@@ -268,6 +270,8 @@ def _set(cfg: RunConfig, section: str, name: str, value: Any, where: str) -> Non
             return
         if name not in _MODEL_FIELDS:
             raise UserError(f"{where}: unknown key; model keys: preset, {', '.join(_MODEL_FIELDS)}")
+        if value in ("none", "null") and _MODEL_FIELDS[name].default is None:
+            value = None  # n_kv_heads / ffn_dim_multiplier: TOML has no null, so the word stands for it
         cfg.model[name] = value
         return
     if section not in SECTIONS:

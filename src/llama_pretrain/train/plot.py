@@ -10,14 +10,14 @@ from ..errors import UserError
 
 def run_label(run_dir: Path) -> str:
     """'<preset> (<N>M params)' from the run's run.json, else the directory name."""
-    try:
-        run = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return run_dir.name
     from ..compute.flops import param_counts
     from ..config import ModelConfig
 
-    cfg = ModelConfig.from_dict(run["identity"]["model"])
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+        cfg = ModelConfig.from_dict(run["identity"]["model"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError):
+        return run_dir.name  # no (or a damaged) run.json: the plot still works
     n = param_counts(cfg).total
     size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
     preset = run.get("config", {}).get("model", {}).get("preset")
@@ -34,6 +34,13 @@ def plot_runs(run_dirs: list[Path], out: Path, smooth: int = 1) -> Path:
     from ..fsutil import atomic_file
     from .metrics import read_metrics
 
+    out = Path(out)
+    fmt = out.suffix.lstrip(".").lower() or "png"
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
+        raise UserError(f"--out {out}: unsupported image format {fmt!r}; use one of {', '.join(sorted(supported))}")
     series = []
     for d in run_dirs:
         d = Path(d)
@@ -56,8 +63,6 @@ def plot_runs(run_dirs: list[Path], out: Path, smooth: int = 1) -> Path:
     ax.set_title("Training loss (cf. Llama 2, Figure 5)")
     ax.legend()
     fig.tight_layout()
-    out = Path(out)
-    fmt = out.suffix.lstrip(".") or "png"
     with atomic_file(out, "wb") as fh:
         fig.savefig(fh, format=fmt)
     plt.close(fig)
