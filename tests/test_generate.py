@@ -99,3 +99,11 @@ def test_generate_cli_with_checkpoint_tokenizer(tmp_path):
     other = train_tokenizer(corpus, tmp_path / "other.model", 280, progress=False, num_threads=1)
     mismatch = cli("--tokenizer", str(other))
     assert mismatch.returncode == 2 and "vocab_size" in mismatch.stderr
+    # a prompt that fills the 64-token context, or an unknown device, is a one-line error
+    long = subprocess.run([sys.executable, "-m", "llama_pretrain", "generate", str(tmp_path / "ckpt"),
+                           "--prompt", "llama model " * 64], capture_output=True, text=True)
+    assert long.returncode == 2 and "context is 64" in long.stderr, long.stderr
+    device = cli("--device", "tpu")
+    assert device.returncode == 2 and "--device must be" in device.stderr, device.stderr
+    for bad in (long, device):
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr

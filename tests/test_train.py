@@ -257,6 +257,12 @@ def test_model_none_override_reaches_config_and_round_trips(tmp_path, capsys):
         load_run_config(None, ["model.dim=none"])
 
 
+def test_demo_sample_without_a_final_model_is_skipped(tmp_path):
+    from llama_pretrain.train.demo import demo_sample
+
+    assert demo_sample(tmp_path / "final", 4) is None  # checkpoint.export_final=false: no crash at the end
+
+
 def test_fused_adamw_matches_foreach():
     import copy
 
@@ -335,6 +341,17 @@ def test_run_dir_of_another_run_is_refused_untouched(dataset, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "holds another run" in err and "model.dim" in err
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
+    # the same run with max_steps below its checkpoint's step would re-export later weights as its own
+    rc = cli_main(["train", "--config", str(_toml(tmp_path, dataset)), "--run-dir", str(run),
+                   "--training.max_steps=1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "past training.max_steps=1" in err and len(err.strip().splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
+    # a run dir that is a file is a one-line error
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli_main(["train", "--config", str(_toml(tmp_path, dataset)), "--run-dir", str(afile)]) == 2
+    assert "is a file" in capsys.readouterr().err and afile.read_text() == "x"
     # --resume without a checkpoint is an error too
     assert cli_main(["train", "--config", str(_toml(tmp_path, dataset)), "--run-dir",
                      str(tmp_path / "empty"), "--resume"]) == 2

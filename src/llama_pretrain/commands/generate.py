@@ -40,10 +40,18 @@ def run(args) -> int:
     tokenizer = Tokenizer(tok_path)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if device != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA device is available")
     model = load_model(args.model, device=device)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
                         f"{model.config.vocab_size}")
+    n_prompt = len(tokenizer.encode(args.prompt, bos=True, eos=False))
+    if n_prompt >= model.config.max_seq_len:
+        raise UserError(f"the prompt is {n_prompt} tokens; the model's context is {model.config.max_seq_len}, "
+                        f"which leaves no room to generate")
     text = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     print(args.prompt + text)

@@ -123,7 +123,10 @@ def run_demo(run_dir: Path, overrides: list[str] | None = None, print_config: bo
 
 
 def demo_sample(final_dir: Path, max_new_tokens: int) -> str | None:
-    """A short sampled continuation from the trained model, or None when generation is unavailable."""
+    """A short sampled continuation from the trained model, or None when generation is unavailable
+    (or there is no final model: --checkpoint.export_final=false)."""
+    if not final_dir.is_dir():
+        return None
     try:
         from ..generate import generate
     except ImportError:

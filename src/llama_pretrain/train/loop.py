@@ -93,6 +93,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
     accum = cfg.accumulation_steps(info.world_size)
     if not cfg.data.path:
         raise UserError("data.path is not set: point it at a prepared dataset (llama-pretrain data prepare)")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} is a file, not a directory")
 
     # -- check everything before writing anything ------------------------------------------------
     loader = TokenLoader(cfg.data.path, "train", t.micro_batch_size, seq_len, t.seed, info.rank, info.world_size)
@@ -123,6 +125,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         diff = _identity_diff(start_state.get("identity", {}), identity)
         if diff:
             raise UserError(f"{run_dir} holds checkpoints of another run ({diff}); use another --run-dir")
+        if int(start_state.get("step", 0)) > t.max_steps:  # would export the later weights as this run's
+            raise UserError(f"{start_ckpt} is at step {start_state['step']}, past training.max_steps="
+                            f"{t.max_steps}; raise max_steps or use another --run-dir")
     elif resume:
         raise UserError(f"--resume: no checkpoint in {ckpt_root}")
     tokenizer_model = find_tokenizer_model(cfg)
