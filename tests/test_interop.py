@@ -153,3 +153,10 @@ def test_bad_checkpoints_are_one_line_errors_and_write_nothing(tmp_path, hf_dir)
     r = cli("import-hf", src, "--out", tmp_path / "o5")
     assert r.returncode == 2 and "--force" in r.stderr
     assert (tmp_path / "o5" / "keep.txt").read_text() == "mine"
+    # A missing or non-SentencePiece --tokenizer is a one-line error and nothing is written.
+    (tmp_path / "not.model").write_text("not a tokenizer")
+    for tok, needle in ((tmp_path / "missing.model", "cannot read tokenizer"),
+                        (tmp_path / "not.model", "not a SentencePiece model")):
+        r = cli("export-hf", src, "--out", tmp_path / "o6", "--tokenizer", tok)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "o6").exists()

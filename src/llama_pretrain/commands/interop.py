@@ -59,6 +59,14 @@ def run_export(args) -> int:
 
     out = check_out(args.out, args.force)
     cfg, state, _ = load_checkpoint(args.ckpt_dir)
+    if args.tokenizer:  # check it before anything is written
+        from ..errors import UserError
+        from ..tokenizer import Tokenizer
+
+        n = Tokenizer(args.tokenizer).vocab_size
+        if n != cfg.vocab_size:
+            raise UserError(f"--tokenizer {args.tokenizer} has {n} pieces but the model's vocab_size is "
+                            f"{cfg.vocab_size}")
     tok = args.tokenizer or find_tokenizer(args.ckpt_dir)
     dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
     save_hf(state, cfg, out, tokenizer_model=tok, dtype=dtype)
