@@ -314,6 +314,7 @@ mixed_precision = "fp32"
     (["--training.max_steps=abc"], "must be an integer"),
     (["--optimizer.lr=-1"], "optimizer.lr must be positive"),
     (["--training.seq_len=4096"], "exceeds model.max_seq_len"),
+    (["--out", "somewhere"], "only go with --export-checkpoint"),
 ])
 def test_bad_input_exits_2_with_one_line(dataset, tmp_path, capsys, args, message):
     rc = cli_main(["train", "--config", str(_toml(tmp_path, dataset)), "--run-dir", str(tmp_path / "r")] + args)

@@ -67,6 +67,8 @@ def _run(args) -> int:
     from ..errors import UserError
 
     overrides = overrides_from_args(args)
+    if (args.out or args.force) and not args.export_checkpoint:
+        raise UserError("--out and --force only go with --export-checkpoint (a run writes to --run-dir)")
     if args.export_checkpoint:
         if not args.out:
             raise UserError("--export-checkpoint needs --out DIR")
