@@ -128,6 +128,13 @@ def test_bad_checkpoints_are_one_line_errors_and_write_nothing(tmp_path, hf_dir)
     r = cli("import-hf", other, "--out", tmp_path / "o2")
     assert r.returncode == 2 and "not a Llama model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o2").exists()
+    # Fields of the wrong type.
+    for field, value in (("hidden_size", "64"), ("num_attention_heads", 0), ("rope_parameters", "linear")):
+        cfg = json.loads((src / "config.json").read_text())
+        cfg[field] = value
+        (other / "config.json").write_text(json.dumps(cfg))
+        r = cli("model", "info", "--config", other / "config.json")
+        assert r.returncode == 2 and "config.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     # Mismatched shapes: config says 3 layers' width differs from the weights.
     bad = tmp_path / "bad"
     bad.mkdir()

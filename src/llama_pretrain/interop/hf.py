@@ -150,6 +150,8 @@ def config_from_hf(data: dict, where: str) -> ModelConfig:
         )
     except KeyError as e:
         raise UserError(f"{where}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # a field of the wrong type
+        raise UserError(f"{where}: malformed Llama config ({type(e).__name__}: {e})") from None
 
 
 def is_hf_dir(path: Path) -> bool:
