@@ -217,3 +217,12 @@ def test_export_hf_reads_a_sharded_training_checkpoint(data, reference, tmp_path
     train(0, data, one, "--training.max_steps=2")
     torch.testing.assert_close(ours.state_dict()["output.weight"], weights(one)["output.weight"],
                                atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cuda:abc", "gpu", "cuda:99"])
+def test_bad_device_is_a_user_error(device):
+    from llama_pretrain import UserError
+    from llama_pretrain.train.parallel import _resolve_device
+
+    with pytest.raises(UserError, match="training.device"):
+        _resolve_device(device, 0)

@@ -43,12 +43,18 @@ class DistInfo:
 def _resolve_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("training.device is 'cuda' but no CUDA device is available")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    if device.startswith("cuda:") or device == "cpu" or device == "mps":
+    if device in ("cpu", "mps"):
         return torch.device(device)
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UserError(f"training.device is {device!r} but no CUDA device is available")
+        count = torch.cuda.device_count()
+        if device == "cuda":
+            return torch.device("cuda", local_rank % count)
+        index = device.removeprefix("cuda:")
+        if not index.isdigit() or int(index) >= count:
+            raise UserError(f"training.device {device!r}: expected cuda:N with N in 0..{count - 1}")
+        return torch.device("cuda", int(index))
     raise UserError(f"training.device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
