@@ -180,7 +180,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
                        "peak_source": peak_source,
                        "flops_per_token": fpt}, fh, indent=1)
         truncate_metrics(run_dir / "metrics.jsonl", step)
-        writer = MetricsWriter(run_dir, cfg.logging.tensorboard)
+        writer = MetricsWriter(run_dir, cfg.logging.tensorboard, resume_step=step)
         try:
             from ..compute.energy import EnergyMeter
             meter = EnergyMeter(str(device))

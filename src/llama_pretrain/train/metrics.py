@@ -69,7 +69,7 @@ class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl`` (flushed each line) and mirrors scalars
     to TensorBoard when available. Only rank 0 creates one."""
 
-    def __init__(self, run_dir: Path, tensorboard: str = "auto"):
+    def __init__(self, run_dir: Path, tensorboard: str = "auto", resume_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "a", encoding="utf-8")
@@ -77,7 +77,8 @@ class MetricsWriter:
         if tensorboard != "off":
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+                # purge_step drops events a resumed run is about to log again, as metrics.jsonl does.
+                self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
             except ImportError:
                 if tensorboard == "on":
                     from ..errors import UserError
