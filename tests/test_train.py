@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -415,3 +416,24 @@ def test_mfu_never_exceeds_one_when_the_startup_peak_was_measured_on_a_busy_mach
     train(cfg, tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert records and all(0 < r["mfu"] <= 1.0 for r in records)
+
+
+def test_tensorboard_mirrors_metrics_and_a_resume_does_not_duplicate_steps(dataset, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from llama_pretrain.train.loop import train
+
+    run = tmp_path / "run"
+    cfg = small_cfg(dataset, **{"logging.tensorboard": "on", "training.max_steps": 4})
+    train(cfg, run)
+    # As if killed after step 4 was logged but before its checkpoint: the resume re-does 3 and 4.
+    shutil.rmtree(run / "checkpoints" / "step-0000004")
+    train(cfg, run)
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    events = acc.Scalars("train/loss")
+    assert [e.step for e in events] == [1, 2, 3, 4]
+    logged = losses(run)
+    for e in events:
+        assert e.value == pytest.approx(logged[e.step], rel=1e-6)
