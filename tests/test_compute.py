@@ -5,8 +5,8 @@ import json
 import pytest
 
 from llama_pretrain.cli import main
-from llama_pretrain.compute.carbon import TABLE2, table2, tco2eq, truncate_hundredth
-from llama_pretrain.compute.flops import flops_per_token, param_counts
+from llama_pretrain.compute.carbon import table2, tco2eq, truncate_hundredth
+from llama_pretrain.compute.flops import param_counts
 from llama_pretrain.compute.gpus import GPUS, get_gpu, peak_flops_for_device
 from llama_pretrain.compute.plan import parse_count, plan
 from llama_pretrain.config import ModelConfig

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from llama_pretrain import ModelConfig, Transformer, UserError
 from llama_pretrain.compute.flops import flops_per_token, param_counts
-from llama_pretrain.config import PRESETS
 from llama_pretrain.interop.hf import hf_config_dict, to_hf_state_dict
 from llama_pretrain.losses import chunked_cross_entropy, cross_entropy
 

@@ -373,7 +373,6 @@ def finalize(cfg: DataConfig, units: list[UnitRef], unit_stats: list[dict], out:
     (out / "val").mkdir(parents=True, exist_ok=True)
     bar = tqdm(total=None, unit="tok", unit_scale=True, desc="write", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
-    tokens_cache: dict[Path, np.ndarray] = {}
 
     def unit_tokens(ref: UnitRef) -> tuple[np.ndarray, np.ndarray]:
         lengths_all = np.fromfile(ref.dir / "lengths.bin", dtype="<u4")
