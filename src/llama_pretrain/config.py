@@ -2,18 +2,20 @@
 
 Field names follow Meta's reference implementation so a ``params.json`` maps onto this class
 directly. Sizes of the paper's models come from Table 1 of the Llama 2 paper and Meta's released
-configs; the FFN width follows Meta's rule (see ``ModelConfig.hidden_dim``).
+configs; the FFN width follows Meta's rule (see ``ModelConfig.hidden_dim``). Reading the config
+of a checkpoint in another format is ``interop.config_files.model_config_from_file``: this module
+imports nothing from interop, train, eval or data.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config_fields import POSITIVE, check, field_type, setting
 from .errors import UserError
 
 
@@ -21,27 +23,27 @@ from .errors import UserError
 class ModelConfig:
     """Shape of a Llama transformer. Validated at construction."""
 
-    dim: int = 4096
+    dim: int = setting(4096, POSITIVE)
     """Model (residual stream) width."""
-    n_layers: int = 32
+    n_layers: int = setting(32, POSITIVE)
     """Number of transformer blocks."""
-    n_heads: int = 32
+    n_heads: int = setting(32, POSITIVE)
     """Number of query heads."""
-    n_kv_heads: int | None = None
+    n_kv_heads: int | None = setting(None, POSITIVE)
     """Number of key/value heads (grouped-query attention); ``None`` means ``n_heads`` (no GQA)."""
-    vocab_size: int = 32000
+    vocab_size: int = setting(32000, POSITIVE)
     """Tokenizer vocabulary size (rows of the embedding and of the output head)."""
-    multiple_of: int = 256
+    multiple_of: int = setting(256, POSITIVE)
     """The FFN hidden size is rounded up to a multiple of this."""
-    ffn_dim_multiplier: float | None = None
+    ffn_dim_multiplier: float | None = setting(None, POSITIVE)
     """Optional factor applied to the FFN hidden size before rounding (Llama 2 34B/70B)."""
-    norm_eps: float = 1e-5
+    norm_eps: float = setting(1e-5, POSITIVE)
     """RMSNorm epsilon."""
-    rope_theta: float = 10000.0
+    rope_theta: float = setting(10000.0, POSITIVE)
     """RoPE base frequency."""
-    max_seq_len: int = 4096
+    max_seq_len: int = setting(4096, POSITIVE)
     """Context length the model is trained for (size of the RoPE table and of KV caches)."""
-    peak_lr: float = 3.0e-4
+    peak_lr: float = setting(3.0e-4, POSITIVE)
     """Peak learning rate from Table 1 (not part of the architecture; used by training)."""
 
     def __post_init__(self) -> None:
@@ -66,17 +68,7 @@ class ModelConfig:
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
-        for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise UserError(f"model.{name} must be an integer, got {value!r}")
-            if value <= 0:
-                raise UserError(f"model.{name} must be positive, got {value}")
-        if self.n_kv_heads is not None:
-            if isinstance(self.n_kv_heads, bool) or not isinstance(self.n_kv_heads, int):
-                raise UserError(f"model.n_kv_heads must be an integer or null, got {self.n_kv_heads!r}")
-            if self.n_kv_heads <= 0:
-                raise UserError(f"model.n_kv_heads must be positive, got {self.n_kv_heads}")
+        check(self, "model.")  # each field's type and constraint, then the shape rules between them
         if self.dim % self.n_heads:
             raise UserError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
         if self.n_heads % self.kv_heads:
@@ -85,16 +77,6 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise UserError(f"model head dim (dim/n_heads = {self.head_dim}) must be even for RoPE")
-        for name in ("norm_eps", "rope_theta", "peak_lr"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise UserError(f"model.{name} must be a positive number, got {value!r}")
-            if not math.isfinite(value):
-                raise UserError(f"model.{name} must be finite, got {value!r}")
-        if self.ffn_dim_multiplier is not None:
-            v = self.ffn_dim_multiplier
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise UserError(f"model.ffn_dim_multiplier must be a positive number or null, got {v!r}")
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -107,12 +89,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "model config") -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise UserError(
-                f"{where}: unknown model field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
+        for key in data:
+            field_type(cls, key, f"{where}: model.{key}")  # an unknown key is a UserError, not a TypeError
         return cls(**data)
 
     @classmethod
@@ -120,16 +98,14 @@ class ModelConfig:
         path = Path(path)
         data = read_json_object(path)
         data = data.get("model", data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls.from_dict({k: v for k, v in data.items() if k in known or k not in _IGNORED_KEYS},
-                             where=str(path))
+        return cls.from_dict({k: v for k, v in data.items() if k not in NON_MODEL_KEYS}, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 # Keys that may appear in a saved config next to the model fields (format markers, Meta extras).
-_IGNORED_KEYS = {"format", "format_version", "preset", "use_scaled_rope", "_name"}
+NON_MODEL_KEYS = {"format", "format_version", "preset", "use_scaled_rope", "_name"}
 
 
 # Llama 1 and Llama 2 from the paper (Table 1; Meta's released params.json), plus small shapes for
@@ -159,37 +135,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama2-debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
                          multiple_of=32, max_seq_len=128, peak_lr=1.0e-3),
 }
-
-
-def model_config_from_file(path: str | Path) -> ModelConfig:
-    """A ModelConfig from a JSON file (model fields, our config.json, HF config.json or Meta
-    params.json) or a TOML run config's ``[model]`` section (``preset`` plus overrides)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in ("config.json", "params.json"):
-            if (path / name).is_file():
-                return model_config_from_file(path / name)
-        raise UserError(f"{path}: no config.json or params.json in this directory")
-    if path.suffix == ".toml":
-        data = read_toml(path)
-        section = data.get("model", data)
-        if not isinstance(section, dict):
-            raise UserError(f"{path}: [model] must be a table")
-        section = dict(section)
-        preset = section.pop("preset", None)
-        if preset is not None:
-            return ModelConfig.from_preset(preset, **section)
-        return ModelConfig.from_dict(section, where=str(path))
-    data = read_json_object(path)
-    if "model_type" in data or "architectures" in data:
-        from .interop.hf import config_from_hf
-        return config_from_hf(data, str(path))
-    if path.name == "params.json":  # Meta: vocab_size -1 means "the tokenizer's"; no context stored
-        data = {k: v for k, v in data.items()
-                if k not in _IGNORED_KEYS and not (k == "vocab_size" and isinstance(v, int) and v <= 0)}
-        data.setdefault("max_seq_len", 4096)
-        return ModelConfig.from_dict(data, where=str(path))
-    return ModelConfig.from_json(path)
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:

@@ -28,11 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args) -> int:
-    from ..compute.carbon import DEFAULT_INTENSITY, DEFAULT_PUE, _positive, energy_kwh, table2, tco2eq
+    from ..compute.carbon import DEFAULT_INTENSITY, DEFAULT_PUE, energy_kwh, positive_number, table2, tco2eq
     from ..errors import UserError
 
-    pue = DEFAULT_PUE if args.pue is None else _positive("--pue", args.pue)
-    intensity = DEFAULT_INTENSITY if args.intensity is None else _positive(
+    pue = DEFAULT_PUE if args.pue is None else positive_number("--pue", args.pue)
+    intensity = DEFAULT_INTENSITY if args.intensity is None else positive_number(
         "--intensity", args.intensity, allow_zero=True)
     if args.table2:
         if args.gpu_hours is not None:
@@ -53,12 +53,12 @@ def run(args) -> int:
         return 0
     if args.gpu_hours is None:
         raise UserError("give --gpu-hours (and --power-w or --gpu), or --table2")
-    hours = _positive("--gpu-hours", args.gpu_hours)
+    hours = positive_number("--gpu-hours", args.gpu_hours)
     power = args.power_w
     if args.gpu:
         from ..compute.gpus import get_gpu
         power = get_gpu(args.gpu).tdp_w
-    power = _positive("--power-w", power)
+    power = positive_number("--power-w", power)
     t = tco2eq(hours, power, pue, intensity)
     row = {"model": args.gpu or "run", "gpu_hours": hours, "power_w": power, "tco2eq": t}
     out = {"rows": [row], "total": {"gpu_hours": hours, "tco2eq": t},

@@ -57,12 +57,16 @@ def _gib(n: int) -> str:
 
 
 def run_info(args) -> int:
-    from ..config import ModelConfig, model_config_from_file
+    from ..config import ModelConfig
     from ..errors import UserError
 
     if args.seq_len is not None and args.seq_len < 1:
         raise UserError(f"--seq-len must be at least 1, got {args.seq_len}")
-    cfg = ModelConfig.from_preset(args.preset) if args.preset else model_config_from_file(args.config)
+    if args.preset:
+        cfg = ModelConfig.from_preset(args.preset)
+    else:  # imported here: the interop package imports torch, which --preset does not need
+        from ..interop.config_files import model_config_from_file
+        cfg = model_config_from_file(args.config)
     info = model_info(cfg, args.seq_len)
     if args.json:
         info["preset"] = args.preset

@@ -43,15 +43,19 @@ def _gib(n: float) -> str:
 
 
 def run(args) -> int:
-    from ..compute.carbon import _positive
+    from ..compute.carbon import positive_number
     from ..compute.gpus import get_gpu
     from ..compute.plan import parse_count, plan
-    from ..config import ModelConfig, model_config_from_file
+    from ..config import ModelConfig
     from ..errors import UserError
 
     if bool(args.preset) == bool(args.config):
         raise UserError("give one of --preset and --config")
-    cfg = ModelConfig.from_preset(args.preset) if args.preset else model_config_from_file(args.config)
+    if args.preset:
+        cfg = ModelConfig.from_preset(args.preset)
+    else:  # imported here: the interop package imports torch, which --preset does not need
+        from ..interop.config_files import model_config_from_file
+        cfg = model_config_from_file(args.config)
     gpu = get_gpu(args.gpu)
     tokens = parse_count(args.tokens)
     gbt = parse_count(args.global_batch_tokens, "global batch tokens")
@@ -60,18 +64,18 @@ def run(args) -> int:
         gbt = int(whole_m.group(1)) * 2**20
     mfu, hours = args.mfu, None
     if args.gpu_hours is not None:
-        hours = _positive("--gpu-hours", args.gpu_hours)
+        hours = positive_number("--gpu-hours", args.gpu_hours)
     elif mfu is None:
         mfu = 0.45
     if mfu is not None:
-        mfu = _positive("--mfu", mfu)
+        mfu = positive_number("--mfu", mfu)
         if 1 < mfu <= 100:
             mfu /= 100  # a percentage
-    power = None if args.power_w is None else _positive("--power-w", args.power_w)
+    power = None if args.power_w is None else positive_number("--power-w", args.power_w)
     r = plan(cfg, tokens, gpu, args.gpus, mfu=mfu, gpu_hours=hours, seq_len=args.seq_len,
              global_batch_tokens=gbt, micro_batch=args.micro_batch, interconnect=args.interconnect,
-             gpus_per_node=args.gpus_per_node, power_w=power, pue=_positive("--pue", args.pue),
-             intensity=_positive("--intensity", args.intensity, allow_zero=True))
+             gpus_per_node=args.gpus_per_node, power_w=power, pue=positive_number("--pue", args.pue),
+             intensity=positive_number("--intensity", args.intensity, allow_zero=True))
     r["model"] = args.preset or args.config
     if args.json:
         print(json.dumps(r, indent=2))

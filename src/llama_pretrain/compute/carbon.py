@@ -27,7 +27,8 @@ TABLE2 = [
 TABLE2_TOTAL = (3_311_616, "539.00")
 
 
-def _positive(name: str, value, allow_zero: bool = False) -> float:
+def positive_number(name: str, value, allow_zero: bool = False) -> float:
+    """``value`` as a finite float > 0 (>= 0 with ``allow_zero``); a UserError naming ``name``."""
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -40,8 +41,8 @@ def _positive(name: str, value, allow_zero: bool = False) -> float:
 
 def energy_kwh(gpu_hours: float, power_w: float, pue: float = DEFAULT_PUE) -> float:
     """Facility energy: GPU-hours x power x PUE."""
-    return (_positive("GPU-hours", gpu_hours) * _positive("power", power_w) / 1000.0
-            * _positive("PUE", pue))
+    return (positive_number("GPU-hours", gpu_hours) * positive_number("power", power_w) / 1000.0
+            * positive_number("PUE", pue))
 
 
 def tco2eq(gpu_hours: float | None = None, power_w: float | None = None, pue: float = DEFAULT_PUE,
@@ -51,11 +52,11 @@ def tco2eq(gpu_hours: float | None = None, power_w: float | None = None, pue: fl
     A measured ``kwh`` (IT energy, e.g. NVML or RAPL) is still multiplied by ``pue`` for the
     facility overhead; pass ``pue=1`` when the figure already includes it.
     """
-    intensity = _positive("carbon intensity", intensity, allow_zero=True)
+    intensity = positive_number("carbon intensity", intensity, allow_zero=True)
     if kwh is not None:
         if gpu_hours is not None:
             raise UserError("give either kwh or gpu_hours (with power_w), not both")
-        return _positive("energy (kWh)", kwh, allow_zero=True) * _positive("PUE", pue) * intensity / 1000.0
+        return positive_number("energy (kWh)", kwh, allow_zero=True) * positive_number("PUE", pue) * intensity / 1000.0
     if gpu_hours is None or power_w is None:
         raise UserError("tco2eq needs gpu_hours and power_w, or kwh")
     return energy_kwh(gpu_hours, power_w, pue) * intensity / 1000.0

@@ -2,20 +2,21 @@
 
 A run config has the sections ``model`` (a preset plus any ``ModelConfig`` field), ``data``,
 ``optimizer``, ``schedule``, ``training``, ``checkpoint``, ``logging`` and ``parallel``. Every key has
-a default here; TOML files and command-line overrides change them. Validation happens once, in
-``RunConfig.validate``, and names the key and the allowed values.
+a default here; TOML files and command-line overrides change them, each value typed as it is set
+(``config_fields``). Constraints are declared on the fields and checked once all layers are merged,
+in ``RunConfig.validate``, which also resolves the model section into a ``ModelConfig``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig, read_toml
+from ..config_fields import (NON_NEGATIVE, POSITIVE, between, check, coerce, field_type, one_of,
+                             parse_cli, setting)
 from ..errors import UserError
 
 
@@ -31,61 +32,61 @@ class DataSection:
 
 @dataclass
 class OptimizerSection:
-    lr: float | None = None
+    lr: float | None = setting(None, POSITIVE)
     """Peak learning rate; default: the preset's peak_lr (Table 1)."""
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-5
-    weight_decay: float = 0.1
+    beta1: float = setting(0.9, between(0, 1, "[)"))
+    beta2: float = setting(0.95, between(0, 1, "[)"))
+    eps: float = setting(1e-5, POSITIVE)
+    weight_decay: float = setting(0.1, NON_NEGATIVE)
     """Applied to 2-D weight matrices of linear layers only (see train/optim.py)."""
     decay_embeddings: bool = False
     """Also decay the token-embedding table (off: an embedding row is only updated when its token occurs)."""
-    grad_clip: float = 1.0
+    grad_clip: float = setting(1.0, NON_NEGATIVE)
     """Clip the global gradient norm to this value; 0 disables clipping."""
-    implementation: str = "auto"
+    implementation: str = setting("auto", one_of("auto", "fused", "foreach", "for-loop"))
     """AdamW kernel: auto (fused on GPU, foreach on CPU), fused, foreach or for-loop."""
 
 
 @dataclass
 class ScheduleSection:
-    warmup_steps: int = 2000
+    warmup_steps: int = setting(2000, NON_NEGATIVE)
     """Linear warm-up length in optimizer steps."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = setting(0.1, between(0, 1))
     """Cosine decay ends at min_lr_ratio * peak at the last step."""
 
 
 @dataclass
 class TrainingSection:
-    max_steps: int = 1000
+    max_steps: int = setting(1000, POSITIVE)
     """Optimizer steps (each one global batch)."""
-    seq_len: int = 0
+    seq_len: int = setting(0, NON_NEGATIVE)
     """Tokens per sequence; 0 means the model's max_seq_len."""
-    micro_batch_size: int = 1
+    micro_batch_size: int = setting(1, POSITIVE)
     """Sequences per forward/backward on each rank."""
-    global_batch_tokens: int = 4_194_304
+    global_batch_tokens: int = setting(4_194_304, POSITIVE)
     """Tokens per optimizer step over all ranks (paper: 4M)."""
     seed: int = 0
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
-    fused_loss: str = "auto"
+    fused_loss: str = setting("auto", one_of("auto", "on", "off"))
     """Chunked cross-entropy without an fp32 copy of the logits: auto (bf16 logits, or CPU), on, off."""
-    eval_every_steps: int = 100
+    eval_every_steps: int = setting(100, NON_NEGATIVE)
     """Validation loss every N steps (and at the last step); 0 disables it."""
-    eval_batches: int = 8
+    eval_batches: int = setting(8, POSITIVE)
     """Micro-batches per validation."""
-    max_nonfinite_in_row: int = 5
+    max_nonfinite_in_row: int = setting(5, POSITIVE)
     """Stop the run after this many consecutive non-finite steps."""
-    spike_sigma: float = 6.0
+    spike_sigma: float = setting(6.0, POSITIVE)
     """Log a loss spike when loss exceeds the running mean by this many standard deviations."""
-    debug_nan_at_step: int = 0
+    debug_nan_at_step: int = setting(0, NON_NEGATIVE)
     """Testing hook: make the loss of this step (1-based) NaN; 0 disables."""
 
 
 @dataclass
 class CheckpointSection:
-    every_steps: int = 1000
+    every_steps: int = setting(1000, NON_NEGATIVE)
     """Save every N steps (and always at the last step); 0: only at the end."""
-    keep_last: int = 3
+    keep_last: int = setting(3, POSITIVE)
     """Checkpoints kept in RUN_DIR/checkpoints (oldest deleted first)."""
     export_final: bool = True
     """Write RUN_DIR/final (model.safetensors + config.json + tokenizer.model) at the end."""
@@ -93,24 +94,24 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
-    every_steps: int = 1
+    every_steps: int = setting(1, POSITIVE)
     """metrics.jsonl gets a line every N steps."""
     progress: bool = True
     """Progress bar on stderr."""
-    tensorboard: str = "auto"
+    tensorboard: str = setting("auto", one_of("auto", "on", "off"))
     """auto (when installed), on, off: TensorBoard event files in RUN_DIR/tb."""
-    peak_flops: float = 0.0
+    peak_flops: float = setting(0.0, NON_NEGATIVE)
     """Peak FLOP/s for MFU; 0: the device's bf16 peak on GPU, a measured fp32 matmul peak on CPU."""
 
 
 @dataclass
 class ParallelSection:
-    mode: str = "none"
+    mode: str = setting("none", one_of("none", "ddp", "fsdp"))
     """none, ddp or fsdp (under torchrun)."""
     compile: bool = False
     """torch.compile each transformer block."""
     activation_checkpointing: bool = False
-    mixed_precision: str = "auto"
+    mixed_precision: str = setting("auto", one_of("auto", "bf16", "fp32"))
     """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32. Master weights stay fp32."""
     reshard_after_forward: bool = True
 
@@ -120,12 +121,12 @@ SECTIONS: dict[str, type] = {
     "training": TrainingSection, "checkpoint": CheckpointSection, "logging": LoggingSection,
     "parallel": ParallelSection,
 }
-_MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
 
 
 @dataclass
 class RunConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"preset": "llama2-tiny"})
+    """The [model] section as given: ``preset`` plus typed overrides of ModelConfig fields."""
     data: DataSection = field(default_factory=DataSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
@@ -133,14 +134,14 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    _model: ModelConfig | None = field(default=None, init=False, repr=False, compare=False)
 
     # -- derived -------------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
-        m = dict(self.model)
-        preset = m.pop("preset", None)
-        if preset is None:
-            return ModelConfig.from_dict(m, where="[model]")
-        return ModelConfig.from_preset(preset, **m)
+        """The model section resolved (preset + overrides), once, by ``validate``."""
+        if self._model is None:
+            self.validate()
+        return self._model
 
     @property
     def peak_lr(self) -> float:
@@ -162,9 +163,8 @@ class RunConfig:
         return t.global_batch_tokens // per_micro
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["model"] = dict(self.model)
-        return d
+        return {"model": dict(self.model),
+                **{name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}}
 
     def to_toml(self) -> str:
         lines = []
@@ -182,41 +182,22 @@ class RunConfig:
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
-        cfg = self.model_config()  # validates the model section
-        t, o, s = self.training, self.optimizer, self.schedule
-        _positive("training.max_steps", t.max_steps)
-        _positive("training.micro_batch_size", t.micro_batch_size)
-        _positive("training.global_batch_tokens", t.global_batch_tokens)
-        _non_negative("training.seq_len", t.seq_len)
-        if self.seq_len > cfg.max_seq_len:
-            raise UserError(f"training.seq_len ({self.seq_len}) exceeds model.max_seq_len ({cfg.max_seq_len})")
-        _non_negative("training.eval_every_steps", t.eval_every_steps)
-        _positive("training.eval_batches", t.eval_batches)
-        _positive("training.max_nonfinite_in_row", t.max_nonfinite_in_row)
-        _positive("training.spike_sigma", t.spike_sigma)
-        _non_negative("training.debug_nan_at_step", t.debug_nan_at_step)
-        _choice("training.fused_loss", t.fused_loss, ("auto", "on", "off"))
-        if o.lr is not None:
-            _positive("optimizer.lr", o.lr)
-        for name in ("beta1", "beta2"):
-            v = getattr(o, name)
-            if not 0 <= v < 1:
-                raise UserError(f"optimizer.{name} must be in [0, 1), got {v}")
-        _positive("optimizer.eps", o.eps)
-        _non_negative("optimizer.weight_decay", o.weight_decay)
-        _non_negative("optimizer.grad_clip", o.grad_clip)
-        _choice("optimizer.implementation", o.implementation, ("auto", "fused", "foreach", "for-loop"))
-        _non_negative("schedule.warmup_steps", s.warmup_steps)
-        if not 0 <= s.min_lr_ratio <= 1:
-            raise UserError(f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
-        _non_negative("checkpoint.every_steps", self.checkpoint.every_steps)
-        _positive("checkpoint.keep_last", self.checkpoint.keep_last)
-        _positive("logging.every_steps", self.logging.every_steps)
-        _non_negative("logging.peak_flops", self.logging.peak_flops)
-        _choice("logging.tensorboard", self.logging.tensorboard, ("auto", "on", "off"))
-        _choice("parallel.mode", self.parallel.mode, ("none", "ddp", "fsdp"))
-        _choice("parallel.mixed_precision", self.parallel.mixed_precision, ("auto", "bf16", "fp32"))
+        """Check every key's constraint and the model section, which is resolved here once."""
+        self._model = _resolve_model(self.model)
+        for section in SECTIONS:
+            check(getattr(self, section), f"{section}.")
+        if self.seq_len > self._model.max_seq_len:
+            raise UserError(f"training.seq_len ({self.seq_len}) exceeds model.max_seq_len "
+                            f"({self._model.max_seq_len})")
         return self
+
+
+def _resolve_model(section: dict[str, Any]) -> ModelConfig:
+    fields = dict(section)
+    preset = fields.pop("preset", None)
+    if preset is None:
+        return ModelConfig.from_dict(fields, where="[model]")
+    return ModelConfig.from_preset(preset, **fields)
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -225,104 +206,50 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     """Defaults <- ``base`` <- TOML file ``path`` <- ``overrides`` (``section.key=value``), validated."""
     cfg = RunConfig()
     if base:
-        _apply_tree(cfg, base, "built-in config")
+        _apply_tree(cfg, base, "built-in config: ")
     if path is not None:
-        _apply_tree(cfg, read_toml(path), str(path))
+        _apply_tree(cfg, read_toml(path), f"{path}: ")
     for item in overrides or []:
         key, sep, raw = item.partition("=")
-        if not sep:
-            raise UserError(f"override {item!r} must look like section.key=value")
         section, dot, name = key.strip().removeprefix("--").partition(".")
-        if not dot or not name:
+        if not sep or not dot or not name:
             raise UserError(f"override {item!r} must look like section.key=value")
-        value = raw.strip()
-        if not _is_string_key(section, name) or value[:1] in ('"', "'"):
-            value = _parse_value(value)  # numbers, booleans, quoted strings; paths stay as typed
-        _set(cfg, section, name, value, f"--{section}.{name}")
+        _set(cfg, section, name, raw, f"--{section}.{name}", from_cli=True)
     return cfg.validate()
 
 
-def _is_string_key(section: str, name: str) -> bool:
-    if section == "model":
-        return name == "preset"
-    cls = SECTIONS.get(section)
-    if cls is None or name not in {f.name for f in dataclasses.fields(cls)}:
-        return False
-    return typing.get_type_hints(cls)[name] is str
-
-
-def _apply_tree(cfg: RunConfig, tree: dict[str, Any], where: str) -> None:
+def _apply_tree(cfg: RunConfig, tree: dict[str, Any], origin: str) -> None:
     for section, values in tree.items():
-        if section != "model" and section not in SECTIONS:
-            raise UserError(f"{where}: unknown section [{section}]; known: model, {', '.join(SECTIONS)}")
+        _check_section(section, f"{origin}[{section}]")
         if not isinstance(values, dict):
-            raise UserError(f"{where}: [{section}] must be a table")
+            raise UserError(f"{origin}[{section}] must be a table")
         for name, value in values.items():
-            _set(cfg, section, name, value, f"{where}: {section}.{name}")
+            _set(cfg, section, name, value, f"{origin}{section}.{name}")
 
 
-def _set(cfg: RunConfig, section: str, name: str, value: Any, where: str) -> None:
-    if section == "model":
-        if name == "preset":
-            if not isinstance(value, str):
-                raise UserError(f"{where} must be a string, got {value!r}")
-            cfg.model = {"preset": value, **{k: v for k, v in cfg.model.items() if k != "preset"}}
-            return
-        if name not in _MODEL_FIELDS:
-            raise UserError(f"{where}: unknown key; model keys: preset, {', '.join(_MODEL_FIELDS)}")
-        if value in ("none", "null") and _MODEL_FIELDS[name].default is None:
-            value = None  # n_kv_heads / ffn_dim_multiplier: TOML has no null, so the word stands for it
+def _set(cfg: RunConfig, section: str, name: str, value: Any, where: str, from_cli: bool = False) -> None:
+    """One key, typed now (so a message names the file or flag); constraints wait for validate."""
+    hint = _key_type(section, name, where)
+    value = coerce(parse_cli(value, hint) if from_cli else value, hint, where)
+    if section != "model":
+        setattr(getattr(cfg, section), name, value)
+    elif name == "preset":
+        rest = {k: v for k, v in cfg.model.items() if k != "preset"}
+        cfg.model = {"preset": value, **rest}  # preset stays first in to_toml
+    else:
         cfg.model[name] = value
-        return
-    if section not in SECTIONS:
-        raise UserError(f"{where}: unknown section {section!r}; known: model, {', '.join(SECTIONS)}")
-    obj = getattr(cfg, section)
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    if name not in fields:
-        raise UserError(f"{where}: unknown key; [{section}] keys: {', '.join(fields)}")
-    hint = typing.get_type_hints(type(obj))[name]
-    setattr(obj, name, _coerce(value, hint, where))
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if args else hint
-    if value is None or (optional and value in ("none", "null")):
-        if optional:
-            return None
-        raise UserError(f"{where} cannot be empty")
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "on", "off", "yes", "no"):
-            return value.lower() in ("true", "on", "yes")
-        raise UserError(f"{where} must be true or false, got {value!r}")
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{where} must be an integer, got {value!r}")
-        return value
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"{where} must be a finite number, got {value!r}")
-        return float(value)
-    if base is str:
-        if not isinstance(value, str):
-            raise UserError(f"{where} must be a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint}")  # a bug in the dataclasses above
+def _key_type(section: str, name: str, where: str) -> Any:
+    _check_section(section, where)
+    if section != "model":
+        return field_type(SECTIONS[section], name, where)
+    return str if name == "preset" else field_type(ModelConfig, name, where)
 
 
-def _parse_value(raw: str) -> Any:
-    """A command-line value as TOML (numbers, booleans, quoted strings); bare words stay strings."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
+def _check_section(section: str, where: str) -> None:
+    if section != "model" and section not in SECTIONS:
+        raise UserError(f"{where}: unknown section; known: model, {', '.join(SECTIONS)}")
 
 
 def _toml_value(value: Any) -> str:
@@ -331,18 +258,3 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _positive(name: str, v) -> None:
-    if not v > 0:
-        raise UserError(f"{name} must be positive, got {v}")
-
-
-def _non_negative(name: str, v) -> None:
-    if not v >= 0:
-        raise UserError(f"{name} must be >= 0, got {v}")
-
-
-def _choice(name: str, v: str, allowed: tuple[str, ...]) -> None:
-    if v not in allowed:
-        raise UserError(f"{name} must be one of {', '.join(allowed)}, got {v!r}")
