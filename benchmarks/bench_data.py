@@ -73,7 +73,7 @@ def main() -> None:
     full = DataConfig([SourceConfig("bench", [str(tmp / "in*.jsonl")])], val_fraction=0.01)
     bare = DataConfig([SourceConfig("bench", [str(tmp / "in*.jsonl")], quality=False)], val_fraction=0.01)
     for stage in ("normalize", "blocklist", "exact_dedup", "near_dedup", *QUALITY_STAGES):
-        bare.stages[stage]["enabled"] = False
+        getattr(bare.stages, stage).enabled = False
     for w in (1, 2):
         run("prepare: tokenisation only", bare, w)
     for w in (1, 2):

@@ -180,3 +180,28 @@ def test_dup_ngram_coverage_shrinks_with_n():
         total = sum(map(len, words))
         fr = [_dup_ngram_char_frac(words, n, total) for n in range(5, 11)]
         assert all(a >= b for a, b in zip(fr, fr[1:]))
+
+
+# -- accounting ----------------------------------------------------------------------------------
+
+def test_stats_add_up_cap_locations_and_refuse_unknown_reasons():
+    from llama_pretrain.data import drops
+
+    assert drops.BAD_INPUT < drops.REASONS and {drops.EXACT_DUPLICATE, drops.C4_LOREM_IPSUM} < drops.REASONS
+    unit = drops.Stats(documents_in=9, files=1)
+    unit.keep(2, 30)
+    for i in range(7):
+        unit.drop(drops.MALFORMED_JSON, locations=[f"f:{i}"])
+    unit.check("unit")
+    assert unit.locations[drops.MALFORMED_JSON] == [f"f:{i}" for i in range(drops.MAX_LOCATIONS)]
+    source = drops.Stats()
+    source.add(unit)
+    source.drop_kept(drops.EXACT_DUPLICATE, 12)  # dedup moves a kept document to dropped
+    source.check("source")
+    assert (source.documents_kept, source.tokens, source.files) == (1, 18, 1)
+    assert source.dropped == {drops.MALFORMED_JSON: 7, drops.EXACT_DUPLICATE: 1}
+    with pytest.raises(ValueError, match="unknown drop reason"):
+        source.drop("typo_reason")
+    source.documents_in += 1
+    with pytest.raises(drops.AccountingError, match="10 documents in"):
+        source.check("source")

@@ -9,22 +9,24 @@ import pytest
 import torch
 
 from llama_pretrain.data.loader import FeistelPermutation, TokenLoader
-from llama_pretrain.data.shards import FORMAT, ShardWriter
+from llama_pretrain.data.shards import FORMAT, ShardWriter, dtype_for_vocab
 from llama_pretrain.errors import UserError
 
 
-def make_dataset(d, n_tokens: int = 5000, shard_tokens: int = 1100, seed: int = 0):
-    """A dataset whose token stream is 0, 1, 2, ... so every window is recognisable."""
+def make_dataset(d, n_tokens: int = 5000, shard_tokens: int = 1100, seed: int = 0, first: int = 0,
+                 vocab: int = 65536):
+    """A dataset whose token stream is first, first + 1, ... so every window is recognisable."""
     rng = np.random.default_rng(seed)
-    stream = np.arange(n_tokens, dtype=np.int64)
-    w = ShardWriter(d, "train", "uint16", shard_tokens)
+    stream = np.arange(first, first + n_tokens, dtype=np.int64)
+    dtype = dtype_for_vocab(vocab)
+    w = ShardWriter(d, "train", dtype, shard_tokens)
     pos = 0
     while pos < n_tokens:
         n = int(rng.integers(5, 120))
         w.add(stream[pos:pos + n])
         pos += n
-    manifest = {"format": FORMAT, "dtype": "uint16",
-                "tokenizer": {"vocab_size": 65536, "sha256": "ab" * 32},
+    manifest = {"format": FORMAT, "dtype": dtype,
+                "tokenizer": {"vocab_size": vocab, "sha256": "ab" * 32},
                 "splits": {"train": {"shards": w.close()}, "val": {"shards": []}}}
     (d / "manifest.json").write_text(json.dumps(manifest))
     return stream
@@ -57,6 +59,23 @@ def test_windows_cover_each_epoch_once_and_reshuffle(tmp_path):
     e0, e1 = starts[:ld.num_windows], starts[ld.num_windows:]
     assert sorted(e0) == list(range(ld.num_windows)) == sorted(e1)
     assert e0 != e1 and ld.epoch == 2
+
+
+def test_uint32_shards_keep_ids_above_65535(tmp_path):
+    stream = make_dataset(tmp_path, n_tokens=3000, first=65_000, vocab=70_000)  # ids 65,000 .. 67,999
+    shards = json.loads((tmp_path / "manifest.json").read_text())["splits"]["train"]["shards"]
+    assert len(shards) > 1
+    for sh in shards:
+        assert (tmp_path / sh["file"]).stat().st_size == 4 * sh["tokens"]
+    ld = TokenLoader(tmp_path, batch_size=4, seq_len=64, shuffle=False)
+    assert ld.num_tokens == len(stream)
+    batches = torch.cat([next(ld) for _ in range(ld.num_windows // 4)])
+    assert torch.equal(batches, torch.stack([torch.from_numpy(stream[k * 64:k * 64 + 65])
+                                             for k in range(len(batches))]))
+    assert int(batches.max()) > 65_535
+    # uint16 shards refuse such ids instead of wrapping them
+    with pytest.raises(ValueError, match="do not fit uint16"):
+        ShardWriter(tmp_path / "small", "train", "uint16", 100).add(np.array([1, 65_536]))
 
 
 def test_resume_continues_with_the_exact_next_batch(tmp_path):

@@ -161,6 +161,30 @@ def test_near_duplicates_removed_and_weights_applied(tmp_path, tok):
     assert s["b"]["effective_share"] == pytest.approx(s["b"]["tokens_after_mixing"] / total, abs=1e-6)
 
 
+# -- PII ----------------------------------------------------------------------------------------------
+
+def test_pii_scrubbed_in_shards_and_counted(tmp_path, tok):
+    from llama_pretrain.data.pii import EMAIL_TOKEN, IP_TOKEN, PHONE_TOKEN
+
+    rng = random.Random(6)
+    pii = [(f"user{i}@example.com", f"+1 (555) 201-{1000 + i}", f"192.168.{i}.20") for i in range(6)]
+    docs = [prose(rng) + f"\n\nWrite to {mail} or call {phone} about it. The server at {ip} was restarted today."
+            for mail, phone, ip in pii]
+    write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in docs])
+    (tmp_path / "pii.toml").write_text('[stages.pii]\nenabled = true\n[[sources]]\nname = "a"\npaths = ["a.jsonl"]\n')
+    out = tmp_path / "out"
+    assert run("prepare", "--config", tmp_path / "pii.toml", "--tokenizer", tok, "--out", out, "--quiet") == 0
+    m = read_manifest(out)
+    assert m["total"]["documents_kept"] == len(docs)
+    assert m["sources"]["a"]["pii_replacements"] == m["total"]["pii_replacements"] == {"email": 6, "phone": 6, "ip": 6}
+    tk = Tokenizer(tok)
+    texts = [tk.decode(d) for sp in ("train", "val") for d in iter_documents(out, sp)]
+    assert len(texts) == len(docs)
+    for t in texts:
+        assert t.count(EMAIL_TOKEN) == t.count(PHONE_TOKEN) == t.count(IP_TOKEN) == 1, t
+        assert not any(x in t for row in pii for x in row), t
+
+
 # -- determinism, resume, tasks ------------------------------------------------------------------------
 
 def _corpus(d: Path, files: int, docs: int, seed: int = 5) -> Path:
@@ -211,28 +235,45 @@ def test_bad_config_values_and_out_paths_are_user_errors(tmp_path, tok, capsys):
     assert "exists and is not a directory" in capsys.readouterr().err
 
 
+# Run in the killed subprocess: ``data prepare`` whose reader stalls in the middle of the 4th input
+# file (after signalling), so the kill always lands mid-run with 3 units done and one half-written.
+_STALL_IN_UNIT_3 = """
+import sys, time
+from pathlib import Path
+import llama_pretrain.data.prepare as p
+from llama_pretrain.cli import main
+real = p.iter_records
+def stalling(path, *args):
+    for i, rec in enumerate(real(path, *args)):
+        if path.name == "part003.jsonl" and i == 5:
+            Path(sys.argv[1]).touch()
+            time.sleep(600)
+        yield rec
+p.iter_records = stalling
+sys.exit(main(["data", "prepare", *sys.argv[2:]]))
+"""
+
+
 def test_kill_and_rerun_resumes_to_identical_output(tmp_path, tok):
-    src = _corpus(tmp_path / "in", 24, 40, seed=9)
+    n_files = 8
+    src = _corpus(tmp_path / "in", n_files, 10, seed=9)
     args = ["--input", str(src), "--tokenizer", str(tok), "--quiet"]
     assert run("prepare", *args, "--out", tmp_path / "clean") == 0
-    out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "llama_pretrain", "data", "prepare", *args, "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    units = out / "_work" / "units" / "input"
+    out, stalled = tmp_path / "killed", tmp_path / "stalled"
+    proc = subprocess.Popen([sys.executable, "-c", _STALL_IN_UNIT_3, str(stalled), *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if units.is_dir() and len(list(units.glob("0*"))) >= 3:
-            break
+    while not stalled.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    killed = proc.poll() is None
+    assert proc.poll() is None, "prepare ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    if killed:
-        assert not (out / "manifest.json").exists()
-    # what exists under a final name is complete
-    for u in units.glob("0*"):
-        assert (u / "stats.json").is_file()
+    units = out / "_work" / "units" / "input"
     done_before = len(list(units.glob("0*")))
+    assert 0 < done_before == 3 < n_files  # killed mid-way
+    assert list(units.glob(".000003.tmp-*")) and not (out / "manifest.json").exists()
+    for u in units.glob("0*"):  # what exists under a final name is complete
+        assert (u / "stats.json").is_file()
     from llama_pretrain.data.prepare import prepare
     from llama_pretrain.data.sources import DataConfig, SourceConfig
     m = prepare(DataConfig([SourceConfig("input", [str(src)])]), tok, out, progress=False)

@@ -1,8 +1,9 @@
 """The data pipeline (``llama-pretrain data prepare``) and the training loader.
 
 Modules: ``sources`` (config, readers), ``normalize``, ``filters`` (blocklist, quality rules),
-``pii``, ``dedup`` (exact + MinHash LSH), ``mixture`` (weights, train/val split), ``shards``
-(on-disk format), ``prepare`` / ``merge`` (the pipeline), ``loader`` (``TokenLoader``),
+``pii``, ``dedup`` (exact + MinHash LSH), ``mixture`` (weights, train/val split), ``drops``
+(the drop reasons and the one accounting type), ``shards`` (on-disk format, the dataset's
+tokenizer), ``prepare`` / ``merge`` (the pipeline), ``loader`` (``TokenLoader``),
 ``builtin`` (a corpus from the Python standard library). Heavy imports are lazy.
 """
 

@@ -1,6 +1,6 @@
 """Document filters: site blocklist, Gopher quality and repetition rules, C4 line rules.
 
-Each check returns ``None`` to keep a document or a short reason string (recorded in the manifest)
+Each check returns ``None`` to keep a document or a reason from ``drops`` (recorded in the manifest)
 to drop it. Thresholds are the datatrove defaults (see ``sources.STAGE_DEFAULTS``), with the
 Gopher paper's definitions: words are whitespace-separated tokens, "symbol" words contain no
 letter or digit, repetition shares are measured in characters.
@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import UserError
+from . import drops
 
 # ---------------------------------------------------------------------------------------------
 # Site blocklist
@@ -89,25 +90,25 @@ def gopher_quality(text: str, s: dict) -> str | None:
     content = [w for w in words if _HAS_ALNUM.search(w)]  # words that are not pure symbols
     n = len(content)
     if n < s["min_words"]:
-        return "gopher_too_few_words"
+        return drops.GOPHER_TOO_FEW_WORDS
     if n > s["max_words"]:
-        return "gopher_too_many_words"
+        return drops.GOPHER_TOO_MANY_WORDS
     mean = sum(len(w) for w in content) / n
     if not s["min_mean_word_length"] <= mean <= s["max_mean_word_length"]:
-        return "gopher_mean_word_length"
+        return drops.GOPHER_MEAN_WORD_LENGTH
     symbols = text.count("#") + text.count("...") + text.count("…")
     if symbols / max(1, len(words)) > s["max_symbol_word_ratio"]:
-        return "gopher_symbol_ratio"
+        return drops.GOPHER_SYMBOL_RATIO
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if lines:
         if sum(ln.lstrip().startswith(BULLETS) for ln in lines) / len(lines) > s["max_bullet_lines_ratio"]:
-            return "gopher_bullet_lines"
+            return drops.GOPHER_BULLET_LINES
         if sum(ln.rstrip().endswith(("...", "…")) for ln in lines) / len(lines) > s["max_ellipsis_lines_ratio"]:
-            return "gopher_ellipsis_lines"
+            return drops.GOPHER_ELLIPSIS_LINES
     if sum(bool(_HAS_ALPHA.search(w)) for w in words) / max(1, len(words)) < s["min_alpha_words_ratio"]:
-        return "gopher_alpha_words"
+        return drops.GOPHER_ALPHA_WORDS
     if sum(w.lower().strip(".,;:!?\"'()") in STOP_WORDS for w in words) < s["min_stop_words"]:
-        return "gopher_stop_words"
+        return drops.GOPHER_STOP_WORDS
     return None
 
 
@@ -160,31 +161,31 @@ def gopher_repetition(text: str, s: dict) -> str | None:
     line_frac, line_chars = _dup_stats(lines)
     para_frac, para_chars = _dup_stats(paras)
     if line_frac > s["dup_line_frac"]:
-        return "gopher_dup_lines"
+        return drops.GOPHER_DUP_LINES
     if para_frac > s["dup_para_frac"]:
-        return "gopher_dup_paragraphs"
+        return drops.GOPHER_DUP_PARAGRAPHS
     if line_chars > s["dup_line_char_frac"]:
-        return "gopher_dup_line_chars"
+        return drops.GOPHER_DUP_LINE_CHARS
     if para_chars > s["dup_para_char_frac"]:
-        return "gopher_dup_paragraph_chars"
+        return drops.GOPHER_DUP_PARAGRAPH_CHARS
     words = text.lower().split()
     total = sum(len(w) for w in words)
     if not total:
         return None
     for n, limit in s["top_ngram_char_frac"]:
         if _top_ngram_char_frac(words, int(n), total) > limit:
-            return "gopher_top_ngram"
+            return drops.GOPHER_TOP_NGRAM
     rules = sorted((int(n), limit) for n, limit in s["dup_ngram_char_frac"])
     if rules:
         # Coverage by repeated n-grams can only shrink as n grows (a repeated (n+1)-gram holds two
         # repeated n-grams), so if the shortest n is under every limit, all longer n are too.
         first = _dup_ngram_char_frac(words, rules[0][0], total)
         if first > rules[0][1]:
-            return "gopher_dup_ngrams"
+            return drops.GOPHER_DUP_NGRAMS
         if first > min(limit for _, limit in rules):
             for n, limit in rules[1:]:
                 if _dup_ngram_char_frac(words, n, total) > limit:
-                    return "gopher_dup_ngrams"
+                    return drops.GOPHER_DUP_NGRAMS
     return None
 
 
@@ -205,9 +206,9 @@ def c4_filter(text: str, s: dict) -> tuple[str | None, str | None]:
     Returns (cleaned text, None) or (None, reason)."""
     low = text.lower()
     if s["lorem_ipsum"] and "lorem ipsum" in low:
-        return None, "c4_lorem_ipsum"
+        return None, drops.C4_LOREM_IPSUM
     if s["curly_bracket"] and "{" in text:
-        return None, "c4_curly_bracket"
+        return None, drops.C4_CURLY_BRACKET
     kept = []
     for line in text.split("\n"):
         line = _CITATION.sub("", line).strip()
@@ -229,5 +230,5 @@ def c4_filter(text: str, s: dict) -> tuple[str | None, str | None]:
         kept.append(line)
     out = re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip()
     if len(_SENTENCE_END.findall(out)) < s["min_sentences"]:
-        return None, "c4_too_few_sentences"
+        return None, drops.C4_TOO_FEW_SENTENCES
     return out, None

@@ -9,11 +9,10 @@ The result is byte-identical to one ``data prepare`` run over the same inputs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import UserError
-from .prepare import UnitRef, check_out_dir, finalize
+from .prepare import UnitRef, check_out_dir, finalize, read_unit_stats
 from .shards import read_manifest
 from .sources import data_config_from_dict
 
@@ -53,8 +52,8 @@ def merge(parts: list[str | Path], out: str | Path, progress: bool = True) -> di
         for u in m["part"]["units"]:
             ref = UnitRef(u["source"], u["file_index"], "", d / u["dir"])
             try:
-                st = json.loads((ref.dir / "stats.json").read_text())
-            except (OSError, ValueError):
+                st = read_unit_stats(ref.dir)
+            except (OSError, ValueError, KeyError):
                 raise UserError(f"{ref.dir}: work files missing; re-run that task") from None
             refs.append(ref)
             stats.append(st)

@@ -10,6 +10,7 @@ import ipaddress
 import re
 
 EMAIL_TOKEN, PHONE_TOKEN, IP_TOKEN = "<EMAIL_ADDRESS>", "<PHONE_NUMBER>", "<IP_ADDRESS>"
+KINDS = ("email", "phone", "ip")  # the keys of the counts (and of the manifest's pii_replacements)
 
 _EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 # +1 (555) 123-4567, 555-123-4567, 555.123.4567, +44 20 7946 0958; at least 10 digits overall
@@ -32,7 +33,7 @@ def _phone(m: re.Match) -> str:
 
 def scrub_pii(text: str, emails: bool = True, phones: bool = True, ips: bool = True) -> tuple[str, dict[str, int]]:
     """The text with PII replaced, and how many of each kind were replaced."""
-    counts = {"email": 0, "phone": 0, "ip": 0}
+    counts = dict.fromkeys(KINDS, 0)
     if emails and "@" in text:
         text, counts["email"] = _EMAIL.subn(EMAIL_TOKEN, text)
     if ips:

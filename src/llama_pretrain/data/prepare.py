@@ -9,8 +9,9 @@ Two phases, so that the output is the same for any number of workers or tasks:
    fingerprint (config, tokenizer, file size and mtime) is reused: that is how a killed run resumes.
 2. **Finalise** (one process, streaming over the units in global order: sources in config order,
    files in sorted order): exact and near dedup (first occurrence wins), the train/validation split,
-   the mixture weights, then the shard files and ``manifest.json`` (written last; the old manifest
-   is removed first, so a dataset with a manifest is always complete).
+   the mixture weights, the accounting (per source, checked to add up, before anything is
+   written), then the shard files and ``manifest.json`` (written last; the old manifest is removed
+   first, so a dataset with a manifest is always complete).
 
 With ``--num-tasks N --task-index I`` a job runs phase 1 for every N-th file only and finalises
 its own part; ``data merge`` then runs phase 2 over the units of all parts in the same global order,
@@ -22,6 +23,7 @@ per kept document, not the text.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -29,7 +31,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +39,19 @@ import numpy as np
 
 from ..errors import UserError
 from ..fsutil import atomic_dir, atomic_file
+from . import drops
+from .dedup import MinHasher, NearDedup, exact_key
+from .drops import Stats
+from .filters import Blocklist, c4_filter, gopher_quality, gopher_repetition
+from .mixture import copy_masks, split_validation
+from .normalize import normalize_text
+from .pii import scrub_pii
 from .shards import FORMAT, MANIFEST, ShardWriter, dtype_for_vocab, np_dtype
-from .sources import QUALITY_STAGES, DataConfig, SourceConfig, expand_paths, iter_records
+from .sources import QUALITY_STAGES, DataConfig, Record, SourceConfig, Stages, expand_paths, iter_records
 
 PIPELINE_VERSION = 1
 WORK = "_work"
-MAX_LOCATIONS = 5
 BATCH_DOCS = 256
-# Reasons that mean the input itself is bad (``--strict`` stops at the first one).
-BAD_INPUT = {"malformed_json", "invalid_utf8", "missing_text_field", "text_not_a_string", "empty_file",
-             "binary_file", "binary_data", "corrupt_file", "unreadable_file"}
 
 
 @dataclass
@@ -61,11 +66,12 @@ class UnitRef:
 # Phase 1: one input file
 
 
-def _source_stages(cfg: DataConfig, src: SourceConfig) -> dict:
-    stages = json.loads(json.dumps(cfg.stages))
+def _source_stages(cfg: DataConfig, src: SourceConfig) -> Stages:
+    stages = copy.deepcopy(cfg.stages)
     if src.quality is not None:
         for name in QUALITY_STAGES:
-            stages[name]["enabled"] = stages[name]["enabled"] and bool(src.quality)
+            stage = getattr(stages, name)
+            stage.enabled = stage.enabled and bool(src.quality)
     return stages
 
 
@@ -82,107 +88,144 @@ def _cached(key: str, make):
     return _worker_cache[key]
 
 
-def process_unit(job: dict) -> dict:
-    """Run phase 1 on one file (in a worker process); returns the unit's stats."""
+def process_unit(job: dict) -> tuple[Stats, bool]:
+    """Run phase 1 on one file (in a worker process); returns the unit's stats and whether they
+    were reused from an earlier run."""
     from ..tokenizer import Tokenizer
-    from .dedup import MinHasher, exact_key
-    from .filters import Blocklist, c4_filter, gopher_quality, gopher_repetition
-    from .normalize import normalize_text
-    from .pii import scrub_pii
 
     out = Path(job["dir"])
-    stats_path = out / "stats.json"
-    if stats_path.is_file():
-        try:
-            old = json.loads(stats_path.read_text())
-            if old.get("fingerprint") == job["fingerprint"]:
-                old["reused"] = True
-                return old
-        except ValueError:
-            pass
-
-    st = job["stages"]
+    old = _reusable_stats(out / "stats.json", job["fingerprint"])
+    if old is not None:
+        return old, True
+    stages = _DocStages(job["stages"])
     tok = _cached("tok:" + job["tokenizer"], lambda: Tokenizer(job["tokenizer"]))
-    dtype = np_dtype(dtype_for_vocab(tok.vocab_size))
-    bl = (_cached("bl:" + json.dumps(st["blocklist"], sort_keys=True),
-                  lambda: Blocklist(st["blocklist"]["default_list"], st["blocklist"]["domains"],
-                                    st["blocklist"]["files"]))
-          if st["blocklist"]["enabled"] else None)
-    nd = st["near_dedup"]
-    hasher = (_cached(f"mh:{nd['bands']}:{nd['rows']}:{nd['seed']}:{nd['ngram']}",
-                      lambda: MinHasher(nd["bands"] * nd["rows"], nd["seed"], nd["ngram"]))
-              if nd["enabled"] else None)
-
-    stats: dict[str, Any] = {"fingerprint": job["fingerprint"], "path": job["path"], "documents_in": 0,
-                             "documents_passed": 0, "tokens": 0, "dropped": {}, "locations": {},
-                             "pii_replacements": {"email": 0, "phone": 0, "ip": 0}}
-
-    def drop(reason: str, loc: str) -> None:
-        stats["dropped"][reason] = stats["dropped"].get(reason, 0) + 1
-        locs = stats["locations"].setdefault(reason, [])
-        if len(locs) < MAX_LOCATIONS:
-            locs.append(loc)
-
+    stats = Stats(files=1)
     with atomic_dir(out) as tmp:
-        files = {name: open(tmp / f"{name}.bin", "wb") for name in ("tokens", "lengths", "hashes", "minhash")}
-        batch: list[str] = []
-
-        def flush() -> None:
-            if not batch:
-                return
-            ids = tok.encode_batch(batch, bos=True, eos=True, workers=1)
-            lengths = np.fromiter((len(x) for x in ids), dtype="<u4", count=len(ids))
-            flat = np.fromiter((t for x in ids for t in x), dtype=dtype, count=int(lengths.sum()))
-            files["tokens"].write(flat.tobytes())
-            files["lengths"].write(lengths.tobytes())
-            files["hashes"].write(np.array([exact_key(t) for t in batch], dtype="<u8").tobytes())
-            if hasher is not None:
-                files["minhash"].write(np.stack([hasher.signature(t) for t in batch]).astype("<u4").tobytes())
-            stats["documents_passed"] += len(batch)
-            stats["tokens"] += int(lengths.sum())
-            batch.clear()
-
-        try:
+        with _UnitFiles(tmp, tok, stages.hasher, stats) as files:
             for rec in iter_records(Path(job["path"]), job["text_field"], job["url_field"]):
-                stats["documents_in"] += 1
-                if rec.error is not None:
-                    if job["strict"]:
-                        raise UserError(f"{rec.loc}: bad record ({rec.error}); drop --strict to skip such records")
-                    drop(rec.error, rec.loc)
-                    continue
-                text = rec.text
-                if st["normalize"]["enabled"]:
-                    text = normalize_text(text, st["normalize"]["fix_encoding"])
-                if not text.strip():
-                    drop("empty_text", rec.loc)
-                    continue
-                if bl is not None and bl.blocks(rec.url):
-                    drop("blocklisted_domain", rec.loc)
-                    continue
-                if st["pii"]["enabled"]:
-                    text, counts = scrub_pii(text, st["pii"]["emails"], st["pii"]["phones"], st["pii"]["ips"])
-                    for k, v in counts.items():
-                        stats["pii_replacements"][k] += v
-                reason = None
-                if st["c4"]["enabled"]:
-                    text, reason = c4_filter(text, st["c4"])
-                if reason is None and st["gopher_quality"]["enabled"]:
-                    reason = gopher_quality(text, st["gopher_quality"])
-                if reason is None and st["gopher_repetition"]["enabled"]:
-                    reason = gopher_repetition(text, st["gopher_repetition"])
-                if reason is not None:
-                    drop(reason, rec.loc)
-                    continue
-                batch.append(text)
-                if len(batch) >= BATCH_DOCS:
-                    flush()
-            flush()
+                stats.documents_in += 1
+                text = _clean(rec, stages, stats, job["strict"])
+                if text is not None:
+                    files.add(text)
+        stats.check(job["path"])
+        unit = {"fingerprint": job["fingerprint"], "path": job["path"], **stats.unit_dict()}
+        (tmp / "stats.json").write_text(json.dumps(unit, sort_keys=True))
+    return stats, False
+
+
+def _reusable_stats(path: Path, fingerprint: str) -> Stats | None:
+    """The stats of a unit finished by an earlier run with the same fingerprint, else None."""
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return None
+    return Stats.from_unit_dict(old) if old.get("fingerprint") == fingerprint else None
+
+
+def read_unit_stats(dir: Path) -> Stats:
+    """A finished unit's stats (``OSError`` / ``ValueError`` / ``KeyError`` if missing or damaged)."""
+    return Stats.from_unit_dict(json.loads((dir / "stats.json").read_text()))
+
+
+def _clean(rec: Record, stages: _DocStages, stats: Stats, strict: bool) -> str | None:
+    """The record's text after the per-document stages, or None when it is dropped (and counted)."""
+    if rec.error is not None:
+        if strict:
+            raise UserError(f"{rec.loc}: bad record ({rec.error}); drop --strict to skip such records")
+        stats.drop(rec.error, locations=[rec.loc])
+        return None
+    text, reason = stages.apply(rec.text, rec.url, stats.pii_replacements)
+    if reason is not None:
+        stats.drop(reason, locations=[rec.loc])
+        return None
+    return text
+
+
+class _DocStages:
+    """Phase 1's per-document stages, for one source's stage settings (the blocklist and the
+    MinHash permutations are built once per worker process)."""
+
+    def __init__(self, st: Stages):
+        self.st = st
+        bl = st.blocklist
+        self.blocklist = (_cached("bl:" + json.dumps(asdict(bl), sort_keys=True),
+                                  lambda: Blocklist(bl.default_list, bl.domains, bl.files))
+                          if bl.enabled else None)
+        nd = st.near_dedup
+        self.hasher = (_cached(f"mh:{nd.bands}:{nd.rows}:{nd.seed}:{nd.ngram}",
+                               lambda: MinHasher(nd.bands * nd.rows, nd.seed, nd.ngram))
+                       if nd.enabled else None)
+
+    def apply(self, text: str, url: str | None, pii_counts: dict[str, int]) -> tuple[str | None, str | None]:
+        """``(text, None)`` to keep the document (as changed by the stages), ``(_, reason)`` to drop it."""
+        st = self.st
+        if st.normalize.enabled:
+            text = normalize_text(text, st.normalize.fix_encoding)
+        if not text.strip():
+            return text, drops.EMPTY_TEXT
+        if self.blocklist is not None and self.blocklist.blocks(url):
+            return text, drops.BLOCKLISTED_DOMAIN
+        if st.pii.enabled:
+            text, counts = scrub_pii(text, st.pii.emails, st.pii.phones, st.pii.ips)
+            for kind, n in counts.items():
+                pii_counts[kind] += n
+        return self._quality(text)
+
+    def _quality(self, text: str) -> tuple[str | None, str | None]:
+        st, reason = self.st, None
+        if st.c4.enabled:  # the filters read their thresholds from a plain dict
+            text, reason = c4_filter(text, vars(st.c4))
+        if reason is None and st.gopher_quality.enabled:
+            reason = gopher_quality(text, vars(st.gopher_quality))
+        if reason is None and st.gopher_repetition.enabled:
+            reason = gopher_repetition(text, vars(st.gopher_repetition))
+        return text, reason
+
+
+class _UnitFiles:
+    """A unit's work files: the documents' tokens, lengths, exact hashes and MinHash signatures,
+    written a batch at a time (a batch is tokenised in one call); counts what it writes as kept."""
+
+    NAMES = ("tokens", "lengths", "hashes", "minhash")
+
+    def __init__(self, dir: Path, tok, hasher, stats: Stats):
+        self.tok, self.hasher, self.stats = tok, hasher, stats
+        self.dtype = np_dtype(dtype_for_vocab(tok.vocab_size))
+        self.files = {name: open(dir / f"{name}.bin", "wb") for name in self.NAMES}
+        self.batch: list[str] = []
+
+    def add(self, text: str) -> None:
+        self.batch.append(text)
+        if len(self.batch) >= BATCH_DOCS:
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, f = self.batch, self.files
+        if not batch:
+            return
+        ids = self.tok.encode_batch(batch, bos=True, eos=True, workers=1)
+        lengths = np.fromiter((len(x) for x in ids), dtype="<u4", count=len(ids))
+        f["tokens"].write(np.fromiter((t for x in ids for t in x), dtype=self.dtype,
+                                      count=int(lengths.sum())).tobytes())
+        f["lengths"].write(lengths.tobytes())
+        f["hashes"].write(np.array([exact_key(t) for t in batch], dtype="<u8").tobytes())
+        if self.hasher is not None:
+            f["minhash"].write(np.stack([self.hasher.signature(t) for t in batch]).astype("<u4").tobytes())
+        self.stats.keep(len(batch), int(lengths.sum()))
+        batch.clear()
+
+    def __enter__(self) -> _UnitFiles:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                self._flush()
         finally:
-            for fh in files.values():
+            for fh in self.files.values():
                 fh.close()
-        (tmp / "stats.json").write_text(json.dumps(stats, sort_keys=True))
-    stats["reused"] = False
-    return stats
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,7 +253,7 @@ def plan_units(cfg: DataConfig, out: Path, tokenizer_sha: str, num_tasks: int = 
             except OSError as e:
                 raise UserError(f"cannot read {path}: {e.strerror}") from None
             ref = UnitRef(si, fi, str(path), out / WORK / "units" / src.name / f"{fi:06d}")
-            fp = _fingerprint({"v": PIPELINE_VERSION, "stages": stages, "text_field": src.text_field,
+            fp = _fingerprint({"v": PIPELINE_VERSION, "stages": asdict(stages), "text_field": src.text_field,
                                "url_field": src.url_field, "path": str(path), "size": s.st_size,
                                "mtime": s.st_mtime_ns, "tokenizer": tokenizer_sha,
                                "strict": strict})  # a --strict rerun must re-read what a lax run kept
@@ -220,24 +263,26 @@ def plan_units(cfg: DataConfig, out: Path, tokenizer_sha: str, num_tasks: int = 
     return jobs
 
 
-def run_units(jobs: list[tuple[UnitRef, dict]], workers: int = 1, progress: bool = True) -> list[dict]:
-    """Phase 1 over ``jobs`` (in ``workers`` processes); returns their stats in job order."""
+def run_units(jobs: list[tuple[UnitRef, dict]], workers: int = 1,
+              progress: bool = True) -> list[tuple[Stats, bool]]:
+    """Phase 1 over ``jobs`` (in ``workers`` processes); returns ``process_unit``'s results in job order."""
     from tqdm import tqdm
 
-    results: list[dict | None] = [None] * len(jobs)
+    results: list[tuple[Stats, bool] | None] = [None] * len(jobs)
     t0 = time.perf_counter()
     docs = toks = 0
     bar = tqdm(total=len(jobs), unit="file", desc="prepare", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
 
-    def done(i: int, stats: dict) -> None:
+    def done(i: int, result: tuple[Stats, bool]) -> None:
         nonlocal docs, toks
-        results[i] = stats
-        docs += stats["documents_in"]
-        toks += stats["tokens"]
+        results[i] = result
+        stats, reused = result
+        docs += stats.documents_in
+        toks += stats.tokens
         dt = max(time.perf_counter() - t0, 1e-9)
         bar.set_postfix_str(f"{docs / dt:,.0f} docs/s, {toks / dt:,.0f} tok/s"
-                            + (" (reused)" if stats.get("reused") else ""), refresh=False)
+                            + (" (reused)" if reused else ""), refresh=False)
         bar.update(1)
 
     try:
@@ -262,196 +307,33 @@ def run_units(jobs: list[tuple[UnitRef, dict]], workers: int = 1, progress: bool
 
 
 # ---------------------------------------------------------------------------------------------
-# Phase 2: dedup, split, mix, write
+# Phase 2: dedup, split, mix, account, write
 
 
-def _new_source_stats(src: SourceConfig) -> dict:
-    return {"documents_in": 0, "documents_kept": 0, "tokens": 0, "dropped": {}, "bad_record_locations": {},
-            "weight": src.weight, "files": 0, "pii_replacements": {"email": 0, "phone": 0, "ip": 0}}
+@dataclass
+class _Kept:
+    """A unit's documents left after dedup: their indices in the unit's work files, lengths and
+    hashes, whether each goes to validation (set by ``_split``), and the unit's accounting."""
+
+    ref: UnitRef
+    stats: Stats
+    idx: np.ndarray
+    lengths: np.ndarray
+    hashes: np.ndarray
+    val: np.ndarray | None = None
 
 
-def _add_drop(s: dict, reason: str, n: int = 1, locs: list[str] = ()) -> None:
-    s["dropped"][reason] = s["dropped"].get(reason, 0) + n
-    if reason in BAD_INPUT and locs:
-        have = s["bad_record_locations"].setdefault(reason, [])
-        have.extend(locs[:MAX_LOCATIONS - len(have)])
-
-
-def finalize(cfg: DataConfig, units: list[UnitRef], unit_stats: list[dict], out: Path, tokenizer: dict,
+def finalize(cfg: DataConfig, units: list[UnitRef], unit_stats: list[Stats], out: Path, tokenizer: dict,
              strict: bool = False, progress: bool = True, extra: dict | None = None) -> dict:
     """Phase 2 over ``units`` (already in global order); writes the dataset and returns the manifest."""
-    from tqdm import tqdm
-
-    from .dedup import NearDedup
-    from .mixture import copy_masks, split_validation
-
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
+    kept = _dedup(cfg, units, unit_stats, progress)
+    _split(cfg, kept)
+    train = _mix(cfg, kept)
+    sources, total, warnings = _account(cfg, kept, train, strict)  # before writing: it may refuse
     dtype = dtype_for_vocab(tokenizer["vocab_size"])
-    nd = cfg.stages["near_dedup"]
-    perm = nd["bands"] * nd["rows"]
-    exact_on = cfg.stages["exact_dedup"]["enabled"]
-    near = NearDedup(nd["bands"], nd["rows"], nd["seed"]) if nd["enabled"] else None
-    exact_seen: set[int] = set()
-    srcs = [_new_source_stats(s) for s in cfg.sources]
-
-    # Dedup pass: per unit, which documents survive (global first-occurrence order).
-    kept_units: list[tuple[UnitRef, np.ndarray, np.ndarray, np.ndarray]] = []  # ref, keep idx, lengths, hashes
-    bar = tqdm(total=sum(s["documents_passed"] for s in unit_stats), unit="doc", desc="dedup",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for ref, st in zip(units, unit_stats):
-        s = srcs[ref.source]
-        s["files"] += 1
-        s["documents_in"] += st["documents_in"]
-        for reason, n in st["dropped"].items():
-            _add_drop(s, reason, n, st["locations"].get(reason, []))
-        for k, v in st["pii_replacements"].items():
-            s["pii_replacements"][k] += v
-        n = st["documents_passed"]
-        lengths = np.fromfile(ref.dir / "lengths.bin", dtype="<u4")
-        hashes = np.fromfile(ref.dir / "hashes.bin", dtype="<u8")
-        if len(lengths) != n or len(hashes) != n:
-            raise UserError(f"{ref.dir}: work files are incomplete; delete that directory and re-run")
-        sigs = (np.fromfile(ref.dir / "minhash.bin", dtype="<u4").reshape(-1, perm)
-                if near is not None and n else None)
-        keep = np.ones(n, dtype=bool)
-        for i in range(n):
-            if exact_on:
-                h = int(hashes[i])
-                if h in exact_seen:
-                    keep[i] = False
-                    _add_drop(s, "exact_duplicate")
-                    continue
-                exact_seen.add(h)
-            if near is not None and near.is_duplicate(sigs[i]):
-                keep[i] = False
-                _add_drop(s, "near_duplicate")
-        bar.update(n)
-        idx = np.nonzero(keep)[0]
-        kept_units.append((ref, idx, lengths[idx], hashes[idx]))
-    bar.close()
-    del exact_seen, near
-
-    # Split: decided over all kept documents at once.
-    all_hashes = np.concatenate([k[3] for k in kept_units]) if kept_units else np.zeros(0, "<u8")
-    is_val = split_validation(all_hashes, cfg.val_fraction, cfg.seed)
-    pos = 0
-    per_unit: list[tuple[UnitRef, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-    for ref, idx, lengths, hashes in kept_units:
-        per_unit.append((ref, idx, lengths, hashes, is_val[pos:pos + len(idx)]))
-        pos += len(idx)
-
-    warnings = []
-    for si, src in enumerate(cfg.sources):
-        s = srcs[si]
-        mine = [u for u in per_unit if u[0].source == si]
-        s["documents_kept"] = int(sum(len(u[1]) for u in mine))
-        s["tokens"] = int(sum(int(u[2].sum()) for u in mine))
-        s["val_documents"] = int(sum(int(u[4].sum()) for u in mine))
-        s["val_tokens"] = int(sum(int(u[2][u[4]].sum()) for u in mine))
-        s["tokens_before_mixing"] = s["tokens"] - s["val_tokens"]
-        if s["documents_kept"] == 0 and s["files"]:
-            msg = f"source {src.name}: no documents left after filtering"
-            if strict:
-                raise UserError(msg + " (" + _top_reasons(s["dropped"]) + ")")
-            warnings.append(msg)
-        assert s["documents_in"] == s["documents_kept"] + sum(s["dropped"].values()), src.name
-    if not any(s["documents_kept"] for s in srcs):
-        total_drops: dict[str, int] = {}
-        for s in srcs:
-            for r, n in s["dropped"].items():
-                total_drops[r] = total_drops.get(r, 0) + n
-        raise UserError("no documents left after filtering (" + (_top_reasons(total_drops) or "no input") + ")")
-
-    # Write: validation (each document once), then training (each source's passes).
-    for split in ("train", "val"):
-        d = out / split
-        if d.exists():
-            shutil.rmtree(d)
-    writers = {sp: ShardWriter(out, sp, dtype, cfg.shard_tokens) for sp in ("train", "val")}
-    (out / "train").mkdir(parents=True, exist_ok=True)
-    (out / "val").mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=None, unit="tok", unit_scale=True, desc="write", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
-
-    def unit_tokens(ref: UnitRef) -> tuple[np.ndarray, np.ndarray]:
-        lengths_all = np.fromfile(ref.dir / "lengths.bin", dtype="<u4")
-        offsets = np.concatenate([[0], np.cumsum(lengths_all, dtype=np.int64)])
-        path = ref.dir / "tokens.bin"
-        toks = (np.memmap(path, dtype=np_dtype(dtype), mode="r") if path.stat().st_size
-                else np.zeros(0, dtype=np_dtype(dtype)))
-        return toks, offsets
-
-    try:
-        for ref, idx, lengths, hashes, val in per_unit:
-            if val.any():
-                toks, offs = unit_tokens(ref)
-                for i in idx[val]:
-                    writers["val"].add(toks[offs[i]:offs[i + 1]])
-                bar.update(int(lengths[val].sum()))
-        for si, src in enumerate(cfg.sources):
-            mine = [u for u in per_unit if u[0].source == si]
-            tr_hashes = np.concatenate([u[3][~u[4]] for u in mine]) if mine else np.zeros(0, "<u8")
-            tr_lengths = np.concatenate([u[2][~u[4]] for u in mine]) if mine else np.zeros(0, "<u4")
-            masks = copy_masks(tr_hashes, tr_lengths, src.weight, cfg.seed)
-            after = 0
-            train_docs = 0
-            for mask in masks:
-                pos = 0
-                for ref, idx, lengths, hashes, val in mine:
-                    train_idx = idx[~val]
-                    sel = train_idx if mask is None else train_idx[mask[pos:pos + len(train_idx)]]
-                    pos += len(train_idx)
-                    if not len(sel):
-                        continue
-                    toks, offs = unit_tokens(ref)
-                    for i in sel:
-                        writers["train"].add(toks[offs[i]:offs[i + 1]])
-                    n = int((offs[sel + 1] - offs[sel]).sum())
-                    after += n
-                    train_docs += len(sel)
-                    bar.update(n)
-            srcs[si]["tokens_after_mixing"] = after
-            srcs[si]["train_documents_after_mixing"] = train_docs
-        shards = {sp: w.close() for sp, w in writers.items()}
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-    finally:
-        bar.close()
-
-    total_after = sum(s["tokens_after_mixing"] for s in srcs)
-    for s in srcs:
-        s["effective_share"] = round(s["tokens_after_mixing"] / total_after, 6) if total_after else 0.0
-        s["natural_share"] = 0.0
-    total_before = sum(s["tokens_before_mixing"] for s in srcs)
-    for s in srcs:
-        s["natural_share"] = round(s["tokens_before_mixing"] / total_before, 6) if total_before else 0.0
-    total = _new_source_stats(SourceConfig("total", ["-"]))
-    del total["weight"]
-    for s in srcs:
-        for k, v in s.items():
-            if k in ("weight", "effective_share", "natural_share"):
-                continue
-            if k == "dropped":
-                for r, n in v.items():
-                    total["dropped"][r] = total["dropped"].get(r, 0) + n
-            elif k == "bad_record_locations":
-                for r, locs in v.items():
-                    have = total["bad_record_locations"].setdefault(r, [])
-                    have.extend(locs[:MAX_LOCATIONS - len(have)])
-            elif k == "pii_replacements":
-                for r, n in v.items():
-                    total[k][r] += n
-            else:
-                total[k] = total.get(k, 0) + v
-    total["effective_share"] = 1.0 if total_after else 0.0
-    total["natural_share"] = 1.0 if total_before else 0.0
-    for d in [total] + srcs:
-        d["dropped"] = dict(sorted(d["dropped"].items()))
-        d["bad_record_locations"] = dict(sorted(d["bad_record_locations"].items()))
-
+    shards = _write(cfg, out, dtype, kept, train, progress)
     manifest = {
         "format": FORMAT,
         "pipeline_version": PIPELINE_VERSION,
@@ -461,8 +343,8 @@ def finalize(cfg: DataConfig, units: list[UnitRef], unit_stats: list[dict], out:
         "splits": {sp: {"tokens": int(sum(x["tokens"] for x in shards[sp])),
                         "documents": int(sum(x["documents"] for x in shards[sp])),
                         "shards": shards[sp]} for sp in ("train", "val")},
-        "total": total,
-        "sources": {src.name: srcs[i] for i, src in enumerate(cfg.sources)},
+        "total": total.manifest_dict(total),
+        "sources": {src.name: s.manifest_dict(total, src.weight) for src, s in zip(cfg.sources, sources)},
         "warnings": warnings,
     }
     if extra:
@@ -471,6 +353,151 @@ def finalize(cfg: DataConfig, units: list[UnitRef], unit_stats: list[dict], out:
         json.dump(manifest, fh, indent=2, sort_keys=False)
         fh.write("\n")
     return manifest
+
+
+def _dedup(cfg: DataConfig, units: list[UnitRef], unit_stats: list[Stats], progress: bool) -> list[_Kept]:
+    """Exact, then near dedup over all documents in global order: the first occurrence wins. Each
+    duplicate moves from kept to dropped in (a copy of) its unit's stats."""
+    from tqdm import tqdm
+
+    nd = cfg.stages.near_dedup
+    near = NearDedup(nd.bands, nd.rows, nd.seed) if nd.enabled else None
+    exact_seen: set[int] | None = set() if cfg.stages.exact_dedup.enabled else None
+    bar = tqdm(total=sum(st.documents_kept for st in unit_stats), unit="doc", desc="dedup",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    kept = []
+    for ref, st in zip(units, unit_stats):
+        kept.append(_dedup_unit(ref, copy.deepcopy(st), exact_seen, near, nd.bands * nd.rows))
+        bar.update(st.documents_kept)
+    bar.close()
+    return kept
+
+
+def _dedup_unit(ref: UnitRef, st: Stats, exact_seen: set[int] | None, near: NearDedup | None,
+                perm: int) -> _Kept:
+    lengths, hashes, sigs = _read_doc_index(ref.dir, st.documents_kept, perm if near is not None else 0)
+    keep = np.ones(len(lengths), dtype=bool)
+    for i in range(len(lengths)):
+        if exact_seen is not None:
+            h = int(hashes[i])
+            if h in exact_seen:
+                keep[i] = False
+                st.drop_kept(drops.EXACT_DUPLICATE, int(lengths[i]))
+                continue
+            exact_seen.add(h)
+        if near is not None and near.is_duplicate(sigs[i]):
+            keep[i] = False
+            st.drop_kept(drops.NEAR_DUPLICATE, int(lengths[i]))
+    idx = np.nonzero(keep)[0]
+    return _Kept(ref, st, idx, lengths[idx], hashes[idx])
+
+
+def _read_doc_index(dir: Path, n: int, perm: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A unit's ``n`` document lengths, hashes and (with ``perm`` > 0) MinHash signatures."""
+    lengths = np.fromfile(dir / "lengths.bin", dtype="<u4")
+    hashes = np.fromfile(dir / "hashes.bin", dtype="<u8")
+    if len(lengths) != n or len(hashes) != n:
+        raise UserError(f"{dir}: work files are incomplete; delete that directory and re-run")
+    sigs = np.fromfile(dir / "minhash.bin", dtype="<u4").reshape(-1, perm) if perm and n else None
+    return lengths, hashes, sigs
+
+
+def _split(cfg: DataConfig, kept: list[_Kept]) -> None:
+    """Mark the validation documents, decided over all kept documents at once."""
+    hashes = np.concatenate([k.hashes for k in kept]) if kept else np.zeros(0, "<u8")
+    is_val = split_validation(hashes, cfg.val_fraction, cfg.seed)
+    pos = 0
+    for k in kept:
+        k.val = is_val[pos:pos + len(k.idx)]
+        pos += len(k.idx)
+
+
+def _mix(cfg: DataConfig, kept: list[_Kept]) -> list[tuple[_Kept, np.ndarray]]:
+    """The training documents in write order: per source, per pass of its weight, per unit, the
+    positions (into ``_Kept.idx``) of the documents that pass copies."""
+    plan = []
+    for si, src in enumerate(cfg.sources):
+        mine = [(k, np.nonzero(~k.val)[0]) for k in kept if k.ref.source == si]
+        hashes = np.concatenate([k.hashes[t] for k, t in mine]) if mine else np.zeros(0, "<u8")
+        lengths = np.concatenate([k.lengths[t] for k, t in mine]) if mine else np.zeros(0, "<u4")
+        for mask in copy_masks(hashes, lengths, src.weight, cfg.seed):
+            pos = 0
+            for k, train in mine:
+                sel = train if mask is None else train[mask[pos:pos + len(train)]]
+                pos += len(train)
+                if len(sel):
+                    plan.append((k, sel))
+    return plan
+
+
+def _account(cfg: DataConfig, kept: list[_Kept], train: list[tuple[_Kept, np.ndarray]],
+             strict: bool) -> tuple[list[Stats], Stats, list[str]]:
+    """Per-source and total accounting, checked to add up, and the warnings. A ``UserError`` when
+    nothing is left (with ``strict``, when any source is left empty)."""
+    sources = [Stats() for _ in cfg.sources]
+    for k in kept:
+        s = sources[k.ref.source]
+        s.add(k.stats)
+        s.val_documents += int(k.val.sum())
+        s.val_tokens += int(k.lengths[k.val].sum())
+    for k, sel in train:
+        s = sources[k.ref.source]
+        s.tokens_after_mixing += int(k.lengths[sel].sum())
+        s.train_documents_after_mixing += len(sel)
+    total = Stats()
+    warnings = []
+    for src, s in zip(cfg.sources, sources):
+        s.check(f"source {src.name}")
+        total.add(s)
+        if s.documents_kept == 0 and s.files:
+            msg = f"source {src.name}: no documents left after filtering"
+            if strict:
+                raise UserError(msg + " (" + _top_reasons(s.dropped) + ")")
+            warnings.append(msg)
+    total.check("total")
+    if not total.documents_kept:
+        raise UserError("no documents left after filtering (" + (_top_reasons(total.dropped) or "no input") + ")")
+    return sources, total, warnings
+
+
+def _write(cfg: DataConfig, out: Path, dtype: str, kept: list[_Kept], train: list[tuple[_Kept, np.ndarray]],
+           progress: bool) -> dict[str, list[dict]]:
+    """The shard files, validation (each document once) then training (``train``, from ``_mix``);
+    returns each split's shard list."""
+    from tqdm import tqdm
+
+    for split in ("train", "val"):
+        if (out / split).exists():
+            shutil.rmtree(out / split)
+        (out / split).mkdir(parents=True)
+    writers = {sp: ShardWriter(out, sp, dtype, cfg.shard_tokens) for sp in ("train", "val")}
+    bar = tqdm(total=None, unit="tok", unit_scale=True, desc="write", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    try:
+        for k in kept:
+            if k.val.any():
+                bar.update(_copy_docs(writers["val"], k, np.nonzero(k.val)[0], dtype))
+        for k, sel in train:
+            bar.update(_copy_docs(writers["train"], k, sel, dtype))
+        return {sp: w.close() for sp, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        bar.close()
+
+
+def _copy_docs(writer: ShardWriter, k: _Kept, positions: np.ndarray, dtype: str) -> int:
+    """Append the documents at ``positions`` of ``k`` from its unit's token file; returns their tokens."""
+    lengths = np.fromfile(k.ref.dir / "lengths.bin", dtype="<u4")
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    path = k.ref.dir / "tokens.bin"
+    toks = (np.memmap(path, dtype=np_dtype(dtype), mode="r") if path.stat().st_size
+            else np.zeros(0, dtype=np_dtype(dtype)))
+    for i in k.idx[positions]:
+        writer.add(toks[offsets[i]:offsets[i + 1]])
+    return int(k.lengths[positions].sum())
 
 
 def _top_reasons(dropped: dict[str, int], k: int = 4) -> str:
@@ -513,15 +540,15 @@ def prepare(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, worker
     if not jobs:
         raise UserError(f"task {task_index} of {num_tasks} has no input files "
                         f"(there are fewer files than tasks)")
-    stats = run_units(jobs, workers, progress)
+    results = run_units(jobs, workers, progress)
     refs = [r for r, _ in jobs]
     extra: dict[str, Any] = {}
     if num_tasks > 1:
         extra["part"] = {"task_index": task_index, "num_tasks": num_tasks,
                          "units": [{"source": r.source, "file_index": r.file_index,
                                     "dir": os.path.relpath(r.dir, out)} for r in refs]}
-    m = finalize(cfg, refs, stats, out, tok, strict, progress, extra)
-    m["_reused_units"] = sum(1 for s in stats if s.get("reused"))
+    m = finalize(cfg, refs, [st for st, _ in results], out, tok, strict, progress, extra)
+    m["_reused_units"] = sum(reused for _, reused in results)
     return m
 
 

@@ -127,8 +127,12 @@ class ShardWriter:
             self._close()
         if self._cm is None:
             self._open()
+        tokens = np.asarray(tokens)
+        if len(tokens) and (tokens.min() < 0 or tokens.max() > np.iinfo(self.dtype).max):
+            # astype would wrap silently: a wrong dtype for the vocabulary is a bug upstream
+            raise ValueError(f"token ids {tokens.min()}..{tokens.max()} do not fit {self.dtype.name} shards")
         self._offsets.append(self._n)
-        self._fh.write(np.asarray(tokens).astype(self.dtype, copy=False).tobytes())
+        self._fh.write(tokens.astype(self.dtype, copy=False).tobytes())
         self._n += len(tokens)
 
     def close(self) -> list[dict]:
@@ -142,3 +146,28 @@ class ShardWriter:
             except RuntimeError:
                 pass
             self._cm = self._fh = None
+
+
+def dataset_tokenizer(data_dir: str | Path, explicit: str | Path | None = None) -> Path | None:
+    """The tokenizer.model a dataset was made with: ``explicit`` when given (it must exist), else
+    one in the dataset dir, else the one its manifest records (as recorded, relative to the
+    dataset, or by name beside it); None when it cannot be found."""
+    if explicit:
+        p = Path(explicit)
+        if not p.is_file():
+            raise UserError(f"data.tokenizer {p} does not exist")
+        return p
+    data = Path(data_dir)
+    if (data / "tokenizer.model").is_file():
+        return data / "tokenizer.model"
+    try:
+        recorded = read_manifest(data).get("tokenizer")
+    except UserError:
+        return None
+    recorded = recorded.get("path") if isinstance(recorded, dict) else None
+    if isinstance(recorded, str) and recorded:
+        name = Path(recorded).name
+        for p in (Path(recorded), data / recorded, data / name, data.parent / name):
+            if p.is_file():
+                return p
+    return None

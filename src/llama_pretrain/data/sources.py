@@ -19,11 +19,13 @@ import gzip
 import json
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..config_fields import at_least, between, check, coerce, setting, update
 from ..errors import UserError
+from . import drops
 
 # ---------------------------------------------------------------------------------------------
 # Files
@@ -90,34 +92,108 @@ class SourceConfig:
     paths: list[str]
     text_field: str = "text"
     url_field: str | None = None
-    weight: float = 1.0  # 2.0: seen twice per pass (up-sampling); 0.5: a deterministic half
-    quality: bool | None = None  # None: the config's quality stages; False: skip them (code)
+    weight: float = setting(1.0, between(0, 1000, "(]"))
+    """2.0: seen twice per pass (up-sampling); 0.5: a deterministic half."""
+    quality: bool | None = None
+    """None: the config's quality stages; False: skip them (code)."""
 
 
-# Stage settings with their defaults; a config may override any key, and unknown keys are errors.
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "normalize": {"enabled": True, "fix_encoding": True},
-    "blocklist": {"enabled": True, "default_list": True, "domains": [], "files": []},
-    "pii": {"enabled": False, "emails": True, "phones": True, "ips": True},
-    "gopher_quality": {
-        "enabled": True, "min_words": 50, "max_words": 100_000, "min_mean_word_length": 3.0,
-        "max_mean_word_length": 10.0, "max_symbol_word_ratio": 0.1, "max_bullet_lines_ratio": 0.9,
-        "max_ellipsis_lines_ratio": 0.3, "min_alpha_words_ratio": 0.8, "min_stop_words": 2,
-    },
-    "gopher_repetition": {
-        "enabled": True, "dup_line_frac": 0.3, "dup_para_frac": 0.3, "dup_line_char_frac": 0.2,
-        "dup_para_char_frac": 0.2,
-        "top_ngram_char_frac": [[2, 0.20], [3, 0.18], [4, 0.16]],
-        "dup_ngram_char_frac": [[5, 0.15], [6, 0.14], [7, 0.13], [8, 0.12], [9, 0.11], [10, 0.10]],
-    },
-    "c4": {
-        "enabled": True, "min_words_per_line": 3, "min_sentences": 5, "max_word_length": 1000,
-        "terminal_punct": True, "lorem_ipsum": True, "javascript": True, "curly_bracket": False,
-        "policy": True,
-    },
-    "exact_dedup": {"enabled": True},
-    "near_dedup": {"enabled": True, "ngram": 5, "bands": 14, "rows": 8, "seed": 1},
-}
+# The stages, in pipeline order, with their defaults (``[stages.<name>]`` in a config overrides any
+# key). Field order is the order of the manifest's "stages": keep it.
+
+
+@dataclass
+class NormalizeStage:
+    enabled: bool = True
+    fix_encoding: bool = True
+
+
+@dataclass
+class BlocklistStage:
+    enabled: bool = True
+    default_list: bool = True
+    domains: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PiiStage:
+    enabled: bool = False
+    emails: bool = True
+    phones: bool = True
+    ips: bool = True
+
+
+@dataclass
+class GopherQualityStage:
+    enabled: bool = True
+    min_words: int = 50
+    max_words: int = 100_000
+    min_mean_word_length: float = 3.0
+    max_mean_word_length: float = 10.0
+    max_symbol_word_ratio: float = 0.1
+    max_bullet_lines_ratio: float = 0.9
+    max_ellipsis_lines_ratio: float = 0.3
+    min_alpha_words_ratio: float = 0.8
+    min_stop_words: int = 2
+
+
+@dataclass
+class GopherRepetitionStage:
+    enabled: bool = True
+    dup_line_frac: float = 0.3
+    dup_para_frac: float = 0.3
+    dup_line_char_frac: float = 0.2
+    dup_para_char_frac: float = 0.2
+    top_ngram_char_frac: list[tuple[int, float]] = field(default_factory=lambda: [
+        (2, 0.20), (3, 0.18), (4, 0.16)])
+    """(n, limit): drop when the most frequent n-gram covers more than ``limit`` of the characters."""
+    dup_ngram_char_frac: list[tuple[int, float]] = field(default_factory=lambda: [
+        (5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)])
+    """(n, limit): drop when repeated n-grams cover more than ``limit`` of the characters."""
+
+
+@dataclass
+class C4Stage:
+    enabled: bool = True
+    min_words_per_line: int = 3
+    min_sentences: int = 5
+    max_word_length: int = 1000
+    terminal_punct: bool = True
+    lorem_ipsum: bool = True
+    javascript: bool = True
+    curly_bracket: bool = False
+    policy: bool = True
+
+
+@dataclass
+class ExactDedupStage:
+    enabled: bool = True
+
+
+@dataclass
+class NearDedupStage:
+    enabled: bool = True
+    ngram: int = 5
+    bands: int = 14
+    rows: int = 8
+    seed: int = 1
+
+
+@dataclass
+class Stages:
+    normalize: NormalizeStage = field(default_factory=NormalizeStage)
+    blocklist: BlocklistStage = field(default_factory=BlocklistStage)
+    pii: PiiStage = field(default_factory=PiiStage)
+    gopher_quality: GopherQualityStage = field(default_factory=GopherQualityStage)
+    gopher_repetition: GopherRepetitionStage = field(default_factory=GopherRepetitionStage)
+    c4: C4Stage = field(default_factory=C4Stage)
+    exact_dedup: ExactDedupStage = field(default_factory=ExactDedupStage)
+    near_dedup: NearDedupStage = field(default_factory=NearDedupStage)
+
+
+# The defaults as plain dicts, the form the filter functions take.
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = asdict(Stages())
 
 QUALITY_STAGES = ("gopher_quality", "gopher_repetition", "c4")
 
@@ -127,21 +203,17 @@ class DataConfig:
     """A data config: the sources plus stage and output settings."""
 
     sources: list[SourceConfig]
-    stages: dict[str, dict[str, Any]] = field(default_factory=lambda: _stage_defaults())
+    stages: Stages = field(default_factory=Stages)
     seed: int = 0
-    val_fraction: float = 0.005
-    shard_tokens: int = 1 << 28  # tokens per output shard file (shards end at document boundaries)
-    path: str | None = None  # the file it was loaded from, if any
-
-    def stage(self, name: str) -> dict[str, Any]:
-        return self.stages[name]
+    val_fraction: float = setting(0.005, between(0, 0.5, "[)"))
+    shard_tokens: int = setting(1 << 28, at_least(1024))
+    """Tokens per output shard file (shards end at document boundaries)."""
+    path: str | None = None
+    """The file it was loaded from, if any."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "sources": [s.__dict__.copy() for s in self.sources],
-            "stages": self.stages, "seed": self.seed, "val_fraction": self.val_fraction,
-            "shard_tokens": self.shard_tokens,
-        }
+        return {"sources": [asdict(s) for s in self.sources], "stages": asdict(self.stages),
+                "seed": self.seed, "val_fraction": self.val_fraction, "shard_tokens": self.shard_tokens}
 
     def validate(self) -> "DataConfig":
         if not self.sources:
@@ -153,92 +225,43 @@ class DataConfig:
             if s.name in names:
                 raise UserError(f"source name {s.name!r} appears twice")
             names.add(s.name)
-            if not isinstance(s.weight, (int, float)) or not (s.weight > 0) or s.weight > 1000:
-                raise UserError(f"source {s.name}: weight must be a number in (0, 1000], got {s.weight!r}")
+            check(s, f"source {s.name}: ")
             if not s.paths:
                 raise UserError(f"source {s.name}: no paths")
-        if not (0.0 <= self.val_fraction < 0.5):
-            raise UserError(f"val_fraction must be in [0, 0.5), got {self.val_fraction}")
-        if int(self.shard_tokens) < 1024:
-            raise UserError(f"shard_tokens must be >= 1024, got {self.shard_tokens}")
+        check(self)
         return self
 
 
-def _stage_defaults() -> dict[str, dict[str, Any]]:
-    return json.loads(json.dumps(STAGE_DEFAULTS))  # deep copy
+# Keys of a data config table besides ``sources``; ``tokenizer`` is allowed and ignored.
+_TABLE_KEYS = ("stages", "seed", "val_fraction", "shard_tokens")
 
 
-def merge_stages(overrides: dict[str, Any] | None, where: str = "stages") -> dict[str, dict[str, Any]]:
-    stages = _stage_defaults()
-    for name, values in (overrides or {}).items():
-        if name not in stages:
-            raise UserError(f"unknown stage [{where}.{name}]; known: {', '.join(stages)}")
-        if not isinstance(values, dict):
-            raise UserError(f"[{where}.{name}] must be a table")
-        for k, v in values.items():
-            if k not in stages[name]:
-                raise UserError(f"unknown key {where}.{name}.{k}; known: {', '.join(stages[name])}")
-            default = stages[name][k]
-            ok = (isinstance(v, bool) if isinstance(default, bool)
-                  else isinstance(v, (int, float)) and not isinstance(v, bool) if isinstance(default, (int, float))
-                  else isinstance(v, type(default)))
-            if not ok:
-                raise UserError(f"{where}.{name}.{k} must be {type(default).__name__}, got {v!r}")
-            stages[name][k] = v
-    return stages
-
-
-def _source_from_dict(d: Any, base: Path | None, i: int) -> SourceConfig:
+def _source_from_dict(d: Any, base: Path | None, i: int, origin: str) -> SourceConfig:
     if not isinstance(d, dict):
-        raise UserError(f"sources[{i}] must be a table")
-    allowed = set(SourceConfig.__dataclass_fields__)
-    unknown = set(d) - allowed
-    if unknown:
-        raise UserError(f"sources[{i}]: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(allowed))}")
+        raise UserError(f"{origin}sources[{i}] must be a table")
     if "name" not in d or "paths" not in d:
-        raise UserError(f"sources[{i}] needs 'name' and 'paths'")
-    paths = d["paths"]
-    if isinstance(paths, str):
-        paths = [paths]
-    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-        raise UserError(f"source {d['name']}: paths must be a list of strings")
+        raise UserError(f"{origin}sources[{i}] needs 'name' and 'paths'")
+    where = f"{origin}source {d['name']}: "
+    paths = coerce([d["paths"]] if isinstance(d["paths"], str) else d["paths"], list[str], where + "paths")
     if base is not None:  # relative paths are relative to the config file
         paths = [p if os.path.isabs(os.path.expanduser(p)) else str(base / p) for p in paths]
-    where = f"source {d['name']}"
-    for key in ("text_field", "url_field"):
-        if d.get(key) is not None and not isinstance(d[key], str):
-            raise UserError(f"{where}: {key} must be a string, got {d[key]!r}")
-    if d.get("quality") is not None and not isinstance(d["quality"], bool):
-        raise UserError(f"{where}: quality must be true or false, got {d['quality']!r}")
-    return SourceConfig(name=d["name"], paths=paths, text_field=d.get("text_field", "text"),
-                        url_field=d.get("url_field"), weight=_number(d, "weight", 1.0, float, where),
-                        quality=d.get("quality"))
-
-
-def _number(d: dict[str, Any], key: str, default: float, kind: type, where: str = "data config"):
-    """``d[key]`` as ``kind`` (int or float); a ``UserError`` naming the key for anything else."""
-    v = d.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not float(v).is_integer()):
-        raise UserError(f"{where}: {key} must be {'an integer' if kind is int else 'a number'}, got {v!r}")
-    return kind(v)
+    rest = {k: v for k, v in d.items() if k not in ("name", "paths")}
+    return update(SourceConfig(name=d["name"], paths=paths), rest, where)
 
 
 def data_config_from_dict(d: dict[str, Any], base: Path | None = None, path: str | None = None) -> DataConfig:
     if "sources" not in d and isinstance(d.get("data"), dict):
         d = d["data"]  # a run config with a [data] section
-    known = {"sources", "stages", "seed", "val_fraction", "shard_tokens", "tokenizer"}
-    unknown = set(d) - known
+    origin = f"{path}: " if path else "data config: "
+    unknown = set(d) - {"sources", "tokenizer", *_TABLE_KEYS}
     if unknown:
-        raise UserError(f"data config: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        raise UserError(f"{origin}unknown key(s) {', '.join(sorted(unknown))}; "
+                        f"known: sources, {', '.join(_TABLE_KEYS)}")
     sources = d.get("sources")
     if not isinstance(sources, list):
-        raise UserError("data config needs [[sources]] entries")
-    cfg = DataConfig(
-        sources=[_source_from_dict(s, base, i) for i, s in enumerate(sources)],
-        stages=merge_stages(d.get("stages")),
-        seed=_number(d, "seed", 0, int), val_fraction=_number(d, "val_fraction", 0.005, float),
-        shard_tokens=_number(d, "shard_tokens", 1 << 28, int), path=path,
-    )
+        raise UserError(f"{origin}no [[sources]] entries (a data config needs them)")
+    cfg = DataConfig([_source_from_dict(s, base, i, origin) for i, s in enumerate(sources)], path=path)
+    update(cfg, {k: d[k] for k in _TABLE_KEYS if k in d}, origin)
     return cfg.validate()
 
 
@@ -256,12 +279,16 @@ def load_data_config(path: str | Path) -> DataConfig:
 
 @dataclass
 class Record:
-    """One input record: ``text`` is None when the record is bad, and ``error`` says why."""
+    """One input record: ``text`` is None when the record is bad, and ``error`` (from ``drops``) says why."""
 
     text: str | None
     url: str | None
     loc: str  # file:line (JSONL), file:row N (Parquet) or file (text)
     error: str | None = None
+
+    @classmethod
+    def bad(cls, loc: str, error: str) -> Record:
+        return cls(None, None, loc, error)
 
 
 def iter_texts(source: SourceConfig) -> Iterator[str]:
@@ -286,15 +313,15 @@ def _read_text_file(path: Path) -> Record:
     try:
         data = path.read_bytes()
     except OSError:
-        return Record(None, None, str(path), "unreadable_file")
+        return Record.bad(str(path), drops.UNREADABLE_FILE)
     if not data.strip():
-        return Record(None, None, str(path), "empty_file")
+        return Record.bad(str(path), drops.EMPTY_FILE)
     if b"\x00" in data[:65536]:
-        return Record(None, None, str(path), "binary_file")
+        return Record.bad(str(path), drops.BINARY_FILE)
     try:
         return Record(data.decode("utf-8"), None, str(path))
     except UnicodeDecodeError:
-        return Record(None, None, str(path), "invalid_utf8")
+        return Record.bad(str(path), drops.INVALID_UTF8)
 
 
 def _iter_jsonl(path: Path, text_field: str, url_field: str | None, gz: bool) -> Iterator[Record]:
@@ -305,7 +332,7 @@ def _iter_jsonl(path: Path, text_field: str, url_field: str | None, gz: bool) ->
     try:
         fh = gzip.open(path, "rb") if gz else open(path, "rb")
     except OSError:
-        yield Record(None, None, str(path), "unreadable_file")
+        yield Record.bad(str(path), drops.UNREADABLE_FILE)
         return
     with fh:
         lineno = 0
@@ -316,40 +343,40 @@ def _iter_jsonl(path: Path, text_field: str, url_field: str | None, gz: bool) ->
                 empty = False
                 loc = f"{path}:{lineno}"
                 if b"\x00" in raw:
-                    yield Record(None, None, loc, "binary_data")
+                    yield Record.bad(loc, drops.BINARY_DATA)
                     continue
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError:
-                    yield Record(None, None, loc, "invalid_utf8")
+                    yield Record.bad(loc, drops.INVALID_UTF8)
                     continue
                 try:
                     obj = json.loads(line)
                 except ValueError:
-                    yield Record(None, None, loc, "malformed_json")
+                    yield Record.bad(loc, drops.MALFORMED_JSON)
                     continue
                 if not isinstance(obj, dict):
-                    yield Record(None, None, loc, "malformed_json")
+                    yield Record.bad(loc, drops.MALFORMED_JSON)
                     continue
                 n_objects += 1
                 if len(fields_seen) < 50:
                     for k in obj:
                         fields_seen.setdefault(str(k), None)
                 if text_field not in obj:
-                    yield Record(None, None, loc, "missing_text_field")
+                    yield Record.bad(loc, drops.MISSING_TEXT_FIELD)
                     continue
                 n_with_field += 1
                 text = obj[text_field]
                 if not isinstance(text, str):
-                    yield Record(None, None, loc, "text_not_a_string")
+                    yield Record.bad(loc, drops.TEXT_NOT_A_STRING)
                     continue
                 url = obj.get(url_field) if url_field else None
                 yield Record(text, url if isinstance(url, str) else None, loc)
         except (OSError, EOFError, zlib.error, gzip.BadGzipFile):
             empty = False
-            yield Record(None, None, f"{path}:{lineno + 1}", "corrupt_file")
+            yield Record.bad(f"{path}:{lineno + 1}", drops.CORRUPT_FILE)
     if empty:
-        yield Record(None, None, str(path), "empty_file")
+        yield Record.bad(str(path), drops.EMPTY_FILE)
     elif n_objects and not n_with_field:
         raise UserError(f"{path}: no record has the text field {text_field!r}; "
                         f"fields present: {', '.join(fields_seen) or 'none'}")
@@ -362,9 +389,9 @@ def _iter_parquet(path: Path, text_field: str, url_field: str | None) -> Iterato
         pf = pq.ParquetFile(path)
     except Exception:  # pyarrow raises several types for a damaged or non-Parquet file
         if path.stat().st_size == 0:
-            yield Record(None, None, str(path), "empty_file")
+            yield Record.bad(str(path), drops.EMPTY_FILE)
         else:
-            yield Record(None, None, str(path), "corrupt_file")
+            yield Record.bad(str(path), drops.CORRUPT_FILE)
         return
     names = pf.schema_arrow.names
     if text_field not in names:
@@ -372,7 +399,7 @@ def _iter_parquet(path: Path, text_field: str, url_field: str | None) -> Iterato
     cols = [text_field] + ([url_field] if url_field and url_field in names else [])
     row = 0
     if pf.metadata.num_rows == 0:
-        yield Record(None, None, str(path), "empty_file")
+        yield Record.bad(str(path), drops.EMPTY_FILE)
         return
     try:
         for batch in pf.iter_batches(batch_size=1024, columns=cols):
@@ -382,10 +409,10 @@ def _iter_parquet(path: Path, text_field: str, url_field: str | None) -> Iterato
                 row += 1
                 loc = f"{path}:row {row}"
                 if text is None:
-                    yield Record(None, None, loc, "missing_text_field")
+                    yield Record.bad(loc, drops.MISSING_TEXT_FIELD)
                 elif not isinstance(text, str):
-                    yield Record(None, None, loc, "text_not_a_string")
+                    yield Record.bad(loc, drops.TEXT_NOT_A_STRING)
                 else:
                     yield Record(text, url if isinstance(url, str) else None, loc)
     except Exception:
-        yield Record(None, None, f"{path}:row {row + 1}", "corrupt_file")
+        yield Record.bad(f"{path}:row {row + 1}", drops.CORRUPT_FILE)
