@@ -69,6 +69,24 @@ def test_loglikelihood_matches_reference_and_native_equals_hf(models):
             assert lp == pytest.approx(want, abs=1e-3)
 
 
+def test_batch_wider_than_the_context(models):
+    """Each request fits the context but their padded batch does not: a long context beside a long
+    continuation. Positions, not columns, are bounded by the context."""
+    ours, hf = models
+    L = ours.config.max_seq_len
+    torch.manual_seed(3)
+    pairs = [([1] + torch.randint(3, 259, (L - 10,)).tolist(), [5, 6]),
+             ([1, 7], torch.randint(3, 259, (L - 20,)).tolist())]
+    want = []
+    with torch.no_grad():
+        for ctx, cont in pairs:
+            lp = torch.log_softmax(hf(torch.tensor([ctx + cont])).logits[0].float(), -1)
+            want.append(sum(lp[len(ctx) + i - 1, t].item() for i, t in enumerate(cont)))
+    for backend in (NativeBackend(ours), HFBackend(hf)):
+        got = CausalLM(backend, TOK, batch_size=2).loglikelihood_tokens(pairs)
+        assert [lp for lp, _ in got] == pytest.approx(want, abs=1e-3)
+
+
 def test_rolling_loglikelihood_windows(models):
     ours, hf = models
     small = CausalLM(NativeBackend(ours), TOK)

@@ -27,11 +27,12 @@ def test_cached_logits_equal_full_forward(model):
     tokens = torch.randint(0, 97, (2, 30))
     with torch.no_grad():
         full = model(tokens)
-        model.setup_cache(batch=2, max_len=30)
-        parts = [model(tokens[:, :10], start_pos=0), model(tokens[:, 10:25], start_pos=10)]
-        parts += [model(tokens[:, i:i + 1], start_pos=i) for i in range(25, 30)]
-        model.clear_cache()
-    assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
+        for max_len in (30, 0):  # preallocated, and grown call by call
+            cache = model.new_cache(batch=2, max_len=max_len)
+            parts = [model(tokens[:, :10], cache=cache), model(tokens[:, 10:25], cache=cache)]
+            parts += [model(tokens[:, i:i + 1], cache=cache) for i in range(25, 30)]
+            assert cache.length == 30
+            assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
 
 
 def test_sampling_is_seeded_and_stops_at_eos(model):
@@ -57,10 +58,9 @@ def test_kv_cache_is_sized_by_kv_heads():
     cfg = dict(dim=64, n_layers=2, n_heads=8, vocab_size=50, multiple_of=32, max_seq_len=64)
     gqa = Transformer(ModelConfig(n_kv_heads=2, **cfg))
     mha = Transformer(ModelConfig(**cfg))
-    gqa.setup_cache(batch=3, max_len=64)
-    mha.setup_cache(batch=3, max_len=64)
-    assert mha.kv_cache_bytes() == 4 * gqa.kv_cache_bytes()
-    assert gqa.kv_cache_bytes() == 2 * 2 * 3 * 2 * 64 * 8 * 4  # layers x (k,v) x B x kv x T x D x fp32
+    gqa_bytes = gqa.new_cache(batch=3, max_len=64).nbytes()
+    assert mha.new_cache(batch=3, max_len=64).nbytes() == 4 * gqa_bytes
+    assert gqa_bytes == 2 * 2 * 3 * 2 * 64 * 8 * 4  # layers x (k,v) x B x kv x T x D x fp32
 
 
 def test_generate_cli_with_checkpoint_tokenizer(tmp_path):

@@ -1,4 +1,5 @@
-"""The architecture against transformers' Llama, the presets against the paper, and the loss."""
+"""The architecture against transformers' Llama and RoPE against Meta's formula, the presets against
+the paper, the loss, and the inference path (per-row positions, padding mask, KV cache)."""
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from llama_pretrain import ModelConfig, Transformer, UserError
 from llama_pretrain.compute.flops import flops_per_token, param_counts
 from llama_pretrain.interop.hf import hf_config_dict, to_hf_state_dict
 from llama_pretrain.losses import chunked_cross_entropy, cross_entropy
+from llama_pretrain.model import apply_rope
 
 transformers = pytest.importorskip("transformers")
 
@@ -105,6 +107,119 @@ def test_logits_match_transformers(fields):
         loss = model(tokens[:, :-1], tokens[:, 1:])
         hf_loss = hf(tokens, labels=tokens).loss
     assert abs(loss.item() - hf_loss.item()) < 1e-5
+
+
+def test_per_row_positions_match_transformers():
+    """Gapped positions, different per row: a constant shift per row would not show (RoPE is relative)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=257, multiple_of=32,
+                      max_seq_len=1024)
+    model = Transformer(cfg).eval()
+    hf = _hf_twin(model)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 50))
+    positions = torch.stack([torch.randperm(1024)[:50].sort().values for _ in range(2)])
+    with torch.no_grad():
+        ours = model(tokens, positions=positions)
+        theirs = hf(tokens, position_ids=positions).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def _meta_rope(x, positions, theta):
+    """Meta's reference (llama/model.py, apply_rotary_emb): each pair (x[2i], x[2i+1]) is a complex
+    number, rotated by position * theta^(-2i/d)."""
+    d = x.shape[-1]
+    freqs = 1.0 / (theta ** (torch.arange(0, d, 2)[: d // 2].float() / d))
+    angles = positions[..., None].float() * freqs  # [B, T, d/2]
+    rotation = torch.polar(torch.ones_like(angles), angles)[:, :, None, :]  # broadcast over heads
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotation).flatten(3)
+
+
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+def test_rope_is_metas_complex_rotation(theta):
+    """Pins Meta's interleaved convention on its own: the comparison with transformers passes
+    through the q/k permutation, which a half-split RoPE with no permutation would also pass."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=96, n_layers=1, n_heads=6, vocab_size=11, multiple_of=8, max_seq_len=512,
+                      rope_theta=theta)
+    model = Transformer(cfg)
+    B, T, H = 3, 9, 4
+    x = torch.randn(B, T, H, cfg.head_dim)
+    start = torch.arange(T)
+    positions = torch.stack([start, start + 37, torch.randperm(500)[:T].sort().values])  # per-row offsets
+    per_row = apply_rope(x, model.rope_cos[positions], model.rope_sin[positions])
+    assert torch.allclose(per_row, _meta_rope(x, positions, theta), atol=1e-5)
+    shared = apply_rope(x, model.rope_cos[:T], model.rope_sin[:T])  # the training path's tables
+    assert torch.allclose(shared, _meta_rope(x, start.expand(B, T), theta), atol=1e-5)
+
+
+def test_training_path_is_causal_sdpa_without_a_mask(monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = Transformer(ModelConfig.from_preset("llama2-debug"))
+    x = torch.randint(0, 512, (2, 16))
+    model(x)
+    model(x[:, :-1], x[:, 1:])
+    assert len(calls) == 4 and all(mask is None and causal for mask, causal in calls)
+
+
+@pytest.fixture(scope="module")
+def gqa_model():
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97,
+                                   multiple_of=32, max_seq_len=64)).eval()
+
+
+def _left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), T), pad_id)
+    mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, T - len(r):] = r
+        mask[i, T - len(r):] = True
+    return tokens, mask
+
+
+def _positions(mask: torch.Tensor, new: int) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_each_row_alone(gqa_model):
+    torch.manual_seed(1)
+    rows = [torch.randint(1, 97, (n,)) for n in (12, 5, 9)]
+    tokens, mask = _left_pad(rows)
+    batch = gqa_model(tokens, positions=_positions(mask, tokens.shape[1]), mask=mask)
+    assert batch.isfinite().all()  # pad queries too
+    for i, r in enumerate(rows):
+        assert torch.allclose(batch[i, -len(r):], gqa_model(r[None])[0], atol=1e-5)
+
+
+@torch.no_grad()
+def test_kv_cache_decode_of_padded_batch_equals_full_recompute(gqa_model):
+    """Prefill, a 3-token extension and single steps (the harness's and generate's calls)."""
+    torch.manual_seed(2)
+    rows = [torch.randint(1, 97, (n,)) for n in (7, 3, 10)]
+    more = torch.randint(1, 97, (3, 6))
+    tokens, mask = _left_pad(rows)
+    cache = gqa_model.new_cache(3)
+    logits = [gqa_model(tokens, positions=_positions(mask, tokens.shape[1]), mask=mask, cache=cache,
+                        last_only=True)]
+    for chunk in (more[:, :3], more[:, 3:4], more[:, 4:5], more[:, 5:6]):
+        mask = torch.cat([mask, torch.ones_like(chunk, dtype=torch.bool)], dim=1)
+        T = chunk.shape[1]
+        logits.append(gqa_model(chunk, positions=_positions(mask, T), mask=mask, cache=cache))
+    logits = torch.cat(logits, dim=1)
+    assert cache.length == tokens.shape[1] + 6
+    for i, r in enumerate(rows):
+        full = gqa_model(torch.cat([r, more[i]])[None])[0, len(r) - 1:]
+        assert torch.allclose(logits[i], full, atol=1e-5)
 
 
 def test_loss_ignores_minus_100_and_matches_reference():

@@ -1,15 +1,23 @@
 """Autoregressive decoding with a KV cache: greedy, temperature and nucleus (top-p) sampling.
 
-The prompt is processed in one forward pass that fills the cache; each new token then costs one
-single-position forward pass. Sampling draws from a ``torch.Generator`` seeded by the caller, so a
-given seed always gives the same text.
+``decode`` is the one decoding loop, for ``generate`` here and the evaluation harness: the prompt
+is processed in one forward pass that fills the cache; each new token then costs one
+single-position forward pass. It drives any model through a step function, so the harness runs it
+over our ``Transformer`` and over transformers' models alike. Sampling draws from a
+``torch.Generator`` seeded by the caller, so a given seed always gives the same text.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable, Optional, Sequence
+
 import torch
 
 from .model import Transformer
+
+# step(new tokens [B, T], mask [B, columns] or None, cache or None at the first call)
+#   -> (logits [B, T or 1, vocab], cache to pass to the next call)
+Step = Callable[[torch.Tensor, Optional[torch.Tensor], Any], tuple[torch.Tensor, Any]]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -29,6 +37,55 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 @torch.inference_mode()
+def decode(step: Step, tokens: torch.Tensor, mask: torch.Tensor | None, budgets: Sequence[int], *,
+           temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+           eos_id: int | None = None, stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+    """New token ids for each row of the prompts ``tokens`` [B, T] (prompts not included).
+
+    ``mask`` marks the real tokens of left-padded prompts (None: no padding) and gains a column per
+    step. Row r stops after ``budgets[r]`` tokens, at ``eos_id`` (not included) or once
+    ``stop(r, its ids)`` is true; rows that stop early ride along until every row has.
+    """
+    B = tokens.shape[0]
+    new: list[list[int]] = [[] for _ in range(B)]
+    done = [b <= 0 for b in budgets]
+    if all(done):
+        return new
+    logits, cache = step(tokens, mask, None)
+    while True:
+        nxt = sample_next(logits[:, -1], temperature, top_p, generator)
+        for r, t in enumerate(nxt.tolist()):
+            if done[r]:
+                continue
+            if t == eos_id:
+                done[r] = True
+                continue
+            new[r].append(t)
+            done[r] = len(new[r]) >= budgets[r] or (stop is not None and stop(r, new[r]))
+        if all(done):
+            return new
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        logits, cache = step(nxt[:, None], mask, cache)
+
+
+def cached_step(model: Transformer, max_len: int) -> Step:
+    """A ``decode`` step over unpadded prompts with our KV cache, allocated once for ``max_len`` columns."""
+    def step(tokens, mask, cache):
+        if cache is None:
+            cache = model.new_cache(tokens.shape[0], max_len)
+        return model(tokens, cache=cache, last_only=True), cache
+    return step
+
+
+def recompute_step(model: Transformer) -> Step:
+    """A ``decode`` step without a cache: the whole sequence again each time (the cache's reference)."""
+    def step(tokens, mask, seen):
+        seen = tokens if seen is None else torch.cat([seen, tokens], dim=1)
+        return model(seen, last_only=True), seen
+    return step
+
+
 def generate_ids(model: Transformer, prompt: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
                  use_cache: bool = True) -> list[int]:
@@ -40,39 +97,15 @@ def generate_ids(model: Transformer, prompt: list[int], max_new_tokens: int = 64
     """
     if not prompt:
         raise ValueError("the prompt must hold at least one token (e.g. BOS)")
-    device = model.output.weight.device
     max_len = model.config.max_seq_len
     if len(prompt) >= max_len:
         raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in the {max_len}-token context")
     budget = min(max_new_tokens, max_len - len(prompt))
-    generator = None
-    if seed is not None:
-        generator = torch.Generator().manual_seed(seed)
-    tokens = torch.tensor([prompt], dtype=torch.long, device=device)
-    out: list[int] = []
-    if use_cache:
-        model.setup_cache(batch=1, max_len=len(prompt) + budget)
-    try:
-        logits = model(tokens)[:, -1]
-        pos = len(prompt)
-        for _ in range(budget):
-            nxt = sample_next(logits, temperature, top_p, generator)
-            tok = int(nxt.item())
-            if eos_id is not None and tok == eos_id:
-                break
-            out.append(tok)
-            if len(out) == budget:
-                break
-            if use_cache:
-                logits = model(nxt.view(1, 1), start_pos=pos)[:, -1]
-            else:
-                tokens = torch.cat([tokens, nxt.view(1, 1)], dim=1)
-                logits = model(tokens)[:, -1]
-            pos += 1
-    finally:
-        if use_cache:
-            model.clear_cache()
-    return out
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    tokens = torch.tensor([prompt], dtype=torch.long, device=model.output.weight.device)
+    step = cached_step(model, len(prompt) + budget) if use_cache else recompute_step(model)
+    return decode(step, tokens, None, [budget], temperature=temperature, top_p=top_p, generator=generator,
+                  eos_id=eos_id)[0]
 
 
 def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,

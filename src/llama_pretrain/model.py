@@ -6,6 +6,10 @@ RMSNorm and an untied output head. Parameter names are Meta's (``tok_embeddings`
 ``layers.N.attention.wq``, ...), and RoPE rotates interleaved pairs as Meta's reference does, so
 Meta checkpoints load as they are; the Hugging Face layout is handled in ``interop/hf.py``.
 
+One forward serves training and inference: ``model(tokens, targets)`` runs SDPA's causal kernel
+with no mask tensor, while generation and evaluation add per-row ``positions``, a padding ``mask``
+and a ``KVCache`` (``generate.py``, ``eval/harness.py``).
+
 Parallelism, compilation, activation checkpointing and mixed precision are applied from outside
 (``train/parallel.py``); nothing here knows about them.
 
@@ -50,30 +54,70 @@ def rope_cos_sin(head_dim: int, end: int, theta: float) -> tuple[torch.Tensor, t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by position; cos/sin [T, D/2]."""
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by position.
+
+    cos/sin are [T, D/2] (every row at the same positions) or [B, T, D/2] (positions per row)."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
-    cos = cos[:, None, :]
-    sin = sin[:, None, :]
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x)
 
 
-class KVCache(nn.Module):
-    """Keys and values of past positions for one block, sized by n_kv_heads (not n_heads)."""
+def attention_mask(T: int, past: int, pad: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Which keys each of T new queries may see: boolean [B or 1, 1, T, past + T], or None where
+    causal attention needs no mask tensor (SDPA's ``is_causal``; a lone query sees every key).
 
-    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    ``pad`` [B, past + T] marks real (non-pad) columns of a padded batch."""
+    if pad is None and (past == 0 or T == 1):
+        return None
+    mask = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+    if pad is None:
+        return mask
+    mask = mask & pad.bool()[:, None, None, :]
+    # A pad query still sees itself: an all-masked row would turn into NaN and spread.
+    new = torch.arange(T, device=device)
+    mask[:, :, new, past + new] = True
+    return mask
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+
+class BlockKV:
+    """One block's keys and values [B, n_kv_heads, capacity, head_dim]; ``length`` columns are filled."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int = 0):
+        self.k, self.v, self.length = k, v, length
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new columns; the keys and values of every filled column."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:  # out of room: grow to fit
+            self.k = torch.cat([self.k[:, :, :self.length], k], dim=2)
+            self.v = torch.cat([self.v[:, :, :self.length], v], dim=2)
+        else:
+            self.k[:, :, self.length:end] = k
+            self.v[:, :, self.length:end] = v
+        self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """Keys and values of past columns for incremental decoding, one ``BlockKV`` per block, sized by
+    n_kv_heads (not n_heads). All rows share the columns: a padded batch masks its pads."""
+
+    def __init__(self, blocks: list[BlockKV]):
+        self.blocks = blocks
+
+    @property
+    def length(self) -> int:
+        return self.blocks[0].length
+
+    def select(self, rows: torch.Tensor) -> KVCache:
+        """A cache of the given rows (repeats allowed: one context, several continuations)."""
+        return KVCache([BlockKV(b.k[rows, :, :b.length], b.v[rows, :, :b.length], b.length)
+                        for b in self.blocks])
+
+    def nbytes(self) -> int:
+        return sum(b.k.nbytes + b.v.nbytes for b in self.blocks)
 
 
 class Attention(nn.Module):
@@ -86,26 +130,19 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
-        self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: BlockKV | None = None) -> torch.Tensor:
+        """``mask`` is ``attention_mask``'s: None means causal over ``x`` (a single query: every key)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
-
-        mask = None
-        is_causal = T > 1
-        if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)
-            if start_pos > 0 and T > 1:
-                # New queries see every cached position plus the causal part of the new chunk.
-                total = start_pos + T
-                mask = torch.ones(T, total, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
-                is_causal = False
-        out = _sdpa(q, k, v, mask, is_causal, self.n_heads // self.n_kv_heads)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = _sdpa(q, k, v, mask, mask is None and T > 1, self.n_heads // self.n_kv_heads)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -140,8 +177,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, start_pos: int = 0):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos)
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -179,52 +216,54 @@ class Transformer(nn.Module):
         self.rope_cos = cos.to(device)
         self.rope_sin = sin.to(device)
 
-    def hidden_states(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Final-normed hidden states [B, T, dim] (what the output head reads)."""
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-normed hidden states [B, T, dim] (what the output head reads); see ``forward``."""
         T = tokens.shape[1]
-        if start_pos + T > self.config.max_seq_len:
-            raise ValueError(
-                f"sequence of {start_pos + T} tokens exceeds max_seq_len {self.config.max_seq_len}"
-            )
-        cos = self.rope_cos[start_pos:start_pos + T]
-        sin = self.rope_sin[start_pos:start_pos + T]
+        past = 0 if cache is None else cache.length
+        if positions is not None:  # a padded batch may hold more columns than positions
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        elif past + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        else:  # every row continues from the cache: a slice of the tables
+            cos, sin = self.rope_cos[past:past + T], self.rope_sin[past:past + T]
+        attn = attention_mask(T, past, mask, tokens.device)  # once for all blocks
         h = self.tok_embeddings(tokens)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, start_pos)
+        for i, layer in enumerate(self.layers.values()):
+            h = layer(h, cos, sin, attn, None if cache is None else cache.blocks[i])
         return self.norm(h)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0):
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False, chunked_loss: bool | None = None):
         """Logits [B, T, vocab] for ``tokens`` [B, T]; with ``targets``, the mean cross-entropy.
 
         Positions whose target is -100 are ignored. The loss is computed in fp32 without keeping an
-        fp32 copy of bf16 logits (see ``losses.py``).
+        fp32 copy of bf16 logits (see ``losses.py``); ``chunked_loss`` picks its kernel (None: the
+        faster one for the device and dtype).
+
+        Inference: ``positions`` [B, T] are each token's RoPE position, below max_seq_len (default:
+        the columns after the cache's, the same for every row); ``mask`` [B, cached + T] marks the
+        real tokens of a padded batch; ``cache`` (from ``new_cache``) holds earlier columns and
+        gains these; ``last_only`` computes the last position's logits alone. With none of them
+        (training), attention is SDPA's causal kernel with no mask tensor.
         """
-        h = self.hidden_states(tokens, start_pos)
+        h = self.hidden_states(tokens, positions, mask, cache)
+        if last_only:  # the output head over a whole prompt is wasted when only its end is read
+            h = h[:, -1:]
         logits = self.output(h)
         if targets is None:
             return logits
-        return cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return cross_entropy(logits.flatten(0, 1), targets.flatten(), chunked=chunked_loss)
 
-    # -- inference helpers ---------------------------------------------------------------------
-    def setup_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> None:
-        """Allocate a KV cache per block (n_kv_heads wide) for incremental decoding."""
-        max_len = max_len or self.config.max_seq_len
+    def new_cache(self, batch: int, max_len: int = 0, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for ``batch`` rows, allocated for ``max_len`` columns (it grows past them)."""
         param = self.output.weight
-        for layer in self.layers.values():
-            layer.attention.cache = KVCache(batch, max_len, self.config.kv_heads, self.config.head_dim,
-                                            dtype or param.dtype, param.device)
+        shape = (batch, self.config.kv_heads, max_len, self.config.head_dim)
 
-    def clear_cache(self) -> None:
-        for layer in self.layers.values():
-            layer.attention.cache = None
-
-    def kv_cache_bytes(self) -> int:
-        total = 0
-        for layer in self.layers.values():
-            cache = layer.attention.cache
-            if cache is not None:
-                total += cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()
-        return total
+        def buf():
+            return torch.zeros(shape, dtype=dtype or param.dtype, device=param.device)
+        return KVCache([BlockKV(buf(), buf()) for _ in self.layers])
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -9,12 +9,12 @@ Three requests, as in lm-evaluation-harness:
 - ``loglikelihood_rolling([text, ...])`` -> total log-likelihood of each text (perplexity), in
   windows of the model's context length, each token predicted exactly once.
 - ``generate([(context, until, max_new_tokens), ...])`` -> greedy continuations cut at the first
-  stop sequence, in left-padded batches.
+  stop sequence, in left-padded batches, decoded by ``generate.decode`` (the loop ``generate`` uses).
 
 A backend is anything with ``forward(tokens, mask, cache) -> (logits, cache)``, ``select(cache,
 rows)`` and ``max_length``: ``tokens`` [B, T] are new tokens, ``mask`` [B, past + T] marks real
 (non-pad) positions so positions and attention follow from it. ``NativeBackend`` runs our
-``Transformer``; ``HFBackend`` any ``transformers`` causal LM.
+``Transformer``'s own forward and KV cache; ``HFBackend`` any ``transformers`` causal LM.
 """
 
 from __future__ import annotations
@@ -35,21 +35,8 @@ def _positions(mask: torch.Tensor, new: int) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new:]
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Meta's interleaved-pair rotation with per-row positions: x [B, T, H, D], cos/sin [B, T, D/2]."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
-
-
 class NativeBackend:
-    """Our ``Transformer`` with a padding-aware KV cache.
-
-    ``model.py``'s own cache assumes every row starts at position 0; evaluation batches hold
-    prompts of different lengths, so this runs the model's own modules (same weights, same maths)
-    with per-row positions and a key mask. The cache is a list of (k, v) per block, [B, Hkv, S, D].
-    """
+    """Our ``Transformer``: per-row positions and the padding mask go into its forward and its cache."""
 
     def __init__(self, model):
         self.model = model.eval()
@@ -59,41 +46,15 @@ class NativeBackend:
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor, cache=None, last_only: bool = False):
-        from ..model import _sdpa
-
-        m = self.model
-        B, T = tokens.shape
-        past = 0 if cache is None else cache[0][0].shape[2]
-        pos = _positions(mask, T)
-        cos, sin = m.rope_cos[pos], m.rope_sin[pos]
-        # Query i (absolute column past+i) sees real keys at columns <= past+i, and always itself,
-        # so a pad query never has an empty row (which would turn into NaN and spread).
-        causal = torch.ones(T, past + T, dtype=torch.bool, device=tokens.device).tril(diagonal=past)
-        attn = causal[None, None] & mask.bool()[:, None, None, :]
-        ar = torch.arange(T, device=tokens.device)
-        attn[:, :, ar, past + ar] = True
-        h = m.tok_embeddings(tokens)
-        new_cache = []
-        for i, layer in enumerate(m.layers.values()):
-            a = layer.attention
-            x = layer.attention_norm(h)
-            q = _rope(a.wq(x).view(B, T, a.n_heads, a.head_dim), cos, sin).transpose(1, 2)
-            k = _rope(a.wk(x).view(B, T, a.n_kv_heads, a.head_dim), cos, sin).transpose(1, 2)
-            v = a.wv(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-            if cache is not None:
-                k = torch.cat([cache[i][0], k], dim=2)
-                v = torch.cat([cache[i][1], v], dim=2)
-            new_cache.append((k, v))
-            out = _sdpa(q, k, v, attn, False, a.n_heads // a.n_kv_heads)
-            h = h + a.wo(out.transpose(1, 2).reshape(B, T, -1))
-            h = h + layer.feed_forward(layer.ffn_norm(h))
-        if last_only:  # the output head over a long context is wasted work when only the end is read
-            h = h[:, -1:]
-        return m.output(m.norm(h)), new_cache
+        if cache is None:  # grown per call: how many columns a request ends with is not known here
+            cache = self.model.new_cache(tokens.shape[0])
+        logits = self.model(tokens, positions=_positions(mask, tokens.shape[1]), mask=mask, cache=cache,
+                            last_only=last_only)
+        return logits, cache
 
     @staticmethod
     def select(cache, rows: torch.Tensor):
-        return [(k[rows], v[rows]) for k, v in cache]
+        return cache.select(rows)
 
 
 class HFBackend:
@@ -312,11 +273,10 @@ class CausalLM:
         cut = min((text.find(s) for s in until if s and s in text), default=-1)
         return (text[:cut], True) if cut >= 0 else (text, False)
 
-    @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], reqs: list[GenRequest]) -> list[str]:
-        dev = self.device
-        max_new = max(r.max_new_tokens for r in reqs)
-        keep = max(1, self.max_length - max_new)
+        from ..generate import decode
+
+        keep = max(1, self.max_length - max(r.max_new_tokens for r in reqs))
         prompts = [p[-keep:] for p in prompts]
         B, T = len(prompts), max(len(p) for p in prompts)
         tokens = torch.full((B, T), self.pad_id, dtype=torch.long)
@@ -324,30 +284,17 @@ class CausalLM:
         for r, p in enumerate(prompts):
             tokens[r, T - len(p):] = torch.tensor(p)
             mask[r, T - len(p):] = True
-        tokens, mask = tokens.to(dev), mask.to(dev)
-        logits, cache = self.backend.forward(tokens, mask, last_only=True)
-        new: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        texts = [""] * B
-        eos = self.tok.eos_id
-        for step in range(max_new):
-            nxt = logits[:, -1].float().argmax(-1)
-            for r in range(B):
-                if done[r]:
-                    continue
-                t = int(nxt[r])
-                if t == eos:
-                    done[r] = True
-                    continue
-                new[r].append(t)
-                texts[r], stopped = self._cut(self._decode_new(prompts[r], new[r]), reqs[r].until)
-                if stopped or len(new[r]) >= reqs[r].max_new_tokens:
-                    done[r] = True
-            if all(done) or T + step + 1 >= self.max_length:
-                break
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.bool, device=dev)], 1)
-            logits, cache = self.backend.forward(nxt[:, None].to(dev), mask, cache)
-        return texts
+
+        def text(r: int, new: list[int]) -> tuple[str, bool]:
+            return self._cut(self._decode_new(prompts[r], new), reqs[r].until)
+
+        def step(tokens, mask, cache):
+            return self.backend.forward(tokens, mask, cache, last_only=True)
+
+        budgets = [min(r.max_new_tokens, self.max_length - T) for r in reqs]
+        new = decode(step, tokens.to(self.device), mask.to(self.device), budgets, eos_id=self.tok.eos_id,
+                     stop=lambda r, ids: text(r, ids)[1])
+        return [text(r, ids)[0] for r, ids in enumerate(new)]
 
 
 def load_lm(model: str, *, backend: str = "auto", tokenizer: str | None = None, device: str = "cpu",
@@ -361,13 +308,12 @@ def load_lm(model: str, *, backend: str = "auto", tokenizer: str | None = None, 
     """
     from pathlib import Path
 
+    from ..devices import parse_dtype, resolve_device
     from ..errors import UserError
     from .tokenization import load_tokenizer
 
-    torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}.get(dtype, "bad")
-    if torch_dtype == "bad":
-        raise UserError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
+    torch_dtype = parse_dtype(dtype)
+    device = resolve_device(str(device))
     path = Path(model)
     if backend == "auto":
         from ..interop.hf import is_hf_dir
