@@ -60,7 +60,7 @@ def main() -> None:
         ids = sp.encode(texts, add_bos=True, add_eos=True, num_threads=threads)
         dt = time.perf_counter() - t0
         ntok = sum(map(len, ids))
-        rows.append((f"sentencepiece encode (bare)", threads, len(texts) / dt, ntok / dt))
+        rows.append(("sentencepiece encode (bare)", threads, len(texts) / dt, ntok / dt))
     base_per_worker = rows[0][3]
 
     def run(name: str, cfg: DataConfig, workers: int) -> None:

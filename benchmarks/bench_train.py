@@ -4,9 +4,9 @@ Both models have the same shape (preset llama2-small: dim 512, 8 layers, GQA 8/4
 32000) and are trained on the same batches at sequence 512 with the same step: forward, mean
 cross-entropy in fp32, backward, clip to 1.0, fused AdamW (0.9, 0.95, eps 1e-5, wd 0.1 on linear
 weights; the default of our loop and of the HF Trainer). Each precision is compared like for like:
-fp32 for both, then bf16 autocast for both. Our side uses its training loss (``train/loss.py``:
-chunked cross-entropy on bf16 logits), theirs the upcast-then-CE of LlamaForCausalLM. Steps
-alternate between the two models so machine noise hits both alike; the median step time is
+fp32 for both, then bf16 autocast for both. Our side uses the trainer's loss entry point,
+``model(inputs, targets)`` (``losses.py``: chunked cross-entropy), theirs the upcast-then-CE of
+LlamaForCausalLM. Steps alternate between the two models so machine noise hits both alike; the median step time is
 reported. MFU uses FLOPs/token = 6*N_non_embedding + 12*L*H*Q*T against the best matmul rate of the
 same precision measured here at start-up.
 
@@ -36,9 +36,9 @@ def hf_model(cfg):
     return model
 
 
-def make_step(model, forward, loss_fn, precision: str):
-    """One optimizer step as the training loop does it: forward (bf16 autocast when asked), fp32
-    loss, backward, clip 1.0, fused AdamW (the default of our loop and of the HF Trainer)."""
+def make_step(model, loss_of, precision: str):
+    """One optimizer step as the training loop does it: forward and fp32 loss (under bf16 autocast
+    when asked), backward, clip 1.0, fused AdamW (the default of our loop and of the HF Trainer)."""
     from llama_pretrain.train.optim import build_optimizer
 
     opt = build_optimizer(model, 1e-3, implementation="fused")
@@ -48,8 +48,7 @@ def make_step(model, forward, loss_fn, precision: str):
     def step(batch):
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with autocast:
-            logits = forward(inputs)
-        loss = loss_fn(logits, targets)
+            loss = loss_of(inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         opt.step()
@@ -65,14 +64,13 @@ def hf_loss(logits, targets):  # what LlamaForCausalLM's loss does: upcast the l
 
 def compare(precision: str, args, cfg, peak: float, fpt: float) -> float:
     from llama_pretrain.model import Transformer
-    from llama_pretrain.train.loss import lm_loss
 
     torch.manual_seed(0)
     ours = Transformer(cfg)
     theirs = hf_model(cfg)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
-    steps = {"llama-pretrain": make_step(ours, ours, lm_loss, precision),
-             "transformers": make_step(theirs, lambda x: theirs(input_ids=x).logits, hf_loss, precision)}
+    steps = {"llama-pretrain": make_step(ours, ours, precision),  # the trainer's loss entry point
+             "transformers": make_step(theirs, lambda x, y: hf_loss(theirs(input_ids=x).logits, y), precision)}
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen)
                for _ in range(args.steps + 1)]
@@ -103,7 +101,7 @@ def parts(args) -> None:
     """The pieces our step chose by measurement: the AdamW kernel and the loss."""
     from llama_pretrain.config import ModelConfig
     from llama_pretrain.model import Transformer
-    from llama_pretrain.train.loss import chunked_cross_entropy
+    from llama_pretrain.losses import chunked_cross_entropy
     from llama_pretrain.train.optim import build_optimizer
 
     model = Transformer(ModelConfig.from_preset("llama2-small"))

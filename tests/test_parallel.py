@@ -101,6 +101,24 @@ def test_two_ranks_equal_one_process_with_accumulation(mode, extra, data, refere
     assert sorted(losses(run)) == list(range(1, 7))
 
 
+def grad_norms(run_dir: Path) -> list[float]:
+    return [json.loads(line)["grad_norm"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fsdp_clips_by_the_global_norm(data, tmp_path):
+    # A limit below every step's norm, so every step clips. AdamW is nearly blind to a constant
+    # gradient scale, so the weights alone would not reveal a rank clipping by its own shards'
+    # norm: the norm each step used (logged before clipping) must be the one-process norm.
+    clip = ["--training.max_steps=3", "--optimizer.grad_clip=0.3"]
+    one = tmp_path / "one"
+    train(0, data, one, *clip)
+    assert len(grad_norms(one)) == 3 and min(grad_norms(one)) > 0.3
+    two = tmp_path / "fsdp"
+    train(2, data, two, *clip, "--parallel.mode=fsdp")
+    assert grad_norms(two) == pytest.approx(grad_norms(one), rel=1e-5)
+    assert_same_run(one, two)
+
+
 def test_sharded_checkpoint_resumes_on_other_world_sizes(data, reference, tmp_path):
     # Written by 2 FSDP ranks (one shard file per rank), resumed by 1 process.
     two = tmp_path / "two_then_one"
@@ -222,7 +240,7 @@ def test_export_hf_reads_a_sharded_training_checkpoint(data, reference, tmp_path
 @pytest.mark.parametrize("device", ["cuda:abc", "gpu", "cuda:99"])
 def test_bad_device_is_a_user_error(device):
     from llama_pretrain import UserError
-    from llama_pretrain.train.parallel import _resolve_device
+    from llama_pretrain.devices import resolve_device
 
     with pytest.raises(UserError, match="training.device"):
-        _resolve_device(device, 0)
+        resolve_device(device, 0, flag="training.device")

@@ -100,7 +100,7 @@ def test_weight_decay_reaches_exactly_linear_weights():
 # -- loss ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_cross_entropy_matches_reference(dtype):
-    from llama_pretrain.train.loss import chunked_cross_entropy
+    from llama_pretrain.losses import chunked_cross_entropy
 
     torch.manual_seed(0)
     logits = (torch.randn(300, 97) * 3).to(dtype).requires_grad_()
@@ -132,10 +132,118 @@ def test_accumulation_equals_large_micro_batch(dataset, tmp_path):
     for s in (1, 2, 3):
         assert la[s] == pytest.approx(lb[s], rel=1e-5, abs=1e-6)
     wa, wb = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
-    start = Transformer(ModelConfig.from_preset("llama2-debug"))  # weights did move
-    assert not torch.equal(wa["output.weight"], start.output.weight)
+    torch.manual_seed(a.training.seed)  # the trainer's own initialisation, so "moved" means trained
+    start = Transformer(ModelConfig.from_preset("llama2-debug")).state_dict()
+    assert sorted(start) == sorted(wa)
+    for name in ("output.weight", "layers.0.attention.wq.weight", "tok_embeddings.weight"):
+        assert (wa[name] - start[name]).abs().max() > 1e-4, name
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+
+
+def test_training_learns(dataset, tmp_path):
+    # 30 steps of llama2-debug on a learnable Markov-chain corpus: the validation loss must fall
+    # well below its start (an untrained model sits near ln(512) = 6.24).
+    cfg = small_cfg(dataset, **{"training.max_steps": 30, "optimizer.lr": 1e-2, "schedule.warmup_steps": 5,
+                                "training.eval_every_steps": 30, "training.eval_batches": 4,
+                                "checkpoint.every_steps": 0})
+    from llama_pretrain.train.loop import train
+
+    summary = train(cfg, tmp_path / "r")
+    assert summary["first_val_loss"] > 6.0
+    assert summary["final_val_loss"] < summary["first_val_loss"] - 1.0, summary
+
+
+def test_start_weights_are_the_seeded_initialisation(dataset, tmp_path):
+    # The weight-moved check above relies on the trainer starting from torch.manual_seed(seed).
+    from llama_pretrain.train.loop import train
+
+    cfg = small_cfg(dataset, **{"training.max_steps": 1, "optimizer.lr": 1e-12, "schedule.warmup_steps": 1,
+                                "optimizer.weight_decay": 0.0})
+    train(cfg, tmp_path / "r")
+    torch.manual_seed(cfg.training.seed)
+    start = Transformer(ModelConfig.from_preset("llama2-debug")).state_dict()
+    for name, w in final_weights(tmp_path / "r").items():
+        torch.testing.assert_close(w, start[name], rtol=0, atol=1e-9)
+
+
+def test_gradient_clipping_matches_torch_and_only_acts_above_the_limit():
+    from llama_pretrain.train.loop import clip_gradients_, global_grad_norm
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("llama2-debug"))
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    for limit in (0.5, 1e9, 0.0):  # clipped / below the limit / clipping disabled
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        norm = global_grad_norm(list(model.parameters()))
+        assert norm == pytest.approx(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item(), rel=1e-5)
+        clip_gradients_(list(model.parameters()), norm, limit)
+        ref = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+        for r, g in zip(ref, grads):
+            r.grad = g.clone()
+        if limit:
+            torch.nn.utils.clip_grad_norm_(ref, limit)  # the independent reference
+        for p, r in zip(model.parameters(), ref):
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-5, atol=1e-8)
+        after = global_grad_norm(list(model.parameters()))
+        assert after == pytest.approx(limit if 0 < limit < norm else norm, rel=1e-4)
+
+
+def test_train_state_round_trips_and_restores_the_loader_and_rng(dataset):
+    from llama_pretrain.data.loader import TokenLoader
+    from llama_pretrain.train.guards import NonFiniteGuard, SpikeDetector
+    from llama_pretrain.train.state import TrainState
+
+    def fresh():
+        return TrainState(loader=TokenLoader(dataset, "train", 2, 32, 0), spikes=SpikeDetector(6.0),
+                          nonfinite=NonFiniteGuard(5))
+
+    a = fresh()
+    for _ in range(3):
+        next(a.loader)
+        a.spikes.update(5.0)
+    a.step, a.tokens_seen, a.elapsed_s, a.nonfinite.in_row = 3, 768, 1.5, 2
+    a.energy, a.schedule, a.precision = {"kwh": 0.25, "tco2eq": 0.125}, {"peak_lr": 1e-3, "last_lr": 5e-4}, "bf16"
+    torch.manual_seed(123)
+    saved = json.loads(json.dumps(a.state_dict()))  # what trainer_state.json holds
+    expected_batch, expected_rand = next(a.loader), torch.rand(3)
+    b = fresh()
+    b.load_state_dict(saved)
+    assert json.loads(json.dumps(b.state_dict())) == {**saved, "rng": b.state_dict()["rng"]}
+    b.load_state_dict(saved)
+    assert torch.equal(next(b.loader), expected_batch) and torch.equal(torch.rand(3), expected_rand)
+    assert (b.step, b.tokens_seen, b.nonfinite.in_row, b.spikes.n, b.precision) == (3, 768, 2, 3, "bf16")
+
+
+def test_keep_last_prunes_old_checkpoints(dataset, tmp_path):
+    from llama_pretrain.train.loop import train
+
+    run = tmp_path / "r"
+    train(small_cfg(dataset, **{"training.max_steps": 5, "checkpoint.every_steps": 1, "checkpoint.keep_last": 2}), run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
+
+
+def test_same_size_corruption_is_caught_by_the_checksum(dataset, tmp_path, capsys):
+    from llama_pretrain.train.loop import train
+
+    ref = tmp_path / "ref"
+    train(small_cfg(dataset, **{"training.max_steps": 6}), ref)
+    run = tmp_path / "run"
+    train(small_cfg(dataset, **{"training.max_steps": 4}), run)
+    data_file = next((run / "checkpoints" / "step-0000004").glob("*.distcp"))
+    size = data_file.stat().st_size
+    with open(data_file, "r+b") as fh:  # flip one byte in the middle: same size, different content
+        fh.seek(size // 2)
+        byte = fh.read(1)
+        fh.seek(size // 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    assert data_file.stat().st_size == size
+    capsys.readouterr()
+    train(small_cfg(dataset, **{"training.max_steps": 6}), run)
+    err = capsys.readouterr().err
+    assert "step-0000004 is damaged (checksum mismatch" in err and "step 2" in err
+    assert losses(run) == losses(ref)
 
 
 def test_injected_nan_skips_step_and_leaves_weights(dataset, tmp_path):
@@ -195,7 +303,7 @@ def test_truncated_latest_checkpoint_falls_back(dataset, tmp_path, capsys):
 def test_checkpoint_has_no_pickled_objects_and_rejects_foreign_metadata(dataset, tmp_path):
     import pickle
 
-    from llama_pretrain.train.checkpoint import _MetadataUnpickler
+    from llama_pretrain.interop.training_checkpoint import MetadataUnpickler
 
     from llama_pretrain.train.loop import train
     train(small_cfg(dataset, **{"training.max_steps": 2}), tmp_path / "r")
@@ -205,7 +313,7 @@ def test_checkpoint_has_no_pickled_objects_and_rejects_foreign_metadata(dataset,
     payload = pickle.dumps(print)  # anything outside DCP's metadata classes is refused
     import io
     with pytest.raises(pickle.UnpicklingError):
-        _MetadataUnpickler(io.BytesIO(payload)).load()
+        MetadataUnpickler(io.BytesIO(payload)).load()
 
 
 # -- config -------------------------------------------------------------------------------------------

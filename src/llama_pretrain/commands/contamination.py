@@ -34,17 +34,49 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args) -> int:
     import json
     import sys
-    from pathlib import Path
 
     import numpy as np
 
-    from ..data.shards import open_tokens, read_manifest
-    from ..errors import UserError
+    from ..data.shards import open_tokens
     from ..eval.contamination import SUBSETS, find_contamination, summarize
-    from ..eval.evaluator import _records
+    from ..eval.evaluator import task_records
     from ..eval.tasks import TASKS
-    from ..eval.tokenization import SentencePieceText
     from ..fsutil import atomic_file
+
+    seed = _check_args(args)
+    tok, tok_path = _shards_tokenizer(args)
+    task = TASKS[args.task]
+    records, source = task_records(task, args.data_dir)
+    samples = task.samples(records)[:args.limit]
+    ids = [s.id for s in samples]
+    tokens = [np.asarray(tok.encode(task.example(s.doc)), dtype=np.int64) for s in samples]
+    streams = open_tokens(args.shards, args.split)
+    total = int(sum(len(s) for s in streams))
+    print(f"{args.task}: {len(samples)} samples, {sum(map(len, tokens)):,} tokens; scanning {total:,} "
+          f"{args.split} tokens (L={args.min_match}, seed={seed}, mismatches<={args.max_mismatches})",
+          file=sys.stderr)
+    marks = find_contamination(tokens, streams, min_match=args.min_match, max_mismatches=args.max_mismatches,
+                               seed=seed, progress=sys.stderr.isatty(), total_tokens=total)
+    scores = _read_scores(args) if args.results else None
+    report = {"task": args.task, "data": source, "shards": args.shards, "split": args.split,
+              "train_tokens": total, "min_match": args.min_match, "max_mismatches": args.max_mismatches,
+              "seed_len": seed, "tokenizer": str(tok_path),
+              "subset_rule": {k: f"{lo:.0%} <= share < {min(hi, 1):.0%}" if hi <= 1 else f"share >= {lo:.0%}"
+                              for k, (lo, hi) in SUBSETS.items()},
+              **summarize(ids, marks, scores)}
+    _print_table(report, len(ids), scores is not None)
+    if args.out:
+        with atomic_file(args.out, "w") as fh:
+            json.dump(report, fh, indent=1)
+            fh.write("\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def _check_args(args) -> int:
+    """One-line errors for bad flags; returns the seed length."""
+    from ..errors import UserError
+    from ..eval.tasks import TASKS
 
     if args.task not in TASKS:
         raise UserError(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
@@ -57,8 +89,19 @@ def run(args) -> int:
     seed = args.seed_len or args.min_match
     if not 1 <= seed <= args.min_match:
         raise UserError("--seed-len must be between 1 and --min-match")
-    manifest = read_manifest(args.shards)
-    tok_info = manifest.get("tokenizer") or {}
+    return seed
+
+
+def _shards_tokenizer(args):
+    """(tokenizer, its path): --tokenizer, else the one the manifest names; it must be the one the
+    shards were made with (same sha256)."""
+    from pathlib import Path
+
+    from ..data.shards import read_manifest
+    from ..errors import UserError
+    from ..eval.tokenization import SentencePieceText
+
+    tok_info = read_manifest(args.shards).get("tokenizer") or {}
     tok_path = args.tokenizer or tok_info.get("path")
     if not tok_path:
         raise UserError(f"{args.shards}: the manifest names no tokenizer; pass --tokenizer")
@@ -67,51 +110,36 @@ def run(args) -> int:
     tok = SentencePieceText(tok_path)
     if tok_info.get("sha256") and tok.tok.sha256 != tok_info["sha256"]:
         raise UserError(f"{tok_path} is not the tokenizer the shards were made with (sha256 differs)")
+    return tok, tok_path
 
-    task = TASKS[args.task]
-    records, source = _records(task, args.data_dir)
-    samples = task.samples(records)[:args.limit]
-    ids = [s.id for s in samples]
-    tokens = [np.asarray(tok.encode(task.example(s.doc)), dtype=np.int64) for s in samples]
-    streams = open_tokens(args.shards, args.split)
-    total = int(sum(len(s) for s in streams))
-    print(f"{args.task}: {len(samples)} samples, {sum(map(len, tokens)):,} tokens; scanning {total:,} "
-          f"{args.split} tokens (L={args.min_match}, seed={seed}, mismatches<={args.max_mismatches})",
-          file=sys.stderr)
-    marks = find_contamination(tokens, streams, min_match=args.min_match, max_mismatches=args.max_mismatches,
-                               seed=seed, progress=sys.stderr.isatty(), total_tokens=total)
-    scores = None
-    if args.results:
-        try:
-            doc = json.loads(Path(args.results).read_text())
-            rows = doc["samples"][args.task]
-            primary = doc["results"][args.task]["primary"]
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read --results {args.results}: {e}") from None
-        except (KeyError, TypeError):
-            raise UserError(f"{args.results}: no per-sample results for {args.task} "
-                            f"(write it with `llama-pretrain eval --tasks {args.task} --out FILE`)") from None
-        try:
-            scores = {str(r["id"]): float(r[primary]) for r in rows if primary in r}
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"{args.results}: per-sample results for {args.task} need an id and a numeric "
-                            f"{primary!r} in every row") from None
-    report = summarize(ids, marks, scores)
-    report = {"task": args.task, "data": source, "shards": args.shards, "split": args.split,
-              "train_tokens": total, "min_match": args.min_match, "max_mismatches": args.max_mismatches,
-              "seed_len": seed, "tokenizer": str(tok_path),
-              "subset_rule": {k: f"{lo:.0%} <= share < {min(hi, 1):.0%}" if hi <= 1 else f"share >= {lo:.0%}"
-                              for k, (lo, hi) in SUBSETS.items()},
-              **report}
+
+def _read_scores(args) -> dict[str, float]:
+    """Per-sample scores of --task from an `eval --out` results file, by sample id."""
+    import json
+    from pathlib import Path
+
+    from ..errors import UserError
+
+    try:
+        doc = json.loads(Path(args.results).read_text())
+        rows = doc["samples"][args.task]
+        primary = doc["results"][args.task]["primary"]
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read --results {args.results}: {e}") from None
+    except (KeyError, TypeError):
+        raise UserError(f"{args.results}: no per-sample results for {args.task} "
+                        f"(write it with `llama-pretrain eval --tasks {args.task} --out FILE`)") from None
+    try:
+        return {str(r["id"]): float(r[primary]) for r in rows if primary in r}
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{args.results}: per-sample results for {args.task} need an id and a numeric "
+                        f"{primary!r} in every row") from None
+
+
+def _print_table(report: dict, n_samples: int, scored: bool) -> None:
     print(f"{'subset':<10} {'n':>6} {'share':>7} {'score':>7}")
     for name, e in report["subsets"].items():
         sc = f"{100 * e['score']:7.1f}" if e.get("score") is not None else f"{'-':>7}"
         print(f"{name:<10} {e['n']:>6} {100 * e['fraction']:6.1f}% {sc}")
-    if scores is not None and report.get("score_all") is not None:
-        print(f"{'all':<10} {len(ids):>6} {100.0:6.1f}% {100 * report['score_all']:7.1f}")
-    if args.out:
-        with atomic_file(args.out, "w") as fh:
-            json.dump(report, fh, indent=1)
-            fh.write("\n")
-        print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+    if scored and report.get("score_all") is not None:
+        print(f"{'all':<10} {n_samples:>6} {100.0:6.1f}% {100 * report['score_all']:7.1f}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..devices import DTYPE_CHOICES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -33,8 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["auto", "native", "hf"], default="auto",
                    help="native: our Transformer; hf: transformers AutoModelForCausalLM; auto: native for "
                         "our/Meta checkpoints, hf otherwise")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, metavar="{fp32,bf16,fp16}",
+                   help="weights dtype (default: as stored)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per generated program (default 10)")
     p.set_defaults(func=run)
 

@@ -16,13 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import torch
-
+    from ..devices import resolve_device
     from ..errors import UserError
     from ..generate import generate
     from ..interop import find_tokenizer, load_model
@@ -38,12 +37,7 @@ def run(args) -> int:
     if tok_path is None:
         raise UserError(f"{args.model}: no tokenizer.model in the checkpoint; pass --tokenizer FILE.model")
     tokenizer = Tokenizer(tok_path)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
-        "cpu" if args.device == "auto" else args.device)
-    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:")):
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-    if device != "cpu" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device is available")
+    device = resolve_device(args.device)
     model = load_model(args.model, device=device)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "

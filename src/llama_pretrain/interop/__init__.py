@@ -11,6 +11,7 @@ from ..errors import UserError
 from .hf import is_hf_dir, load_hf, save_hf
 from .meta import is_meta_dir, load_meta
 from .native import TOKENIZER, is_native_dir, load_native, save_native
+from .training_checkpoint import is_training_checkpoint, load_training_checkpoint, training_checkpoint_tokenizer
 
 __all__ = ["load_checkpoint", "load_model", "find_tokenizer", "save_native", "save_hf"]
 
@@ -32,8 +33,7 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
     elif is_hf_dir(path):
         cfg, state = load_hf(path)
         fmt = "hf"
-    elif (path / "trainer_state.json").is_file():  # RUN_DIR/checkpoints/step-N (DCP, any world size)
-        from ..train.export import load_training_checkpoint
+    elif is_training_checkpoint(path):  # RUN_DIR/checkpoints/step-N (DCP, any world size)
         cfg, state, _ = load_training_checkpoint(path)
         fmt = "training-checkpoint"
     else:
@@ -72,8 +72,7 @@ def find_tokenizer(path: str | Path) -> Path | None:
     p = Path(path) / TOKENIZER
     if p.is_file():
         return p
-    if (Path(path) / "trainer_state.json").is_file():
-        from ..train.export import training_checkpoint_tokenizer
+    if is_training_checkpoint(path):
         try:
             return training_checkpoint_tokenizer(Path(path))
         except UserError:

@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import UserError
 
 # Mirrors configs/demo.toml (a test keeps the two equal). The budget is sized for ~5 minutes of
 # training on 2 CPU cores.
@@ -40,11 +39,7 @@ def _stage(name: str, msg: str) -> None:
 def prepare_demo_data(run_dir: Path, vocab_size: int, progress: bool = True,
                       max_docs: int | None = None) -> tuple[Path, Path]:
     """Stages 1-3; returns (dataset dir, tokenizer.model)."""
-    try:
-        from ..data.builtin import write_builtin_corpus
-    except ImportError:
-        raise UserError("the built-in corpus (llama_pretrain.data.builtin) is not available in this "
-                        "install; run with --config and a prepared dataset") from None
+    from ..data.builtin import write_builtin_corpus
     from ..data.prepare import prepare
     from ..data.sources import iter_texts, load_data_config
     from ..tokenizer import train_tokenizer
@@ -85,7 +80,7 @@ def prepare_demo_data(run_dir: Path, vocab_size: int, progress: bool = True,
 
 def run_demo(run_dir: Path, overrides: list[str] | None = None, print_config: bool = False,
              sample_tokens: int = 48, max_docs: int | None = None) -> int:
-    from ..commands.train import print_summary
+    from .summary import print_summary
     from .config import load_run_config
     from .loop import train
 
@@ -123,14 +118,11 @@ def run_demo(run_dir: Path, overrides: list[str] | None = None, print_config: bo
 
 
 def demo_sample(final_dir: Path, max_new_tokens: int) -> str | None:
-    """A short sampled continuation from the trained model, or None when generation is unavailable
-    (or there is no final model: --checkpoint.export_final=false)."""
+    """A short sampled continuation from the trained model, or None when there is no final model
+    (--checkpoint.export_final=false) or no tokenizer beside it."""
     if not final_dir.is_dir():
         return None
-    try:
-        from ..generate import generate
-    except ImportError:
-        return None
+    from ..generate import generate
     from ..interop import find_tokenizer, load_model
     from ..tokenizer import Tokenizer
 

@@ -5,9 +5,10 @@ and joins the process group (NCCL on GPU, gloo on CPU); without it, training is 
 ``parallelize`` applies, in order: activation checkpointing per block, ``torch.compile`` per block,
 then DDP or FSDP2 (``fully_shard`` per transformer block, then the root).
 
-IMPORTANT for callers: DDP and FSDP act through the module's ``forward`` hooks, so the training loop
-must call ``model(inputs, targets)`` (the loss path of ``Transformer.forward``), never
-``model.hidden_states`` or submodules directly.
+DDP and FSDP act through the module's ``forward`` hooks, so the training loop calls the wrapped
+model itself (``model(inputs, targets)``, the loss path of ``Transformer.forward``), never a
+submodule. The collectives below (mean, max, gather of Python objects, barrier) are no-ops in a
+single process, so the loop is the same code with and without torchrun.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..devices import resolve_device
 from ..errors import UserError
 
 MODES = ("none", "ddp", "fsdp")
@@ -40,30 +42,12 @@ class DistInfo:
         return self.world_size > 1 or dist.is_initialized()
 
 
-def _resolve_device(device: str, local_rank: int) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device in ("cpu", "mps"):
-        return torch.device(device)
-    if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise UserError(f"training.device is {device!r} but no CUDA device is available")
-        count = torch.cuda.device_count()
-        if device == "cuda":
-            return torch.device("cuda", local_rank % count)
-        index = device.removeprefix("cuda:")
-        if not index.isdigit() or int(index) >= count:
-            raise UserError(f"training.device {device!r}: expected cuda:N with N in 0..{count - 1}")
-        return torch.device("cuda", int(index))
-    raise UserError(f"training.device must be auto, cpu, cuda or cuda:N, got {device!r}")
-
-
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """Join the torchrun process group if the environment describes one; else a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, flag="training.device")
     # torchrun sets TORCHELASTIC_RUN_ID; under it even a single rank joins a process group, so
     # `torchrun --nproc_per_node 1` behaves like N ranks (FSDP, sharded checkpoints).
     launched = "TORCHELASTIC_RUN_ID" in os.environ or ("MASTER_ADDR" in os.environ and "RANK" in os.environ)
@@ -170,11 +154,6 @@ def parallelize(model: nn.Module, info: DistInfo, mode: str = "none", compile: b
     return model
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The underlying Transformer (DDP wraps it; FSDP2 and compile-per-block do not)."""
-    return getattr(model, "module", model)
-
-
 @contextlib.contextmanager
 def grad_sync(model: nn.Module, enabled: bool):
     """Skip gradient communication on all but the last micro-batch of an accumulation."""
@@ -211,10 +190,15 @@ def all_reduce_max(value) -> float:
     return _reduce(value, dist.ReduceOp.MAX)
 
 
-def all_reduce_sum(value) -> float:
-    return _reduce(value, dist.ReduceOp.SUM)
-
-
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def gather_object(obj):
+    """``obj`` from every rank, in rank order (a one-element list in a single process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
