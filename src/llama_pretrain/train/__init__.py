@@ -1,1 +1,4 @@
-"""Training: run config, optimizer and schedule, loop, checkpoints, metrics, parallelism."""
+"""Training: ``loop`` (``train()`` and its parts), ``state`` (``TrainState``), ``checkpoint``
+(writing and restoring), ``report`` / ``metrics`` / ``summary`` (what a run tells its user),
+``config`` (the run config), ``optim`` (AdamW, schedule), ``guards``, ``parallel`` (DDP / FSDP2 /
+compile / activation checkpointing from outside the model), ``demo`` (the default job), ``plot``."""
