@@ -167,3 +167,37 @@ def test_bad_checkpoints_are_one_line_errors_and_write_nothing(tmp_path, hf_dir)
         r = cli("export-hf", src, "--out", tmp_path / "o6", "--tokenizer", tok)
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "o6").exists()
+
+
+@pytest.mark.parametrize("fields", [dict(preset="llama2-debug"), dict(preset="llama2-tiny"),
+                                    dict(dim=128, n_layers=3, n_heads=8, n_kv_heads=2, multiple_of=64,
+                                         ffn_dim_multiplier=1.3, vocab_size=100)])
+def test_expected_shapes_are_the_models(fields):
+    from llama_pretrain.interop.checks import expected_shapes
+    fields = dict(fields)
+    cfg = ModelConfig.from_preset(fields.pop("preset"), **fields) if "preset" in fields else ModelConfig(**fields)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert expected_shapes(cfg) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_config_is_checked_against_the_header_before_any_tensor_is_read(hf_dir, tmp_path, monkeypatch):
+    from llama_pretrain.interop import native
+
+    def no_reading(file):
+        raise AssertionError(f"read {file} before checking the config")
+    monkeypatch.setattr(native, "read_safetensors", no_reading)
+    cfg = ModelConfig.from_preset("llama2-debug")
+    ours = save_native(Transformer(cfg).state_dict(), cfg, tmp_path / "ours")
+    meta = json.loads((ours / "config.json").read_text())
+    meta["model"]["n_layers"] = 3
+    (ours / "config.json").write_text(json.dumps(meta))
+    theirs = tmp_path / "hf"
+    theirs.mkdir()
+    for f in hf_dir[0].glob("*.safetensors"):
+        (theirs / f.name).write_bytes(f.read_bytes())
+    hf_cfg = json.loads((hf_dir[0] / "config.json").read_text())
+    (theirs / "config.json").write_text(json.dumps({**hf_cfg, "num_hidden_layers": 3}))
+    for d in (ours, theirs):
+        with pytest.raises(UserError, match="tensors do not match the config"):
+            load_checkpoint(d)

@@ -182,6 +182,10 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+# RoPE table rows built up front: every training context here fits; longer ones grow on demand.
+ROPE_START_ROWS = 4096
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -209,18 +213,22 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
         self.init_rope()
 
-    def init_rope(self) -> None:
-        """(Re)compute the RoPE tables in fp32 on the model's device (after ``to_empty`` or a dtype cast)."""
-        device = self.output.weight.device
-        cos, sin = rope_cos_sin(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
-        self.rope_cos = cos.to(device)
-        self.rope_sin = sin.to(device)
+    def init_rope(self, rows: int = ROPE_START_ROWS) -> None:
+        """(Re)compute the RoPE tables in fp32 on the model's device (after ``to_empty`` or a dtype
+        cast) for the first ``rows`` positions, at most max_seq_len: a table for a long context is
+        grown by ``hidden_states`` when a sequence reaches that far, not allocated up front."""
+        rows = min(max(rows, self.rope_cos.shape[0]), self.config.max_seq_len)
+        cos, sin = rope_cos_sin(self.config.head_dim, rows, self.config.rope_theta)
+        self.rope_cos = cos.to(self.output.weight.device)
+        self.rope_sin = sin.to(self.output.weight.device)
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                       mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, T, dim] (what the output head reads); see ``forward``."""
         T = tokens.shape[1]
         past = 0 if cache is None else cache.length
+        if past + T > self.rope_cos.shape[0]:  # rows are the same at any table length: grow, once
+            self.init_rope(max(past + T, 2 * self.rope_cos.shape[0]))
         if positions is not None:  # a padded batch may hold more columns than positions
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         elif past + T > self.config.max_seq_len:

@@ -327,10 +327,16 @@ def load_lm(model: str, *, backend: str = "auto", tokenizer: str | None = None, 
             from transformers import AutoModelForCausalLM
         except ImportError:
             raise UserError("--backend hf needs `transformers` (pip install 'llama-pretrain[eval]')") from None
+        if path.is_dir():
+            from ..interop.hf import check_hf_llama_dir
+            check_hf_llama_dir(path)
         try:
             m = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype or "auto")
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load {model} with transformers: {str(e).splitlines()[0]}") from None
+        except Exception as e:  # noqa: BLE001 - a local dir's config may make transformers raise anything
+            if not (path.is_dir() or isinstance(e, (OSError, ValueError))):
+                raise
+            detail = " ".join(str(e).split())[:300]  # one line: transformers' messages span several
+            raise UserError(f"cannot load {model} with transformers ({type(e).__name__}: {detail})") from None
         be = HFBackend(m.to(device))
     else:
         raise UserError(f"--backend {backend!r}: choose auto, native or hf")

@@ -8,6 +8,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import UserError
+from .checks import check_shapes, check_weights
 from .hf import is_hf_dir, load_hf, save_hf
 from .meta import is_meta_dir, load_meta
 from .native import TOKENIZER, is_native_dir, load_native, save_native
@@ -81,17 +82,7 @@ def find_tokenizer(path: str | Path) -> Path | None:
 
 
 def check_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], where) -> None:
-    """UserError unless ``state`` holds exactly the tensors (names and shapes) ``cfg`` implies."""
-    from ..model import Transformer
-
-    with torch.device("meta"):
-        expected = Transformer(cfg).state_dict()
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise UserError(f"{where}: tensors do not match the config "
-                        f"(missing: {missing[:3]}, unexpected: {extra[:3]})")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise UserError(f"{where}: tensor {name} has shape {tuple(tensor.shape)}, "
-                            f"config expects {tuple(expected[name].shape)}")
+    """UserError unless ``state`` holds exactly the tensors (names and shapes) ``cfg`` implies, all
+    floating point and finite."""
+    check_shapes(cfg, {name: tuple(t.shape) for name, t in state.items()}, where)
+    check_weights(state, where)

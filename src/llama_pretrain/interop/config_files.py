@@ -7,6 +7,7 @@ from pathlib import Path
 from ..config import NON_MODEL_KEYS, ModelConfig, read_json_object, read_toml
 from ..errors import UserError
 from .hf import config_from_hf
+from .native import read_native_config
 
 
 def model_config_from_file(path: str | Path) -> ModelConfig:
@@ -36,4 +37,4 @@ def model_config_from_file(path: str | Path) -> ModelConfig:
                 if k not in NON_MODEL_KEYS and not (k == "vocab_size" and isinstance(v, int) and v <= 0)}
         data.setdefault("max_seq_len", 4096)
         return ModelConfig.from_dict(data, where=str(path))
-    return ModelConfig.from_json(path)
+    return read_native_config(path)

@@ -17,6 +17,7 @@ import torch
 from ..config import ModelConfig, read_json_object
 from ..errors import UserError
 from ..fsutil import atomic_dir
+from .checks import check_shapes, check_tensors, model_config
 
 _LAYER_MAP = {  # ours (inside layers.N.) -> HF (inside model.layers.N.)
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -61,27 +62,35 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     return out
 
 
-def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str = "HF checkpoint") -> dict[str, torch.Tensor]:
+def _our_name(name: str, where: str) -> str | None:
+    """Our name for the HF tensor ``name``; None for a buffer we recompute (rotary_emb.inv_freq)."""
     top = {v: k for k, v in _TOP_MAP.items()}
     layer = {v: k for k, v in _LAYER_MAP.items()}
-    out = {}
-    for name, w in state.items():
-        if name in top:
-            out[top[name]] = w
-            continue
-        parts = name.split(".", 3)
-        if len(parts) != 4 or parts[:2] != ["model", "layers"] or parts[3] not in layer:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            raise UserError(f"{where}: unexpected tensor {name!r} for a Llama model")
-        rest = layer[parts[3]]
-        if rest == "attention.wq.weight":
-            w = _from_hf_rows(w, cfg.n_heads)
-        elif rest == "attention.wk.weight":
-            w = _from_hf_rows(w, cfg.kv_heads)
-        out[f"layers.{parts[2]}.{rest}"] = w
+    if name in top:
+        return top[name]
+    parts = name.split(".", 3)
+    if len(parts) != 4 or parts[:2] != ["model", "layers"] or parts[3] not in layer:
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        raise UserError(f"{where}: unexpected tensor {name!r} for a Llama model")
+    return f"layers.{parts[2]}.{layer[parts[3]]}"
+
+
+def _renamed(state: dict, where: str) -> dict:
+    """``state`` (tensors or shapes) under our names; tied-embedding checkpoints gain the head."""
+    out = {new: v for name, v in state.items() if (new := _our_name(name, where)) is not None}
     if "output.weight" not in out and "tok_embeddings.weight" in out:
-        out["output.weight"] = out["tok_embeddings.weight"]  # tied-embedding checkpoints
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return out
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str = "HF checkpoint") -> dict[str, torch.Tensor]:
+    out = _renamed(state, where)
+    for name, w in out.items():
+        if name.endswith("attention.wq.weight"):
+            out[name] = _from_hf_rows(w, cfg.n_heads)
+        elif name.endswith("attention.wk.weight"):
+            out[name] = _from_hf_rows(w, cfg.kv_heads)
     return out
 
 
@@ -141,13 +150,13 @@ def config_from_hf(data: dict, where: str) -> ModelConfig:
         if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
             raise UserError(f"{where}: RoPE scaling {rope.get('rope_type') or rope.get('type')!r} is not supported")
         multiple_of, mult = _ffn_shape(dim, data["intermediate_size"])
-        return ModelConfig(
+        return model_config(dict(
             dim=dim, n_layers=data["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=data.get("num_key_value_heads") or n_heads, vocab_size=data["vocab_size"],
             multiple_of=multiple_of, ffn_dim_multiplier=mult, norm_eps=data.get("rms_norm_eps", 1e-5),
             rope_theta=float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
             max_seq_len=data.get("max_position_embeddings", 4096),
-        )
+        ), where)
     except KeyError as e:
         raise UserError(f"{where}: missing field {e.args[0]!r}") from None
     except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # a field of the wrong type
@@ -167,30 +176,47 @@ def is_hf_dir(path: Path) -> bool:
 
 
 def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read an HF Llama directory (safetensors, sharded or not, or pytorch_model*.bin)."""
+    """Read an HF Llama directory (safetensors, sharded or not, or pytorch_model*.bin); the config
+    is checked against the safetensors headers before any tensor is read."""
+    from .native import read_safetensors, safetensors_shapes
+
     path = Path(path)
     cfg_path = path / "config.json"
     cfg = config_from_hf(read_json_object(cfg_path), str(cfg_path))
     files = sorted(path.glob("*.safetensors"))
     state: dict[str, torch.Tensor] = {}
     if files:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        shapes = {name: shape for f in files for name, shape in safetensors_shapes(f).items()}
+        check_shapes(cfg, _renamed(shapes, str(path)), path)
         for f in files:
-            try:
-                state.update(load_file(str(f)))
-            except (SafetensorError, OSError, ValueError) as e:
-                raise UserError(f"{f}: cannot read safetensors file ({e})") from None
+            state.update(read_safetensors(f))
     else:
         bins = sorted(path.glob("pytorch_model*.bin"))
         if not bins:
             raise UserError(f"{path}: no *.safetensors or pytorch_model*.bin weights found")
         for f in bins:
             try:
-                state.update(torch.load(f, map_location="cpu", weights_only=True))
+                part = torch.load(f, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
                 raise UserError(f"{f}: cannot read weights ({type(e).__name__}: {e})") from None
+            check_tensors(part, f)
+            state.update(part)
+        check_shapes(cfg, _renamed({k: tuple(v.shape) for k, v in state.items()}, str(path)), path)
     return cfg, from_hf_state_dict(state, cfg, where=str(path))
+
+
+def check_hf_llama_dir(path: Path) -> None:
+    """For a Llama directory handed to transformers: UserError unless its config is one we read and
+    matches the safetensors headers (transformers would allocate the config's model first)."""
+    from .native import safetensors_shapes
+
+    data = read_json_object(path / "config.json")
+    files = sorted(path.glob("*.safetensors"))
+    if data.get("model_type") != "llama" or not files:
+        return  # another architecture, or .bin weights: transformers' own checks
+    cfg = config_from_hf(data, str(path / "config.json"))
+    shapes = {name: shape for f in files for name, shape in safetensors_shapes(f).items()}
+    check_shapes(cfg, _renamed(shapes, str(path)), path)
 
 
 def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path,

@@ -14,6 +14,7 @@ import torch
 
 from ..config import ModelConfig, read_json_object
 from ..errors import UserError
+from .checks import check_shapes, check_tensors, model_config
 
 _ROW_SPLIT = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
               "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
@@ -28,36 +29,70 @@ def load_meta(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     path = Path(path)
     params_path = path / "params.json"
     params = read_json_object(params_path)
+    parts = _read_shards(path)
+    axes = {name: _split_axis(name, [p[name] for p in parts], path) for name in parts[0] if name != "rope.freqs"}
+    shapes = {name: _merged_shape([p[name] for p in parts], axis) for name, axis in axes.items()}
+    cfg = _config(params, shapes, params_path)
+    check_shapes(cfg, shapes, path)  # before merging: torch.cat allocates
+    state = {name: parts[0][name] if axis is None else torch.cat([p[name] for p in parts], dim=axis)
+             for name, axis in axes.items()}
+    return cfg, state
+
+
+def _read_shards(path: Path) -> list[dict[str, torch.Tensor]]:
+    """Every consolidated.NN.pth (memory-mapped, weights only), each a dict of tensors, same keys."""
     shards = sorted(path.glob("consolidated.*.pth"))
     if not shards:
         raise UserError(f"{path}: no consolidated.*.pth files")
     parts = []
     for f in shards:
         try:
-            parts.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+            part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
             raise UserError(f"{f}: cannot read Meta checkpoint shard ({type(e).__name__}: {e})") from None
-    state = {}
-    for name in parts[0]:
-        if name == "rope.freqs":
-            continue
-        tensors = [p[name] for p in parts]
-        if len(tensors) == 1 or tensors[0].dim() == 1:
-            state[name] = tensors[0]
-        elif name.endswith(_ROW_SPLIT):
-            state[name] = torch.cat(tensors, dim=0)
-        elif name.endswith(_COL_SPLIT):
-            state[name] = torch.cat(tensors, dim=1)
-        else:
-            raise UserError(f"{path}: unexpected tensor {name!r} in a Meta checkpoint")
+        check_tensors(part, f)
+        if parts and set(part) != set(parts[0]):
+            raise UserError(f"{f}: holds other tensors than {shards[0].name} "
+                            f"({sorted(set(part) ^ set(parts[0]))[:3]})")
+        parts.append(part)
+    return parts
+
+
+def _split_axis(name: str, tensors: list[torch.Tensor], where: Path) -> int | None:
+    """The axis Meta's model parallelism split ``name`` along; None for a replicated tensor. The
+    shards must agree on every other axis."""
+    if len(tensors) == 1 or tensors[0].dim() == 1:
+        axis = None
+    elif name.endswith(_ROW_SPLIT):
+        axis = 0
+    elif name.endswith(_COL_SPLIT):
+        axis = 1
+    else:
+        raise UserError(f"{where}: unexpected tensor {name!r} in a Meta checkpoint")
+    first = tensors[0].shape
+    for t in tensors[1:]:
+        if t.dim() != len(first) or any(a != b for i, (a, b) in enumerate(zip(t.shape, first)) if i != axis):
+            raise UserError(f"{where}: shards disagree on the shape of {name!r} "
+                            f"({tuple(first)} and {tuple(t.shape)})")
+    return axis
+
+
+def _merged_shape(tensors: list[torch.Tensor], axis: int | None) -> tuple[int, ...]:
+    shape = list(tensors[0].shape)
+    if axis is not None:
+        shape[axis] = sum(t.shape[axis] for t in tensors)
+    return tuple(shape)
+
+
+def _config(params: dict, shapes: dict[str, tuple[int, ...]], params_path: Path) -> ModelConfig:
     fields = {k: v for k, v in params.items()
               if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                        "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")}
     vocab = fields.get("vocab_size", -1)
-    if isinstance(vocab, int) and vocab <= 0 and "tok_embeddings.weight" in state:
-        fields["vocab_size"] = state["tok_embeddings.weight"].shape[0]  # Meta writes -1 here
+    if isinstance(vocab, int) and vocab <= 0 and "tok_embeddings.weight" in shapes:
+        fields["vocab_size"] = shapes["tok_embeddings.weight"][0]  # Meta writes -1 here
     fields.setdefault("max_seq_len", 4096)
-    return ModelConfig.from_dict(fields, where=str(params_path)), state
+    return model_config(fields, params_path)
 
 
 def save_meta(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path) -> Path:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import NON_MODEL_KEYS, ModelConfig, read_json_object
 from ..errors import UserError
 from ..fsutil import atomic_dir
+from .checks import check_shapes, model_config
 
 FORMAT = "llama-pretrain"
 WEIGHTS = "model.safetensors"
@@ -49,15 +50,38 @@ def save_native(state_dict: dict[str, torch.Tensor], config: ModelConfig, out: s
     return out
 
 
+def read_native_config(path: Path) -> ModelConfig:
+    """The ModelConfig of a config.json: model fields, under ``model`` or at the top level."""
+    data = read_json_object(path)
+    fields = data.get("model", data)
+    if not isinstance(fields, dict):
+        raise UserError(f"{path}: model must be a JSON object, got {type(fields).__name__}")
+    return model_config({k: v for k, v in fields.items() if k not in NON_MODEL_KEYS}, path)
+
+
 def load_native(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    path = Path(path)
+    config = read_native_config(path / CONFIG)
+    check_shapes(config, safetensors_shapes(path / WEIGHTS), path / WEIGHTS)  # before reading any tensor
+    return config, read_safetensors(path / WEIGHTS)
+
+
+def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape from a safetensors file's header, reading no tensor data."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{file}: cannot read safetensors file ({e})") from None
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
-    config = ModelConfig.from_json(path / CONFIG)
     try:
-        state = load_file(str(path / WEIGHTS))
+        return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path / WEIGHTS}: cannot read safetensors file ({e})") from None
-    return config, state
-
+        raise UserError(f"{file}: cannot read safetensors file ({e})") from None
