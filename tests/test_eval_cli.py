@@ -221,3 +221,38 @@ def test_contamination_mismatches_and_streaming():
                                    chunk_tokens=100_010)
         assert np.flatnonzero(marks[0]).tolist() == list(range(20, 50))
         assert int(marks[1].sum()) == want1 and not marks[2].any()
+
+
+# -- the code sandbox's opt-in where generated code cannot be isolated ---------------------------
+from llama_pretrain.eval import sandbox as _sandbox
+
+_REAL_REQUIRE_ISOLATION = _sandbox.require_isolation
+
+
+@pytest.fixture(autouse=True)
+def _fixture_code_runs_where_namespaces_are_refused(monkeypatch):
+    """Where the kernel refuses namespaces the code tasks refuse untrusted code; the programs of
+    these tests are the fixtures' own, so they opt in as a user would with --allow-unsandboxed."""
+    if not _sandbox.namespace_prefix():
+        monkeypatch.setattr(_sandbox, "require_isolation", lambda allow=False: None)
+
+
+def _mbpp_samples(tmp_path):
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"task_id": 11, "completion": "def f(x):\n    return x + 1\n"}) + "\n")
+    return str(samples)
+
+
+def test_code_tasks_refuse_to_run_unisolated_without_the_flag(setup, tmp_path, capsys, monkeypatch):
+    _, data = setup
+    monkeypatch.setattr(_sandbox, "require_isolation", _REAL_REQUIRE_ISOLATION)
+    monkeypatch.setattr(_sandbox, "namespace_prefix", lambda: ())
+    base = ["eval", "--tasks", "mbpp", "--data-dir", str(data), "--samples", _mbpp_samples(tmp_path)]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "--allow-unsandboxed" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    out = tmp_path / "r.json"
+    assert main(base + ["--allow-unsandboxed", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["results"]["mbpp"]["pass@1"] == 1.0 and doc["config"]["allow_unsandboxed"] is True
+    assert doc["results"]["mbpp"]["settings"]["sandbox"]["isolation"][0].startswith("UNSANDBOXED")

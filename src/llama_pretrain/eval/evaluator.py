@@ -77,7 +77,7 @@ def preflight(task_ids: list[str], data_dir) -> None:
 
 def run_task(task, lm, data_dir=None, shots: int | None = None, limit: int | None = None,
              completions: dict[str, list[str]] | None = None, timeout: float = 10.0,
-             progress: bool = False) -> tuple[dict, list[dict]]:
+             progress: bool = False, allow_unsandboxed: bool = False) -> tuple[dict, list[dict]]:
     """(summary, per-sample rows) for one task."""
     start = time.time()
     records, source = task_records(task, data_dir)
@@ -95,7 +95,8 @@ def run_task(task, lm, data_dir=None, shots: int | None = None, limit: int | Non
     if task.kind == "code":
         if lm is None and completions is None:
             raise UserError(f"{task.id}: give a MODEL or --samples FILE.jsonl")
-        rows = task.evaluate(lm, samples, prompts, completions=completions, timeout=timeout, progress=progress)
+        rows = task.evaluate(lm, samples, prompts, completions=completions, timeout=timeout, progress=progress,
+                             allow_unsandboxed=allow_unsandboxed)
     else:
         if lm is None:
             raise UserError(f"{task.id}: needs a MODEL (--samples only scores the code tasks)")
@@ -129,7 +130,7 @@ def group_scores(results: dict[str, dict]) -> dict[str, dict]:
 
 def evaluate(lm, task_ids: list[str], data_dir=None, shots: int | None = None, limit: int | None = None,
              completions: dict[str, list[str]] | None = None, timeout: float = 10.0,
-             progress: bool = True, log=None) -> dict:
+             progress: bool = True, log=None, allow_unsandboxed: bool = False) -> dict:
     """Run ``task_ids`` and return the results document (see README section `eval`)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     results, per_sample = {}, {}
@@ -137,7 +138,8 @@ def evaluate(lm, task_ids: list[str], data_dir=None, shots: int | None = None, l
         task = TASKS[tid]
         log(f"[{n}/{len(task_ids)}] {tid} ({task.title}) ...")
         summary, rows = run_task(task, lm, data_dir, shots, limit,
-                                 completions if task.kind == "code" else None, timeout, progress)
+                                 completions if task.kind == "code" else None, timeout, progress,
+                                 allow_unsandboxed)
         results[tid], per_sample[tid] = summary, rows
         log(f"[{n}/{len(task_ids)}] {tid}: {task.primary} = {100 * summary[task.primary]:.1f} "
             f"(n={summary['n']}, {summary['seconds']:.1f} s)")

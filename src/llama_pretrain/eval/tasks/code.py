@@ -33,18 +33,20 @@ class CodeTask(Task):
     def samples(self, records):
         return [Sample(str(r["task_id"]), r) for r in records]
 
-    def evaluate(self, lm, samples, prompts, completions=None, timeout=10.0, progress=False) -> list[dict]:
+    def evaluate(self, lm, samples, prompts, completions=None, timeout=10.0, progress=False,
+                 allow_unsandboxed=False) -> list[dict]:
         """Generate one greedy completion per problem, or score ``completions`` {task_id: [str]}."""
         from ..harness import GenRequest
-        from ..sandbox import run_many
+        from ..sandbox import require_isolation, run_many
 
+        require_isolation(allow_unsandboxed)  # before generating, not after
         if completions is None:
             gens = lm.generate([GenRequest(p + self.prompt(s.doc), self.until, self.max_new_tokens)
                                 for s, p in zip(samples, prompts)])
             completions = {s.id: [g] for s, g in zip(samples, gens)}
         jobs = [(s, c) for s in samples for c in completions.get(s.id, [])]
         results = run_many([self.program(s.doc, c) for s, c in jobs], timeout=timeout, progress=progress,
-                           desc=f"{self.id} tests")
+                           desc=f"{self.id} tests", allow_unsandboxed=allow_unsandboxed)
         by_id: dict[str, list] = {}
         for (s, c), r in zip(jobs, results):
             by_id.setdefault(s.id, []).append((c, r))
