@@ -126,3 +126,49 @@ def test_errors(tmp_path):
     (tmp_path / "train" / "00000.bin").write_bytes(b"\x00")
     with pytest.raises(UserError, match="incomplete"):
         TokenLoader(tmp_path, seq_len=8)
+
+
+def test_shards_record_their_max_token_id_and_keep_their_bytes(tmp_path):
+    """The manifest's max_token_id is each shard's true maximum; the shard bytes are the ids alone."""
+    from llama_pretrain.data.shards import check_token_ids
+
+    stream = make_dataset(tmp_path, n_tokens=3000, shard_tokens=700, vocab=4000)  # ids 0 .. 2999
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    shards = m["splits"]["train"]["shards"]
+    start = 0
+    for sh in shards:
+        raw = (tmp_path / sh["file"]).read_bytes()
+        assert raw == stream[start:start + sh["tokens"]].astype("<u2").tobytes()
+        assert sh["max_token_id"] == int(stream[start:start + sh["tokens"]].max())
+        start += sh["tokens"]
+    check_token_ids(tmp_path, "train", 3000)
+    refusal = f"{shards[-1]['file']}: holds token id 2999, outside the vocabulary of 2999"
+    with pytest.raises(UserError, match=refusal):
+        check_token_ids(tmp_path, "train", 2999)
+    # a manifest from before the field: the memory maps are scanned, with the same verdict
+    for sh in shards:
+        del sh["max_token_id"]
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    check_token_ids(tmp_path, "train", 3000)
+    with pytest.raises(UserError, match="holds token id 2999"):
+        check_token_ids(tmp_path, "train", 2999)
+
+
+def test_prepare_records_max_token_id(tmp_path):
+    import random
+
+    from synthetic_text import prose
+
+    from llama_pretrain.data.prepare import prepare
+    from llama_pretrain.data.sources import DataConfig, SourceConfig
+    from llama_pretrain.tokenizer import train_tokenizer
+
+    rng = random.Random(7)
+    docs = [prose(rng) for _ in range(60)]
+    tok = train_tokenizer(docs, tmp_path / "tok.model", 400, progress=False)
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    m = prepare(DataConfig([SourceConfig("input", [str(tmp_path / "in.jsonl")])]), tok, tmp_path / "out",
+                progress=False)
+    for split in ("train", "val"):
+        for sh in m["splits"][split]["shards"]:
+            assert sh["max_token_id"] == int(np.fromfile(tmp_path / "out" / sh["file"], dtype="<u2").max())

@@ -18,10 +18,15 @@ from typing import Any
 from .config_fields import POSITIVE, check, field_type, setting
 from .errors import UserError
 
+# Upper bounds far above any released model, so a hostile config cannot size allocations beyond
+# memory (a RoPE table, a model built before its weights are compared).
+MAX_SIZES = {"dim": 1 << 16, "n_layers": 1 << 12, "n_heads": 1 << 12, "n_kv_heads": 1 << 12,
+             "vocab_size": 1 << 22, "multiple_of": 1 << 16, "ffn_dim_multiplier": 64, "max_seq_len": 1 << 24}
+
 
 @dataclass
 class ModelConfig:
-    """Shape of a Llama transformer. Validated at construction."""
+    """Shape of a Llama transformer. Validated at construction (sizes also by ``MAX_SIZES``)."""
 
     dim: int = setting(4096, POSITIVE)
     """Model (residual stream) width."""
@@ -68,7 +73,10 @@ class ModelConfig:
 
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> None:
-        check(self, "model.")  # each field's type and constraint, then the shape rules between them
+        check(self, "model.")  # each field's type and constraint, then the bounds and shape rules
+        for name, high in MAX_SIZES.items():
+            if getattr(self, name) is not None and getattr(self, name) > high:
+                raise UserError(f"model.{name} must be at most {high}, got {getattr(self, name)!r}")
         if self.dim % self.n_heads:
             raise UserError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
         if self.n_heads % self.kv_heads:
@@ -159,8 +167,26 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            data = tomllib.load(fh)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid TOML: {e}") from None
+    except RecursionError:  # the parser recurses per nested array / inline table
+        raise UserError(f"{path} is not valid TOML: nested deeper than Python can parse") from None
+    _check_toml_depth(data, path)
+    return data
+
+
+MAX_TOML_DEPTH = 32  # our configs nest 3 deep; dotted keys can nest thousands without recursing
+
+
+def _check_toml_depth(data: dict, path: Path) -> None:
+    """Refuse deep nesting here, iteratively, before recursive code (config trees, json) meets it."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_TOML_DEPTH:
+            raise UserError(f"{path}: tables / arrays nested more than {MAX_TOML_DEPTH} deep")
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in children if isinstance(v, (dict, list)))

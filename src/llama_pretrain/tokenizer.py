@@ -86,6 +86,19 @@ def _spm_message(e: BaseException) -> str:
     return msg or type(e).__name__
 
 
+def check_text(text: str, what: str) -> None:
+    """``UserError`` naming ``what`` when ``text`` is not encodable as UTF-8: it holds a lone
+    surrogate (invalid UTF-8 bytes in a command-line argument arrive as U+DC80..U+DCFF; JSON can
+    spell one as an unpaired "\\ud800" escape), which SentencePiece cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        found = (f"the invalid UTF-8 byte 0x{c - 0xDC00:02X}" if 0xDC80 <= c <= 0xDCFF
+                 else f"the lone surrogate U+{c:04X}")
+        raise UserError(f"{what} is not valid UTF-8 text: {found} at character {e.start}") from None
+
+
 class Tokenizer:
     """A SentencePiece model: ``Tokenizer(path)`` loads any ``.model`` (Meta's included)."""
 
@@ -139,7 +152,11 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
-        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+        try:
+            return self.sp.encode(text, add_bos=bos, add_eos=eos)
+        except RuntimeError:  # checked only on failure: the check costs a copy of the text
+            check_text(text, "the text to encode")
+            raise
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; control ids (<s>, </s>) decode to nothing, so decode(encode(x)) == x."""
@@ -165,7 +182,14 @@ class Tokenizer:
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"encode_batch() takes str items, got {type(t).__name__}")
-        workers = max(1, int(workers))
+        try:
+            return self._encode_batch(texts, bos, eos, max(1, int(workers)))
+        except (RuntimeError, TypeError):  # what sentencepiece raises for a batch with a lone surrogate
+            for i, t in enumerate(texts):
+                check_text(t, f"text {i} of the batch")
+            raise
+
+    def _encode_batch(self, texts: list[str], bos: bool, eos: bool, workers: int) -> list[list[int]]:
         total = sum(map(len, texts))
         if workers == 1 or len(texts) < 2 or total < _MIN_PARALLEL_CHARS:
             return self.sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=1)
@@ -241,7 +265,7 @@ def _sample_lines(texts: Iterable[str], k: int, seed: int, max_len: int, progres
     reservoir: list[str] = []
     stats = {"documents": 0, "lines_seen": 0, "lines_too_long": 0, "chars_seen": 0}
     bar = None
-    if progress:
+    if progress and sys.stderr.isatty():  # tqdm's carriage returns do not belong in a log file
         from tqdm import tqdm
         bar = tqdm(desc="reading corpus", unit=" docs", file=sys.stderr, mininterval=0.5)
     n = 0

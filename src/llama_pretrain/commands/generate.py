@@ -25,8 +25,9 @@ def run(args) -> int:
     from ..errors import UserError
     from ..generate import generate
     from ..interop import find_tokenizer, load_model
-    from ..tokenizer import Tokenizer
+    from ..tokenizer import Tokenizer, check_text
 
+    check_text(args.prompt, "--prompt")
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     if args.temperature < 0:

@@ -156,11 +156,25 @@ def run_train(args) -> int:
     return 0
 
 
-def run_encode(args) -> int:
-    from ..tokenizer import Tokenizer
+def _stdin_text() -> str:
+    """Standard input as UTF-8; invalid bytes are a one-line error, not a decoding traceback."""
+    from ..errors import UserError
 
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"standard input is not valid UTF-8: byte 0x{data[e.start]:02X} "
+                        f"at offset {e.start}") from None
+
+
+def run_encode(args) -> int:
+    from ..tokenizer import Tokenizer, check_text
+
+    if args.text is not None:
+        check_text(args.text, "TEXT")
     tok = Tokenizer(args.model)
-    text = args.text if args.text is not None else sys.stdin.read()
+    text = args.text if args.text is not None else _stdin_text()
     ids = tok.encode(text, bos=not args.no_bos, eos=args.eos)
     if args.pieces:
         for i in ids:
@@ -174,6 +188,6 @@ def run_decode(args) -> int:
     from ..tokenizer import Tokenizer
 
     tok = Tokenizer(args.model)
-    ids = _parse_ids(args.ids if args.ids else sys.stdin.read().split())
+    ids = _parse_ids(args.ids if args.ids else _stdin_text().split())
     sys.stdout.write(tok.decode(ids) + "\n")
     return 0

@@ -8,12 +8,15 @@ A dataset directory holds::
                              one per document start plus a final one equal to the shard length
     val/00000.bin, .idx      the validation split, same format
 
-Each document is ``BOS text-tokens EOS``; documents never straddle shard files. Shards are written
+Each document is ``BOS text-tokens EOS``; documents never straddle shard files. Each shard's
+manifest entry records its ``max_token_id``, so training can refuse ids outside the vocabulary
+without reading the shards (older manifests lack it: the memory map is scanned instead). Shards are written
 under a temporary name and renamed when complete, so a file under its final name is whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,11 +53,66 @@ def read_manifest(dir: str | Path) -> dict[str, Any]:
         raise UserError(f"cannot read {path}: {e}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise UserError(f"{path}: not a {FORMAT} manifest")
+    check_manifest(m, path)
     return m
 
 
+_MISSING = object()
+
+
+def _require(path: Path, field: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        got = "missing" if value is _MISSING else f"{value!r}"[:80]
+        raise UserError(f"{path}: malformed manifest: {field} is {got}, expected {expected}")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_inner_path(value: Any) -> bool:
+    """A relative path that stays inside the dataset dir (a hostile manifest cannot point elsewhere)."""
+    return (isinstance(value, str) and bool(value) and not Path(value).is_absolute()
+            and ".." not in Path(value).parts)
+
+
+def check_manifest(m: dict, path: Path) -> None:
+    """Every field the readers use has its type, so a malformed manifest is one line naming the
+    field, never a traceback from deep inside a reader."""
+    dtype = m.get("dtype", _MISSING)
+    _require(path, "dtype", dtype, dtype in ("uint16", "uint32"), "'uint16' or 'uint32'")
+    tok = m.get("tokenizer", {})
+    _require(path, "tokenizer", tok, isinstance(tok, dict), "an object")
+    for key, ok, expected in (("vocab_size", _is_count, "a non-negative integer"),
+                              ("sha256", lambda v: isinstance(v, str), "a string")):
+        if key in tok:
+            _require(path, f"tokenizer.{key}", tok[key], ok(tok[key]), expected)
+    splits = m.get("splits", _MISSING)
+    _require(path, "splits", splits, isinstance(splits, dict), "an object of split name -> split")
+    for name, split in splits.items():
+        _check_split(path, f"splits.{name}", split)
+
+
+def _check_split(path: Path, where: str, split: Any) -> None:
+    _require(path, where, split, isinstance(split, dict), "an object with 'shards'")
+    for key in ("tokens", "documents"):
+        if key in split:
+            _require(path, f"{where}.{key}", split[key], _is_count(split[key]), "a non-negative integer")
+    shards = split.get("shards", _MISSING)
+    _require(path, f"{where}.shards", shards, isinstance(shards, list), "a list")
+    for i, sh in enumerate(shards):
+        at = f"{where}.shards[{i}]"
+        _require(path, at, sh, isinstance(sh, dict), "an object")
+        for key in ("file", "index"):
+            v = sh.get(key, _MISSING)
+            _require(path, f"{at}.{key}", v, _is_inner_path(v), "a relative path inside the dataset")
+        for key in ("tokens", "documents") + (("max_token_id",) if "max_token_id" in sh else ()):
+            v = sh.get(key, _MISSING)
+            _require(path, f"{at}.{key}", v, _is_count(v), "a non-negative integer")
+
+
 def _split_info(manifest: dict, dir: Path, split: str) -> dict:
-    splits = manifest.get("splits", {})
+    splits = manifest["splits"]
     if split not in splits:
         raise UserError(f"{dir}: no split {split!r}; splits: {', '.join(splits) or 'none'}")
     return splits[split]
@@ -81,8 +139,24 @@ def open_doc_index(dir: str | Path, split: str = "train") -> list[np.ndarray]:
     m = read_manifest(dir)
     out = []
     for sh in _split_info(m, dir, split)["shards"]:
-        out.append(np.memmap(dir / sh["index"], dtype="<u8", mode="r", shape=(int(sh["documents"]) + 1,)))
+        path, n = dir / sh["index"], int(sh["documents"]) + 1
+        if not path.is_file() or path.stat().st_size != 8 * n:
+            raise UserError(f"{path}: missing or not {8 * n} bytes; the dataset is incomplete")
+        out.append(np.memmap(path, dtype="<u8", mode="r", shape=(n,)))
     return out
+
+
+def check_token_ids(dir: str | Path, split: str, vocab_size: int) -> None:
+    """Refuse a split holding a token id >= ``vocab_size``: otherwise it fails only when a batch
+    hits it (hours in, or as a device assert on GPU). Uses each shard's recorded ``max_token_id``,
+    else scans the shard's memory map once."""
+    dir = Path(dir)
+    shards = _split_info(read_manifest(dir), dir, split)["shards"]
+    for sh, toks in zip(shards, open_tokens(dir, split)):
+        top = sh["max_token_id"] if "max_token_id" in sh else int(toks.max()) if len(toks) else 0
+        if top >= vocab_size:
+            raise UserError(f"{dir / sh['file']}: holds token id {top}, outside the vocabulary of "
+                            f"{vocab_size}; the shards were not made with this tokenizer / model")
 
 
 def iter_documents(dir: str | Path, split: str = "train") -> Iterator[np.ndarray]:
@@ -109,7 +183,7 @@ class ShardWriter:
         self._name = f"{self.split}/{i:05d}"
         self._cm = atomic_file(self.dir / f"{self._name}.bin", "wb")
         self._fh = self._cm.__enter__()
-        self._offsets, self._n = [], 0
+        self._offsets, self._n, self._max = [], 0, 0
 
     def _close(self) -> None:
         if self._cm is None:
@@ -119,7 +193,7 @@ class ShardWriter:
         with atomic_file(self.dir / f"{self._name}.idx", "wb") as fh:
             fh.write(np.asarray(self._offsets, dtype="<u8").tobytes())
         self.shards.append({"file": f"{self._name}.bin", "index": f"{self._name}.idx",
-                            "tokens": self._n, "documents": len(self._offsets) - 1})
+                            "tokens": self._n, "documents": len(self._offsets) - 1, "max_token_id": self._max})
         self._cm = self._fh = None
 
     def add(self, tokens: np.ndarray) -> None:
@@ -128,9 +202,12 @@ class ShardWriter:
         if self._cm is None:
             self._open()
         tokens = np.asarray(tokens)
-        if len(tokens) and (tokens.min() < 0 or tokens.max() > np.iinfo(self.dtype).max):
-            # astype would wrap silently: a wrong dtype for the vocabulary is a bug upstream
-            raise ValueError(f"token ids {tokens.min()}..{tokens.max()} do not fit {self.dtype.name} shards")
+        if len(tokens):
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi > np.iinfo(self.dtype).max:
+                # astype would wrap silently: a wrong dtype for the vocabulary is a bug upstream
+                raise ValueError(f"token ids {lo}..{hi} do not fit {self.dtype.name} shards")
+            self._max = max(self._max, hi)
         self._offsets.append(self._n)
         self._fh.write(tokens.astype(self.dtype, copy=False).tobytes())
         self._n += len(tokens)
@@ -149,25 +226,38 @@ class ShardWriter:
 
 
 def dataset_tokenizer(data_dir: str | Path, explicit: str | Path | None = None) -> Path | None:
-    """The tokenizer.model a dataset was made with: ``explicit`` when given (it must exist), else
-    one in the dataset dir, else the one its manifest records (as recorded, relative to the
-    dataset, or by name beside it); None when it cannot be found."""
+    """The tokenizer.model a dataset was made with: ``explicit`` when given (it must exist, and be
+    the one the manifest's sha256 names), else one in the dataset dir, else the one its manifest
+    records (as recorded, relative to the dataset, or by name beside it), skipping files whose
+    sha256 is not the manifest's; None when it cannot be found."""
+    data = Path(data_dir)
+    try:
+        recorded = read_manifest(data).get("tokenizer", {})
+    except UserError:
+        recorded = {}
+    want = recorded.get("sha256")
     if explicit:
         p = Path(explicit)
         if not p.is_file():
             raise UserError(f"data.tokenizer {p} does not exist")
+        got = _sha256(p)
+        if want and got != want:  # same vocabulary size or not: these ids mean other pieces
+            raise UserError(f"data.tokenizer {p} is not the tokenizer {data} was made with "
+                            f"(sha256 {got[:16]}..., the manifest records {want[:16]}...)")
         return p
-    data = Path(data_dir)
-    if (data / "tokenizer.model").is_file():
-        return data / "tokenizer.model"
-    try:
-        recorded = read_manifest(data).get("tokenizer")
-    except UserError:
-        return None
-    recorded = recorded.get("path") if isinstance(recorded, dict) else None
+    for p in _tokenizer_candidates(data, recorded.get("path")):
+        if p.is_file() and (not want or _sha256(p) == want):
+            return p
+    return None
+
+
+def _tokenizer_candidates(data: Path, recorded: Any) -> list[Path]:
+    out = [data / "tokenizer.model"]
     if isinstance(recorded, str) and recorded:
         name = Path(recorded).name
-        for p in (Path(recorded), data / recorded, data / name, data.parent / name):
-            if p.is_file():
-                return p
-    return None
+        out += [Path(recorded), data / recorded, data / name, data.parent / name]
+    return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import GenerativeTask, MultipleChoiceTask
+from .base import BadRecord, GenerativeTask, MultipleChoiceTask, int_label
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -35,11 +35,18 @@ class MMLU(_SameSubsetShots, MultipleChoiceTask):
         opts = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(d["choices"]))
         return f"{d['question'].strip()}{opts}\nAnswer:"
 
-    def choices(self, d): return list(LETTERS[:len(d["choices"])])
+    ANSWER_FIELD = "answer"
+
+    def choices(self, d):
+        if not isinstance(d["choices"], list) or not 0 < len(d["choices"]) <= len(LETTERS):
+            raise BadRecord(f"field 'choices' is not a list of 1 to {len(LETTERS)} options")
+        return list(LETTERS[:len(d["choices"])])
 
     def gold(self, d):
         a = d["answer"]
-        return LETTERS.index(a.strip()) if isinstance(a, str) and not a.strip().isdigit() else int(a)
+        if isinstance(a, str) and len(a.strip()) == 1 and a.strip() in LETTERS:
+            return LETTERS.index(a.strip())
+        return int_label(d, "answer")
 
 
 @dataclass
@@ -54,12 +61,21 @@ class BBH(_SameSubsetShots, GenerativeTask):
 
 @dataclass
 class AGIEval(_SameSubsetShots, MultipleChoiceTask):
+    ANSWER_FIELD = "gold"
+
     def text(self, d): return d["query"]
-    def choices(self, d): return list(d["choices"])
+    def choices(self, d):
+        if not isinstance(d["choices"], list):
+            raise BadRecord(f"field 'choices' is {d['choices']!r}, not a list")
+        return list(d["choices"])
 
     def gold(self, d):
         g = d["gold"]
-        return int(g[0] if isinstance(g, (list, tuple)) else g)
+        if isinstance(g, (list, tuple)):  # one answer per record: a list of several is ambiguous
+            if len(g) != 1:
+                raise BadRecord(f"field 'gold' is {g!r}, not one answer index")
+            return int_label({"gold": g[0]}, "gold")
+        return int_label(d, "gold")
 
 
 AGIEVAL_EN = ("aqua-rat", "logiqa-en", "lsat-ar", "lsat-lr", "lsat-rc", "sat-en", "sat-en-without-passage",

@@ -12,11 +12,29 @@ evaluation split itself, never including the document being scored. Selection is
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 from .. import metrics as M
 
 SEED = 1234
+
+
+class BadRecord(ValueError):
+    """A record that cannot be scored; the message names the field."""
+
+
+def int_label(doc: dict, field: str) -> int:
+    """``doc[field]`` as an integer: an int or a string of digits (Hugging Face ships both);
+    anything else (null, "B", 1.5, true) is a ``BadRecord``, never a silently wrong score."""
+    v = doc.get(field)
+    if isinstance(v, str) and re.fullmatch(r"\s*-?[0-9]+\s*", v):
+        return int(v)
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BadRecord(f"field {field!r} is {v!r}, not an integer label")
+    return v
 
 
 @dataclass
@@ -57,6 +75,10 @@ class Task:
     def describe(self, sample: Sample) -> str:
         return self.description
 
+    def problem(self, doc: dict) -> str | None:
+        """Why ``doc`` cannot be scored, or None; checked for every record before any scoring."""
+        return None
+
     def settings(self, shots: int, fewshot_source: str | None) -> dict:
         return {"shots": shots, "split": self.split, "fewshot_split": fewshot_source,
                 "fewshot_sampler": f"seeded ({SEED})", "example_separator": self.sep,
@@ -69,6 +91,22 @@ class MultipleChoiceTask(Task):
     kind: str = "mc"
     uncond: bool = False         # also score choices after "Answer:" alone (acc_uncond)
     target_delimiter: str = " "
+    ANSWER_FIELD = "label"       # the field ``gold`` reads, for error messages
+
+    def problem(self, doc: dict) -> str | None:
+        """The answer must be one of the choices: an answer out of range would score as wrong."""
+        try:
+            choices, gold = self.choices(doc), self.gold(doc)
+        except BadRecord as e:
+            return str(e)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            return f"cannot read its choices and answer ({type(e).__name__}: {e})"
+        if not all(isinstance(c, str) for c in choices):
+            return f"its choices are not all strings: {choices!r}"[:200]
+        if not 0 <= gold < len(choices):
+            return (f"field {self.ANSWER_FIELD!r} gives answer index {gold}, out of range for its "
+                    f"{len(choices)} choices")
+        return None
 
     def text(self, doc: dict) -> str:
         raise NotImplementedError

@@ -6,34 +6,43 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .base import MultipleChoiceTask
+from .base import BadRecord, MultipleChoiceTask, int_label
 
 GROUP = "Commonsense Reasoning"
 
 
 def _letter_gold(doc: dict) -> int:
     """Index of ``answerKey`` among ``choices.label`` (ARC, OpenBookQA, CommonsenseQA)."""
-    labels = list(doc["choices"]["label"])
-    key = str(doc["answerKey"]).strip()
+    choices = doc["choices"]
+    if not isinstance(choices, dict) or not isinstance(choices.get("label"), list) \
+            or not isinstance(choices.get("text"), list):
+        raise BadRecord("field 'choices' is not an object with 'label' and 'text' lists")
+    labels = choices["label"]
+    if len(labels) != len(choices["text"]):  # which text is which answer would be a guess
+        raise BadRecord(f"choices.label has {len(labels)} entries, choices.text {len(choices['text'])}")
+    key = doc["answerKey"]
+    if not isinstance(key, (str, int)) or isinstance(key, bool):
+        raise BadRecord(f"field 'answerKey' is {key!r}, not a label")
+    key = str(key).strip()
     if key in labels:
         return labels.index(key)
-    if key.isdigit() and labels and labels[0].isalpha():  # a few ARC records use 1-4
+    if key.isdigit() and labels and str(labels[0]).isalpha():  # a few ARC records use 1-4
         return int(key) - 1
-    raise ValueError(f"answerKey {key!r} not among labels {labels}")
+    raise BadRecord(f"answerKey {key!r} is not among choices.label {labels}")
 
 
 @dataclass
 class PIQA(MultipleChoiceTask):
     def text(self, d): return f"Question: {d['goal']}\nAnswer:"
     def choices(self, d): return [d["sol1"], d["sol2"]]
-    def gold(self, d): return int(d["label"])
+    def gold(self, d): return int_label(d, "label")
 
 
 @dataclass
 class SIQA(MultipleChoiceTask):
     def text(self, d): return f"Q: {d['context']} {d['question']}\nA:"
     def choices(self, d): return [d["answerA"], d["answerB"], d["answerC"]]
-    def gold(self, d): return int(str(d["label"]).strip()) - 1
+    def gold(self, d): return int_label(d, "label") - 1
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -47,22 +56,34 @@ class HellaSwag(MultipleChoiceTask):
     def text(self, d):
         ctx = d["ctx_a"] + " " + d["ctx_b"].capitalize()
         return _hellaswag_clean(d["activity_label"] + ": " + ctx)
-    def choices(self, d): return [_hellaswag_clean(e) for e in d["endings"]]
-    def gold(self, d): return int(d["label"])
+    def choices(self, d):
+        if not isinstance(d["endings"], list) or not all(isinstance(e, str) for e in d["endings"]):
+            raise BadRecord(f"field 'endings' is {d['endings']!r}, not a list of strings")
+        return [_hellaswag_clean(e) for e in d["endings"]]
+    def gold(self, d): return int_label(d, "label")
 
 
 @dataclass
 class WinoGrande(MultipleChoiceTask):
     """Partial evaluation: each option fills the blank in the context; the text after the blank is
     the scored continuation, identical for both options."""
+    ANSWER_FIELD = "answer"
 
     def _split(self, d):
+        if not isinstance(d["sentence"], str) or "_" not in d["sentence"]:
+            raise BadRecord("field 'sentence' has no '_' blank for the options")
         i = d["sentence"].index("_")
         return d["sentence"][:i], " " + d["sentence"][i + 1:].strip()
 
     def text(self, d): return self._split(d)[0] + self.choices(d)[self.gold(d)]
     def choices(self, d): return [d["option1"], d["option2"]]
-    def gold(self, d): return int(str(d["answer"]).strip()) - 1
+    def gold(self, d): return int_label(d, "answer") - 1
+    def problem(self, d):
+        try:
+            self._split(d)
+        except BadRecord as e:
+            return str(e)
+        return super().problem(d)
     def example(self, d): return self.text(d) + self._split(d)[1]
 
     def requests(self, d, prefix):
@@ -75,6 +96,7 @@ class WinoGrande(MultipleChoiceTask):
 
 @dataclass
 class ARC(MultipleChoiceTask):
+    ANSWER_FIELD = "answerKey"
     def text(self, d): return f"Question: {d['question']}\nAnswer:"
     def choices(self, d): return list(d["choices"]["text"])
     def gold(self, d): return _letter_gold(d)
@@ -82,6 +104,7 @@ class ARC(MultipleChoiceTask):
 
 @dataclass
 class OpenBookQA(MultipleChoiceTask):
+    ANSWER_FIELD = "answerKey"
     def text(self, d): return d["question_stem"]
     def choices(self, d): return list(d["choices"]["text"])
     def gold(self, d): return _letter_gold(d)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from ...errors import UserError
+from ...tokenizer import check_text
 
 EXTS = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 
@@ -39,7 +40,8 @@ def read_records(path: Path) -> list[dict]:
             import pyarrow.parquet as pq
             return pq.read_table(path).to_pylist()
         opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as fh:
+        # invalid UTF-8 inside a string survives as U+DC80..U+DCFF, for check_fields to name its field
+        with opener(path, "rt", encoding="utf-8", errors="surrogateescape") as fh:
             if path.name.endswith(".json"):
                 data = json.load(fh)
                 if isinstance(data, dict):  # {"data": [...]} style
@@ -71,6 +73,29 @@ def check_fields(records: list[dict], fields: tuple[str, ...], where: str, hf: s
             found = ", ".join(sorted(k for k in rec if not k.startswith("_"))) or "none"
             raise UserError(f"{where}: record {n} lacks field(s) {', '.join(missing)}; expected the "
                             f"fields of {hf}: {', '.join(fields)}; found: {found}")
+        for name, text in _strings(rec):
+            check_text(text, f"{where}: record {n} field {name}")
+
+
+def _strings(rec: dict):
+    """(dotted field name, value) of every string in a record, nested ones included (no recursion)."""
+    stack = [(str(k), v) for k, v in rec.items()]
+    while stack:
+        name, v = stack.pop()
+        if isinstance(v, str):
+            yield name, v
+        elif isinstance(v, dict):
+            stack.extend((f"{name}.{k}", x) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((f"{name}[{i}]", x) for i, x in enumerate(v))
+
+
+def check_records(task, records: list[dict], where: str) -> None:
+    """Every record is scorable (a multiple-choice answer is one of its choices) before any is scored."""
+    for n, rec in enumerate(records):
+        problem = task.problem(rec)
+        if problem:
+            raise UserError(f"{where}: record {n}: {problem}")
 
 
 def load_split(task, data_dir: str | Path | None, split: str, required: bool = True) -> list[dict] | None:
@@ -91,6 +116,7 @@ def load_split(task, data_dir: str | Path | None, split: str, required: bool = T
         for path, subset in files:
             recs = read_records(path)
             check_fields(recs, task.fields, str(path), task.hf)
+            check_records(task, recs, str(path))
             if subset is not None:
                 for r in recs:
                     r["_subset"] = subset
@@ -133,4 +159,5 @@ def _load_hub(task, split: str, required: bool) -> list[dict] | None:
                 r["_subset"] = cfg
             records.append(r)
     check_fields(records, task.fields, task.hf, task.hf)
+    check_records(task, records, task.hf)
     return records

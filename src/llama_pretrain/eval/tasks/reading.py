@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import MultipleChoiceTask, QATask, Sample
+from .base import BadRecord, MultipleChoiceTask, QATask, Sample
 
 GROUP = "Reading Comprehension"
 
@@ -46,13 +46,22 @@ def _first(xs) -> str:
     return xs[0] if isinstance(xs, (list, tuple)) and xs else (xs if isinstance(xs, str) else "")
 
 
+_BOOL_WORDS = {"true": 1, "yes": 1, "1": 1, "false": 0, "no": 0, "0": 0}
+
+
 @dataclass
 class BoolQ(MultipleChoiceTask):
     def text(self, d): return f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:"
+    ANSWER_FIELD = "answer|label"
+
     def choices(self, d): return ["no", "yes"]
     def gold(self, d):
         v = d["answer"] if "answer" in d else d["label"]
-        return int(v) if not isinstance(v, str) else int(v.strip().lower() in ("true", "yes", "1"))
+        if isinstance(v, str) and v.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[v.strip().lower()]
+        if isinstance(v, int):  # bool included
+            return int(v)
+        raise BadRecord(f"field 'answer|label' is {v!r}, not true/false")
 
 
 TASKS = [
