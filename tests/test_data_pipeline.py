@@ -299,3 +299,30 @@ def test_builtin_corpus(tmp_path, tok):
     s = read_manifest(tmp_path / "o")["sources"]
     assert s["stdlib_docs"]["tokens_after_mixing"] == 2 * s["stdlib_docs"]["tokens_before_mixing"]
     assert s["stdlib_code"]["documents_kept"] >= 18
+
+
+# -- a full disk ------------------------------------------------------------------------------------
+def test_prepare_onto_a_full_disk_is_one_line_and_keeps_the_previous_dataset(tmp_path, tok, small_disk,
+                                                                              capsys, monkeypatch):
+    import shutil
+
+    import llama_pretrain.data.prepare as prep
+
+    common = ["--tokenizer", tok, "--quiet", "--val-fraction", "0.1"]
+    out = small_disk / "data"
+    assert run("prepare", "--input", _corpus(tmp_path / "a", 2, 10), "--out", out, *common) == 0
+    before = files_bytes(out), (out / "manifest.json").read_bytes()
+    real_write = prep._write
+
+    def disk_fills_up(cfg, staging, *args):  # another program fills the disk while shards are written
+        (small_disk / "ballast").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 1024))
+        return real_write(cfg, staging, *args)
+
+    monkeypatch.setattr(prep, "_write", disk_fills_up)
+    capsys.readouterr()
+    assert run("prepare", "--input", _corpus(tmp_path / "b", 3, 20, seed=9), "--out", out, *common) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"no space left to write {out}: " in err, err
+    assert "bytes are free in" in err
+    assert (files_bytes(out), (out / "manifest.json").read_bytes()) == before
+    assert not [p for p in small_disk.rglob("*") if ".tmp-" in p.name or p.name == prep.STAGING]

@@ -38,16 +38,35 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "world size) into a native model dir (needs --out)")
     p.add_argument("--out", help="output dir for --export-checkpoint")
     p.add_argument("--force", action="store_true", help="with --export-checkpoint: replace --out if it exists")
-    g = p.add_argument_group("config overrides (--section.key=value)")
+    g = p.add_argument_group("config overrides (--section.key=value)", OVERRIDES_HELP)
     g.add_argument("--model.preset", dest="ov:model.preset", metavar="NAME",
-                   help="model preset (llama2-7b ... llama2-tiny, llama2-debug)")
+                   help="model preset (llama2-7b ... llama2-tiny, llama2-debug); default llama2-tiny")
     for f in dataclasses.fields(ModelConfig):
         g.add_argument(f"--model.{f.name}", dest=f"ov:model.{f.name}", metavar="V", help=argparse.SUPPRESS)
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             g.add_argument(f"--{section}.{f.name}", dest=f"ov:{section}.{f.name}", metavar="V",
-                           help=f"default {f.default!r}" if f.default is not dataclasses.MISSING else None)
+                           help=default_help(section, f))
     p.set_defaults(func=run)
+
+
+OVERRIDES_HELP = """\
+"default" is what a run with --config gets when its TOML omits the key; plain `train` (the demo, no
+--config) uses configs/demo.toml's value where "demo:" gives one, and data.path RUN_DIR/data."""
+
+
+DEFAULT_MEANS = {"optimizer.lr": "the preset's peak_lr", "training.seq_len": "0 (the model's max_seq_len)"}
+
+
+def default_help(section: str, f: dataclasses.Field) -> str | None:
+    """The default with --config, and the demo's value where the demo differs."""
+    from ..train.demo import DEMO_CONFIG
+
+    if f.default is dataclasses.MISSING:
+        return None
+    demo = DEMO_CONFIG.get(section, {}).get(f.name, f.default)
+    shown = DEFAULT_MEANS.get(f"{section}.{f.name}", repr(f.default))
+    return f"default {shown}" + (f" (demo: {demo!r})" if demo != f.default else "")
 
 
 def overrides_from_args(args) -> list[str]:
@@ -56,11 +75,32 @@ def overrides_from_args(args) -> list[str]:
 
 def run(args) -> int:
     from ..train.parallel import shutdown_distributed
+    from ..train.preemption import Preempted
 
     try:
         return _run(args)
+    except Preempted as stop:  # a signal: the step in progress was checkpointed
+        return report_preempted(stop)
     finally:
         shutdown_distributed()  # under torchrun: leave the process group cleanly
+
+
+def report_preempted(stop) -> int:
+    """One line (rank 0) naming the checkpoint and the command that resumes; exit 128 + signal."""
+    import os
+    import shlex
+
+    if os.environ.get("RANK", "0") == "0":
+        torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+        again = "the same torchrun command" if torchrun else "llama-pretrain " + shlex.join(sys.argv[1:])
+        if stop.trained:
+            what = f"saved {stop.checkpoint}; resume with: {again}"
+        elif stop.checkpoint is not None:
+            what = f"no step finished since {stop.checkpoint}, which resumes with: {again}"
+        else:
+            what = "no step finished: nothing trained yet, nothing saved"
+        print(f"llama-pretrain train: {stop}: {what}", file=sys.stderr)
+    return stop.exit_code
 
 
 def _run(args) -> int:

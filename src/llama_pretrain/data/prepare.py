@@ -23,6 +23,7 @@ per kept document, not the text.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -38,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..fsutil import atomic_dir, atomic_file
+from ..fsutil import atomic_dir, atomic_file, fsync_dir, reporting_full_disk, tree_bytes
 from . import drops
 from .dedup import MinHasher, NearDedup, exact_key
 from .drops import Stats
@@ -263,6 +264,11 @@ def plan_units(cfg: DataConfig, out: Path, tokenizer_sha: str, num_tasks: int = 
     return jobs
 
 
+def _terminal(progress: bool) -> bool:
+    """A progress bar only on a terminal: tqdm's carriage returns do not belong in a log file."""
+    return progress and sys.stderr.isatty()
+
+
 def run_units(jobs: list[tuple[UnitRef, dict]], workers: int = 1,
               progress: bool = True) -> list[tuple[Stats, bool]]:
     """Phase 1 over ``jobs`` (in ``workers`` processes); returns ``process_unit``'s results in job order."""
@@ -271,7 +277,7 @@ def run_units(jobs: list[tuple[UnitRef, dict]], workers: int = 1,
     results: list[tuple[Stats, bool] | None] = [None] * len(jobs)
     t0 = time.perf_counter()
     docs = toks = 0
-    bar = tqdm(total=len(jobs), unit="file", desc="prepare", disable=not progress, file=sys.stderr,
+    bar = tqdm(total=len(jobs), unit="file", desc="prepare", disable=not _terminal(progress), file=sys.stderr,
                dynamic_ncols=True)
 
     def done(i: int, result: tuple[Stats, bool]) -> None:
@@ -327,32 +333,62 @@ def finalize(cfg: DataConfig, units: list[UnitRef], unit_stats: list[Stats], out
              strict: bool = False, progress: bool = True, extra: dict | None = None) -> dict:
     """Phase 2 over ``units`` (already in global order); writes the dataset and returns the manifest."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)
     kept = _dedup(cfg, units, unit_stats, progress)
     _split(cfg, kept)
     train = _mix(cfg, kept)
     sources, total, warnings = _account(cfg, kept, train, strict)  # before writing: it may refuse
     dtype = dtype_for_vocab(tokenizer["vocab_size"])
-    shards = _write(cfg, out, dtype, kept, train, progress)
-    manifest = {
-        "format": FORMAT,
-        "pipeline_version": PIPELINE_VERSION,
-        "dtype": dtype,
-        "tokenizer": tokenizer,
-        "config": cfg.to_dict(),
-        "splits": {sp: {"tokens": int(sum(x["tokens"] for x in shards[sp])),
-                        "documents": int(sum(x["documents"] for x in shards[sp])),
-                        "shards": shards[sp]} for sp in ("train", "val")},
-        "total": total.manifest_dict(total),
-        "sources": {src.name: s.manifest_dict(total, src.weight) for src, s in zip(cfg.sources, sources)},
-        "warnings": warnings,
-    }
-    if extra:
-        manifest.update(extra)
-    with atomic_file(out / MANIFEST, "w") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=False)
-        fh.write("\n")
+    with _staged(out) as staging:
+        shards = _write(cfg, staging, dtype, kept, train, progress)
+        manifest = {
+            "format": FORMAT,
+            "pipeline_version": PIPELINE_VERSION,
+            "dtype": dtype,
+            "tokenizer": tokenizer,
+            "config": cfg.to_dict(),
+            "splits": {sp: {"tokens": int(sum(x["tokens"] for x in shards[sp])),
+                            "documents": int(sum(x["documents"] for x in shards[sp])),
+                            "shards": shards[sp]} for sp in ("train", "val")},
+            "total": total.manifest_dict(total),
+            "sources": {src.name: s.manifest_dict(total, src.weight) for src, s in zip(cfg.sources, sources)},
+            "warnings": warnings,
+        }
+        if extra:
+            manifest.update(extra)
+        with atomic_file(staging / MANIFEST, "w") as fh:
+            json.dump(manifest, fh, indent=2, sort_keys=False)
+            fh.write("\n")
     return manifest
+
+
+STAGING = ".staging"
+
+
+@contextlib.contextmanager
+def _staged(out: Path):
+    """A dir for the new splits and manifest, swapped into ``out`` when the block succeeds. On a
+    failure (a full disk: ``DiskFull``) it is removed and the previous dataset stays whole."""
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+    try:
+        with reporting_full_disk(out, lambda: tree_bytes(staging)):
+            yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_in(staging, out)
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """The manifest goes first and comes back last, so a dataset dir with a manifest is whole."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    for split in ("train", "val"):
+        if (out / split).exists():
+            shutil.rmtree(out / split)
+        os.rename(staging / split, out / split)
+    os.rename(staging / MANIFEST, out / MANIFEST)
+    staging.rmdir()
+    fsync_dir(out)
 
 
 def _dedup(cfg: DataConfig, units: list[UnitRef], unit_stats: list[Stats], progress: bool) -> list[_Kept]:
@@ -364,7 +400,7 @@ def _dedup(cfg: DataConfig, units: list[UnitRef], unit_stats: list[Stats], progr
     near = NearDedup(nd.bands, nd.rows, nd.seed) if nd.enabled else None
     exact_seen: set[int] | None = set() if cfg.stages.exact_dedup.enabled else None
     bar = tqdm(total=sum(st.documents_kept for st in unit_stats), unit="doc", desc="dedup",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+               disable=not _terminal(progress), file=sys.stderr, dynamic_ncols=True)
     kept = []
     for ref, st in zip(units, unit_stats):
         kept.append(_dedup_unit(ref, copy.deepcopy(st), exact_seen, near, nd.bands * nd.rows))
@@ -471,7 +507,7 @@ def _write(cfg: DataConfig, out: Path, dtype: str, kept: list[_Kept], train: lis
             shutil.rmtree(out / split)
         (out / split).mkdir(parents=True)
     writers = {sp: ShardWriter(out, sp, dtype, cfg.shard_tokens) for sp in ("train", "val")}
-    bar = tqdm(total=None, unit="tok", unit_scale=True, desc="write", disable=not progress, file=sys.stderr,
+    bar = tqdm(total=None, unit="tok", unit_scale=True, desc="write", disable=not _terminal(progress), file=sys.stderr,
                dynamic_ncols=True)
     try:
         for k in kept:

@@ -53,6 +53,10 @@ class ScheduleSection:
     """Linear warm-up length in optimizer steps."""
     min_lr_ratio: float = setting(0.1, between(0, 1))
     """Cosine decay ends at min_lr_ratio * peak at the last step."""
+    extend: str = setting("refuse", one_of("refuse", "constant", "replan"))
+    """When a resumed run's schedule differs from its checkpoint's (a larger max_steps, another peak
+    LR, warm-up or min_lr_ratio): refuse; constant (keep the old cosine, then its final LR for the
+    added steps); replan (follow the new settings, the LR jumps)."""
 
 
 @dataclass

@@ -2,10 +2,12 @@
 
 It reads as five parts:
 
-1. ``preflight``  every check (config, dataset, run dir, checkpoints) before anything is written;
+1. ``preflight``  every check (config, dataset, run dir, checkpoints, schedule) before anything is
+                  written, and the run dir's lock (one job per run dir, ``runlock.py``);
 2. ``Trainer``    builds the model, applies parallelism, builds the optimizer and the ``TrainState``;
 3. ``resume``     loads the latest valid checkpoint, when there is one;
-4. the loop       ``train_step`` / ``validate`` / ``save_checkpoint``, reported by ``Reporter``;
+4. the loop       ``train_step`` / ``validate`` / ``save_checkpoint``, reported by ``Reporter``; a
+                  stop signal checkpoints the last step and ends it (``preemption.py``);
 5. ``finish``     exports the final weights and writes the summary.
 
 Per optimizer step each rank runs ``accumulation_steps`` micro-batches of ``micro_batch_size``
@@ -39,31 +41,50 @@ from . import metrics
 from .checkpoint import restore_checkpoint, save_checkpoint
 from .config import RunConfig
 from .guards import NonFiniteGuard, SpikeDetector
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import Schedule, build_optimizer, continue_schedule, planned_schedule, saved_schedule, set_lr
 from .parallel import (DistInfo, all_reduce_max, all_reduce_mean, barrier, gather_object, grad_sync,
                        init_distributed, parallelize)
+from .preemption import Preempted, StopSignals
 from .report import Reporter, say
+from .runlock import RunLock
 from .state import TrainState
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
     """Train per ``cfg`` into ``run_dir``; resumes automatically from its latest valid checkpoint
-    (``resume=True`` requires one). Returns the run summary (also written to summary.json)."""
+    (``resume=True`` requires one). Returns the run summary (also written to summary.json). One job
+    at a time holds the run dir; SIGTERM/SIGINT/SIGUSR1 checkpoint the step in progress and raise
+    ``Preempted``."""
     info = init_distributed(cfg.training.device)
-    plan = preflight(cfg, Path(run_dir), info, resume)
-    trainer = Trainer(cfg, plan, info)
-    trainer.resume()
-    report = Reporter(trainer, plan.run_dir)
-    trainer.start_clock()
-    while trainer.state.step < cfg.training.max_steps:
-        record = report.record(trainer.train_step())
-        if trainer.validation_due():
-            record.update(trainer.validate())
-        report.log(record)
-        trainer.state.nonfinite.record(trainer.state.step, "skipped" in record)  # raises after K in a row
-        if trainer.checkpoint_due():
-            trainer.save_checkpoint()
-    return finish(trainer, report)
+    with RunLock(Path(run_dir), info) as lock, StopSignals(info.is_main) as signals:
+        plan = preflight(cfg, Path(run_dir), info, resume, lock)
+        trainer = Trainer(cfg, plan, info)
+        trainer.resume()
+        report = Reporter(trainer, plan.run_dir)
+        trainer.start_clock()
+        while trainer.state.step < cfg.training.max_steps:
+            stop_if_signalled(trainer, report, signals)
+            record = report.record(trainer.train_step())
+            if trainer.validation_due():
+                record.update(trainer.validate())
+            report.log(record)
+            trainer.state.nonfinite.record(trainer.state.step, "skipped" in record)  # raises after K in a row
+            if trainer.checkpoint_due():
+                trainer.save_checkpoint()
+        return finish(trainer, report)
+
+
+def stop_if_signalled(trainer: "Trainer", report: Reporter, signals: StopSignals) -> None:
+    """Between steps, once every rank knows of a stop signal: checkpoint the last finished step
+    (unless it has one already), close the reports and raise ``Preempted``."""
+    signum = signals.agreed()
+    if signum is None:
+        return
+    trained = trainer.state.step > trainer.saved_step
+    if trained:
+        trainer.save_checkpoint()
+    report.close_streams()
+    raise Preempted(signum, trainer.state.step, trainer.last_checkpoint, trained)
 
 
 # -- 1. preflight ---------------------------------------------------------------------------------
@@ -80,10 +101,12 @@ class Plan:
     tokenizer_model: Path | None
     start_ckpt: Path | None = None
     start_state: dict[str, Any] | None = None
+    schedule: Schedule | None = None
 
 
-def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool) -> Plan:
-    """Every check before anything is written; a ``UserError`` names the first problem."""
+def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock: RunLock) -> Plan:
+    """Every check before anything is written (the run dir's lock first: another job's checkpoints
+    are not read while it writes them); a ``UserError`` names the first problem."""
     t = cfg.training
     model_cfg = cfg.model_config()
     accum = cfg.accumulation_steps(info.world_size)
@@ -99,10 +122,15 @@ def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool) -> Pl
     if validate and cfg.data.val_split not in read_manifest(cfg.data.path).get("splits", {}):
         raise UserError(f"{cfg.data.path} has no {cfg.data.val_split!r} split; set data.val_split=\"\" "
                         f"to train without validation")
+    from ..data.shards import check_token_ids  # an id past the vocabulary would fail only mid-run
+    for split in ["train"] + ([cfg.data.val_split] if validate else []):
+        check_token_ids(cfg.data.path, split, model_cfg.vocab_size)
     plan = Plan(run_dir, model_cfg, cfg.seq_len, accum, loader, validate, run_identity(model_cfg, loader),
                 dataset_tokenizer(cfg.data.path, cfg.data.tokenizer or None))
+    lock.acquire()
     check_run_dir(plan)
     find_start(plan, cfg, info, resume)
+    plan.schedule = choose_schedule(cfg, plan, info)
     return plan
 
 
@@ -152,8 +180,27 @@ def find_start(plan: Plan, cfg: RunConfig, info: DistInfo, resume: bool) -> None
         raise UserError(f"{plan.run_dir} holds checkpoints of another run ({diff}); use another --run-dir")
     if int(state.get("step", 0)) > cfg.training.max_steps:  # would export the later weights as this run's
         raise UserError(f"{ckpt} is at step {state['step']}, past training.max_steps="
-                        f"{cfg.training.max_steps}; raise max_steps or use another --run-dir")
+                        f"{cfg.training.max_steps}; use another --run-dir (to train on, raise max_steps "
+                        f"and choose --schedule.extend=constant or replan)")
     plan.start_ckpt, plan.start_state = ckpt, state
+
+
+def choose_schedule(cfg: RunConfig, plan: Plan, info: DistInfo) -> Schedule:
+    """The config's schedule for a new run; for a resumed one, the checkpoint's unless the config
+    changed it, and then as ``schedule.extend`` says (train/optim.py, ``continue_schedule``)."""
+    s = cfg.schedule
+    planned = planned_schedule(cfg.peak_lr, s.warmup_steps, cfg.training.max_steps, s.min_lr_ratio)
+    if plan.start_state is None:
+        return planned
+    saved = saved_schedule(plan.start_state.get("schedule"))
+    if saved is not None:
+        return continue_schedule(saved, planned, s.extend, int(plan.start_state["step"]))
+    if s.extend == "constant":
+        raise UserError(f"{plan.start_ckpt} does not record its LR schedule, so --schedule.extend=constant "
+                        f"cannot know its final LR; use --schedule.extend=replan")
+    say(f"warning: {plan.start_ckpt} does not record its LR schedule; following this config's "
+        f"({planned.describe()})", info.is_main)
+    return planned
 
 
 # -- 2.-4. the trainer ----------------------------------------------------------------------------
@@ -194,7 +241,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(plan.model_cfg, plan.seq_len)
         self.state = TrainState(loader=plan.loader, spikes=SpikeDetector(t.spike_sigma),
                                 nonfinite=NonFiniteGuard(t.max_nonfinite_in_row), precision=precision,
-                                schedule=self._schedule())
+                                schedule=plan.schedule.to_dict())
+        self.last_checkpoint, self.saved_step = None, 0
         self._elapsed_base, self._t_start = 0.0, time.perf_counter()
 
     def start_clock(self) -> None:
@@ -221,17 +269,13 @@ class Trainer:
         restore_checkpoint(ckpt, self.model, self.optimizer)
         precision = self.state.precision  # chosen at build (an explicit setting may differ from the saved one)
         self.state.load_state_dict(self.plan.start_state, self.info.rank, self.info.world_size)
-        self.state.precision, self.state.schedule = precision, self._schedule()  # today's config wins
+        self.state.precision = precision
+        self.state.schedule.update(self.plan.schedule.to_dict())  # as preflight chose; last_lr kept
+        self.last_checkpoint, self.saved_step = ckpt, self.state.step
         say(f"resuming from {ckpt} (step {self.state.step}, {self.state.tokens_seen:,} tokens)", self.info.is_main)
 
-    def _schedule(self) -> dict[str, float]:
-        c = self.cfg
-        return {"peak_lr": c.peak_lr, "warmup_steps": c.schedule.warmup_steps,
-                "max_steps": c.training.max_steps, "min_lr_ratio": c.schedule.min_lr_ratio}
-
     def lr(self, step: int) -> float:
-        s = self.cfg.schedule
-        return lr_at(step, self.cfg.peak_lr, s.warmup_steps, self.cfg.training.max_steps, s.min_lr_ratio)
+        return self.plan.schedule.lr(step)
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor, chunked: bool | None) -> torch.Tensor:
         """The training loss: the wrapped model's own loss path, so DDP/FSDP hooks run."""
@@ -299,8 +343,11 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self.state.elapsed_s = self._elapsed_base + time.perf_counter() - self._t_start
         trainer_state = {**self.state.state_dict(), "identity": self.plan.identity, "config": self.cfg.to_dict()}
-        return save_checkpoint(self.plan.run_dir / "checkpoints", self.state.step, self.model, self.optimizer,
-                               trainer_state, self.info.is_main, self.cfg.checkpoint.keep_last)
+        self.last_checkpoint = save_checkpoint(self.plan.run_dir / "checkpoints", self.state.step, self.model,
+                                               self.optimizer, trainer_state, self.info.is_main,
+                                               self.cfg.checkpoint.keep_last)
+        self.saved_step = self.state.step
+        return self.last_checkpoint
 
 
 @torch.no_grad()

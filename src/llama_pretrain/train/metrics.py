@@ -3,13 +3,18 @@
 MFU follows torchtitan's definition (``compute/flops.py``): FLOPs per trained token
 ``6 * N_non_embedding + 12 * L * H * Q * T`` times tokens/s, divided by the peak FLOP/s of all the
 devices of the run. The peak is the device's bf16 dense peak on a known GPU (H100/H200 989e12,
-A100 312e12); on a CPU, which has no datasheet figure, it is the best fp32 matmul rate measured on
-this machine at start-up (so CPU MFU says how close training comes to the machine's own GEMM speed).
+A100 312e12); on a CPU, which has no datasheet figure, it is the best matmul rate measured on this
+machine (so CPU MFU says how close training comes to the machine's own GEMM speed). That rate is
+measured once per machine and kept in a per-user cache keyed by CPU model, torch version and thread
+count, so every run on one machine divides by the same peak.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +47,7 @@ def resolve_precision(device: torch.device, requested: str = "auto", configured_
 
     ``auto`` is bf16 on GPU. On a CPU it is bf16 only where a bf16 matmul measured here runs at
     least 1.5x faster than an fp32 one (AVX512-BF16/AMX parts), else fp32. The peak is the one of
-    the precision used: the GPU's bf16 datasheet figure, or the measured CPU matmul rate.
+    the precision used: the GPU's bf16 datasheet figure, or this CPU's cached matmul rate.
     """
     if device.type == "cuda":
         from ..compute.gpus import peak_flops_for_device
@@ -54,15 +59,93 @@ def resolve_precision(device: torch.device, requested: str = "auto", configured_
         if not peak:
             peak, source = measure_matmul_peak(device, 8192, torch.bfloat16), f"{name} measured bf16 matmul"
     else:
-        with torch.random.fork_rng(devices=[]):  # leave the training RNG stream alone
-            fp32 = measure_matmul_peak(device, 1024, torch.float32)
-            bf16 = measure_matmul_peak(device, 1024, torch.bfloat16) if requested != "fp32" else 0.0
+        fp32 = cpu_matmul_peak("fp32")
+        bf16 = cpu_matmul_peak("bf16") if requested != "fp32" else 0.0
         precision = requested if requested != "auto" else ("bf16" if bf16 >= 1.5 * fp32 else "fp32")
         peak = bf16 if precision == "bf16" else fp32
-        source = f"measured {precision} matmul (1024^3) on this CPU"
+        source = f"measured {precision} matmul (1024^3) on this CPU, cached in {peak_cache_file()}"
     if configured_peak > 0:
         return precision, configured_peak, "configured (logging.peak_flops)"
     return precision, peak, source
+
+
+# -- the CPU peak, measured once per machine ----------------------------------------------------------
+CACHE_DIR_ENV = "LLAMA_PRETRAIN_CACHE_DIR"
+
+
+def peak_cache_file() -> Path:
+    """$LLAMA_PRETRAIN_CACHE_DIR, else $XDG_CACHE_HOME/llama-pretrain, else ~/.cache/llama-pretrain."""
+    root = os.environ.get(CACHE_DIR_ENV) or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                 "llama-pretrain")
+    return Path(root) / "matmul_peak.json"
+
+
+def machine_key() -> str:
+    """What the CPU matmul peak depends on: the CPU model, the torch build, the threads it may use."""
+    return f"{cpu_model()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _read_peak_cache() -> dict[str, dict[str, float]]:
+    """The cache as {machine key: {precision: FLOP/s}}; unreadable or damaged: empty (re-measure)."""
+    try:
+        data = json.loads(peak_cache_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: {p: float(v) for p, v in peaks.items() if _is_rate(v)}
+            for k, peaks in data.items() if isinstance(peaks, dict)}
+
+
+def _is_rate(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def store_cpu_peak(precision: str, flops: float) -> None:
+    """Record a measured peak for this machine; a cache that cannot be written is not an error."""
+    from ..errors import UserError
+    from ..fsutil import atomic_file
+
+    cache = _read_peak_cache()
+    cache.setdefault(machine_key(), {})[precision] = flops
+    try:
+        with atomic_file(peak_cache_file(), "w") as fh:
+            json.dump(cache, fh, indent=1)
+    except (OSError, UserError):
+        pass
+
+
+def _measure_cpu_peak(precision: str, repeats: int = 5) -> float:
+    with torch.random.fork_rng(devices=[]):  # leave the training RNG stream alone
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        return measure_matmul_peak("cpu", 1024, dtype, repeats=repeats)
+
+
+def cpu_matmul_peak(precision: str) -> float:
+    """This machine's cached matmul peak for ``precision`` (fp32, bf16); measured and cached when absent."""
+    cached = _read_peak_cache().get(machine_key(), {}).get(precision)
+    if cached:
+        return cached
+    flops = _measure_cpu_peak(precision)
+    store_cpu_peak(precision, flops)
+    return flops
+
+
+def remeasure_cpu_peak(precision: str, previous: float) -> float:
+    """The peak measured again (the cached one was measured on a busy machine); the cache keeps the best."""
+    flops = max(previous, _measure_cpu_peak(precision, repeats=10))
+    store_cpu_peak(precision, flops)
+    return flops
 
 
 class MetricsWriter:

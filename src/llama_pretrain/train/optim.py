@@ -12,9 +12,13 @@ switches it on).
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
+
+from ..errors import UserError
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
@@ -78,3 +82,70 @@ def lr_at(step: int, peak_lr: float, warmup_steps: int, max_steps: int, min_lr_r
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+# -- the schedule of a run that resumes -------------------------------------------------------------
+_PLAN_KEYS = ("peak_lr", "warmup_steps", "max_steps", "min_lr_ratio")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Warm-up + cosine over ``decay_end`` steps, then constant at the final LR up to ``max_steps``
+    (``decay_end < max_steps`` only for a run extended with ``schedule.extend=constant``)."""
+    peak_lr: float
+    warmup_steps: int
+    max_steps: int
+    min_lr_ratio: float
+    decay_end: int
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.peak_lr, self.warmup_steps, self.decay_end, self.min_lr_ratio)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        text = (f"peak {self.peak_lr:.3g}, warm-up {self.warmup_steps}, cosine to "
+                f"{self.min_lr_ratio:g} x peak at step {self.decay_end}")
+        if self.decay_end < self.max_steps:
+            text += f", then {self.lr(self.decay_end - 1):.3g} to step {self.max_steps}"
+        return text
+
+
+def planned_schedule(peak_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> Schedule:
+    return Schedule(peak_lr, warmup_steps, max_steps, min_lr_ratio, decay_end=max_steps)
+
+
+def saved_schedule(saved: dict[str, Any] | None) -> Schedule | None:
+    """The schedule a checkpoint recorded; None for checkpoints that predate the record."""
+    if not isinstance(saved, dict) or not all(k in saved for k in _PLAN_KEYS):
+        return None
+    return Schedule(float(saved["peak_lr"]), int(saved["warmup_steps"]), int(saved["max_steps"]),
+                    float(saved["min_lr_ratio"]), int(saved.get("decay_end", saved["max_steps"])))
+
+
+def _plan(s: Schedule) -> dict[str, Any]:
+    """What a config sets (``decay_end`` follows from how a run was extended)."""
+    return {k: getattr(s, k) for k in _PLAN_KEYS}
+
+
+def continue_schedule(saved: Schedule, planned: Schedule, extend: str, step: int) -> Schedule:
+    """The schedule a run resumed at ``step`` follows. The saved one when the config did not change
+    it; the config's when the change alters no LR still to come (e.g. a longer run that stays in
+    warm-up); otherwise as ``extend`` says: refuse (a UserError naming both), constant (the saved
+    cosine, then its final LR for the added steps) or replan (the config's, as if the run had
+    started so: the LR jumps)."""
+    if _plan(saved) == _plan(planned):
+        return saved
+    kept = replace(saved, max_steps=planned.max_steps)
+    if extend == "replan" or all(kept.lr(s) == planned.lr(s) for s in range(step, planned.max_steps)):
+        return planned
+    both = f"the checkpoint's schedule is {saved.describe()}; this config's is {planned.describe()}"
+    if extend == "constant":
+        changed = [k for k in _PLAN_KEYS if k != "max_steps" and getattr(saved, k) != getattr(planned, k)]
+        if changed or planned.max_steps < saved.max_steps:
+            raise UserError(f"--schedule.extend=constant only adds steps at the final LR, but {both}; "
+                            f"use --schedule.extend=replan to follow the new schedule")
+        return kept
+    raise UserError(f"the schedule changed: {both}; --schedule.extend=constant continues at the final LR "
+                    f"for added steps, --schedule.extend=replan re-plans over the new settings")

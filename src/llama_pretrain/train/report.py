@@ -1,7 +1,8 @@
 """What a training run tells its user: run.json, metrics.jsonl (+ TensorBoard), energy, progress.
 
 Only rank 0 writes files and prints; every rank builds a ``Reporter`` so the loop has no
-rank-dependent branches.
+rank-dependent branches. Progress is a tqdm bar on a terminal; when stderr is a file (a batch job)
+or ``logging.progress=false`` it is one plain line every ``logging.every_steps`` steps instead.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import math
 import sys
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ..fsutil import atomic_file
 from . import metrics
@@ -28,20 +27,35 @@ def say(msg: str, is_main: bool = True) -> None:
 
 class Reporter:
     def __init__(self, trainer, run_dir: Path):
-        from tqdm import tqdm
-
         self.trainer, self.run_dir = trainer, Path(run_dir)
         cfg, state = trainer.cfg, trainer.state
         self.is_main = trainer.info.is_main
-        self.peak = trainer.peak
-        self.writer = self.meter = None
+        self.peak, self.peak_source = trainer.peak, trainer.peak_source
+        self.writer = self.meter = self.bar = None
         self.energy_base = dict(state.energy)
         self.last_val: float | None = None
+        self.start = self.mark = (state.step, state.elapsed_s)  # this process's start; the last plain line
         if self.is_main:
+            self._keep_resumed_peak()
             self._start_files()
             self._banner()
-        self.bar = tqdm(total=cfg.training.max_steps, initial=state.step, unit="step", file=sys.stderr,
-                        dynamic_ncols=True, disable=not (self.is_main and cfg.logging.progress), desc="train")
+            if cfg.logging.progress and sys.stderr.isatty():
+                from tqdm import tqdm
+                self.bar = tqdm(total=cfg.training.max_steps, initial=state.step, unit="step", file=sys.stderr,
+                                dynamic_ncols=True, desc="train")
+
+    def _keep_resumed_peak(self) -> None:
+        """A resumed run divides by the measured peak it started with, so its MFU stays comparable
+        (a configured peak still wins)."""
+        t = self.trainer
+        try:
+            before = json.loads((self.run_dir / "run.json").read_text())
+            peak, source, precision = float(before["peak_flops"]), str(before["peak_source"]), before["precision"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        measured = source.startswith("measured") and self.peak_source.startswith("measured")
+        if t.state.step and measured and precision == t.state.precision and peak > 0:
+            self.peak, self.peak_source = peak, source
 
     def _start_files(self) -> None:
         t = self.trainer
@@ -49,7 +63,7 @@ class Reporter:
         with atomic_file(self.run_dir / "run.json", "w") as fh:
             json.dump({"format": FORMAT, "identity": t.plan.identity, "config": t.cfg.to_dict(),
                        "world_size": t.info.world_size, "precision": t.state.precision,
-                       "peak_flops": self.peak, "peak_source": t.peak_source,
+                       "peak_flops": self.peak, "peak_source": self.peak_source,
                        "flops_per_token": t.flops_per_token}, fh, indent=1)
         metrics.truncate_metrics(self.run_dir / "metrics.jsonl", t.state.step)
         self.writer = metrics.MetricsWriter(self.run_dir, t.cfg.logging.tensorboard, resume_step=t.state.step)
@@ -65,7 +79,7 @@ class Reporter:
             f"batch {tr.global_batch_tokens:,} tokens = {t.info.world_size} rank(s) x {tr.micro_batch_size} seq "
             f"x {t.plan.accum} accumulation; {t.state.precision} compute, fp32 weights; "
             f"{t.flops_per_token / 1e6:.1f} MFLOP/token; MFU vs {self.peak / 1e12:.3f} TFLOP/s per device "
-            f"({t.peak_source})")
+            f"({self.peak_source})")
 
     # -- per step ------------------------------------------------------------------------------
     def record(self, result) -> dict[str, Any]:
@@ -94,9 +108,9 @@ class Reporter:
     def _mfu(self, tok_s: float) -> float:
         t = self.trainer
         mfu = tok_s * t.flops_per_token / (self.peak * t.info.world_size)
-        if mfu > 1.0 and t.peak_source.startswith("measured"):
-            # The start-up matmul ran while the machine was busy; measure the peak again, now.
-            self.peak = max(self.peak, remeasure_peak(t.info.device, t.state.precision))
+        if mfu > 1.0 and self.peak_source.startswith("measured"):
+            # The peak was measured while the machine was busy; measure it again, now.
+            self.peak = metrics.remeasure_cpu_peak(t.state.precision, self.peak)
             mfu = tok_s * t.flops_per_token / (self.peak * t.info.world_size)
         return mfu
 
@@ -113,35 +127,69 @@ class Reporter:
                or state.step == t.cfg.training.max_steps)
         if self.writer is not None and due:
             self.writer.write(rec)
+        if self.bar is not None:
+            self._update_bar(rec)
+        elif self.is_main and (state.step % t.cfg.logging.every_steps == 0 or state.step == t.cfg.training.max_steps):
+            say(self.plain_line(rec))
+
+    def _update_bar(self, rec: dict[str, Any]) -> None:
+        loss = rec["loss"] if rec["loss"] is not None else float("nan")
+        post = {"loss": f"{loss:.3f}", "tok/s": f"{rec['tokens_per_s']:,.0f}", "mfu": f"{100 * rec['mfu']:.1f}%"}
+        if self.last_val is not None:
+            post["val"] = f"{self.last_val:.3f}"
+        self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
-        if not self.bar.disable:
-            loss = rec["loss"] if rec["loss"] is not None else float("nan")
-            post = {"loss": f"{loss:.3f}", "tok/s": f"{rec['tokens_per_s']:,.0f}",
-                    "mfu": f"{100 * rec['mfu']:.1f}%"}
-            if self.last_val is not None:
-                post["val"] = f"{self.last_val:.3f}"
-            self.bar.set_postfix(post, refresh=False)
+
+    def plain_line(self, rec: dict[str, Any]) -> str:
+        """One line for a log file: this step's figures, tokens/s since the last line, and the ETA at
+        this process's mean pace."""
+        t, state = self.trainer, self.trainer.state
+        steps, seconds = state.step - self.mark[0], max(state.elapsed_s - self.mark[1], 1e-9)
+        self.mark = (state.step, state.elapsed_s)
+        tok_s = steps * t.cfg.training.global_batch_tokens / seconds
+        pace = (state.elapsed_s - self.start[1]) / max(state.step - self.start[0], 1)
+        parts = [f"step {state.step}/{t.cfg.training.max_steps}", f"loss {_num(rec['loss'], '.4f')}",
+                 f"lr {rec['lr']:.2e}", f"grad norm {_num(rec['grad_norm'], '.3f')}", f"{tok_s:,.0f} tok/s",
+                 f"MFU {100 * self._mfu(tok_s):.1f}%"]
+        if self.last_val is not None:
+            parts.append(f"val loss {self.last_val:.4f}")
+        parts.append(f"ETA {duration((t.cfg.training.max_steps - state.step) * pace)}")
+        return "  ".join(parts)
 
     # -- the end -------------------------------------------------------------------------------
-    def close(self) -> dict[str, Any] | None:
-        """Stop the meter, close the files; on rank 0 the run summary (also written to summary.json)."""
-        from .summary import summarize
-
-        self.bar.close()
+    def close_streams(self) -> dict[str, Any] | None:
+        """Close the progress bar, the metrics files (TensorBoard flushed) and the energy meter; the
+        run's total energy on rank 0. Also what a preempted run does before it exits."""
+        if self.bar is not None:
+            self.bar.close()
         if not self.is_main:
             return None
         energy = self.meter.stop() if self.meter is not None else None
         if energy is not None:
             energy = dict(energy, **{k: self.energy_base[k] + energy[k] for k in ("kwh", "tco2eq")})
         self.writer.close()
-        summary = summarize(self.run_dir, energy, self.trainer.peak_source)
+        return energy
+
+    def close(self) -> dict[str, Any] | None:
+        """Close the streams; on rank 0 the run summary (also written to summary.json)."""
+        from .summary import summarize
+
+        energy = self.close_streams()
+        if not self.is_main:
+            return None
+        summary = summarize(self.run_dir, energy, self.peak_source)
         with atomic_file(self.run_dir / "summary.json", "w") as fh:
             json.dump(summary, fh, indent=1)
         return summary
 
 
-def remeasure_peak(device, precision: str) -> float:
-    """The CPU matmul peak measured again (without touching the training RNG stream)."""
-    with torch.random.fork_rng(devices=[]):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        return metrics.measure_matmul_peak(device, 1024, dtype, repeats=10)
+def _num(v: float | None, spec: str) -> str:
+    return "nan" if v is None else format(v, spec)
+
+
+def duration(seconds: float) -> str:
+    """3h05m, 4m07s, 12s."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

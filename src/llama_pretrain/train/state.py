@@ -34,7 +34,8 @@ class TrainState:
     energy: dict[str, float] = field(default_factory=lambda: {"kwh": 0.0, "tco2eq": 0.0})
     """Energy and carbon so far, over this run and every run it resumed."""
     schedule: dict[str, float] = field(default_factory=dict)
-    """The learning-rate schedule: peak_lr, warmup_steps, max_steps, min_lr_ratio, last_lr."""
+    """The learning-rate schedule (``optim.Schedule``: peak_lr, warmup_steps, max_steps, min_lr_ratio,
+    decay_end) and last_lr; a resumed run keeps it unless told how to change it (schedule.extend)."""
     precision: str = "fp32"
     """The compute precision the run chose (a resumed run keeps it)."""
 

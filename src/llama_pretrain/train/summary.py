@@ -1,4 +1,7 @@
-"""A run's summary: its figures computed from ``metrics.jsonl``, and the table the CLI prints."""
+"""A run's summary: its figures computed from ``metrics.jsonl``, and the table the CLI prints.
+
+Throughput is all tokens over the training wall time (validation and checkpoints included), not
+a mean of per-step rates, and MFU is computed from it."""
 
 from __future__ import annotations
 
@@ -15,15 +18,14 @@ def summarize(run_dir: Path, energy: dict | None = None, peak_source: str | None
         return {"steps": 0}
     losses = [r["loss"] for r in records if r.get("loss") is not None]
     vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
-    timed = [r for r in records if r.get("tokens_per_s")][1:] or records  # step 1 includes warm-up
     last = records[-1]
+    tokens_per_s = last["tokens_seen"] / last["elapsed_s"] if last.get("elapsed_s") else None
     out = {
         "steps": last["step"], "tokens_seen": last["tokens_seen"], "elapsed_s": last.get("elapsed_s"),
         "final_train_loss": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
         "first_train_loss": losses[0] if losses else None,
         "first_val_loss": vals[0] if vals else None, "final_val_loss": vals[-1] if vals else None,
-        "tokens_per_s": sum(r["tokens_per_s"] for r in timed) / len(timed),
-        "mfu": sum(r["mfu"] for r in timed) / len(timed),
+        "tokens_per_s": tokens_per_s, "mfu": mfu_at(tokens_per_s, records),
         "skipped_steps": sum(1 for r in records if r.get("skipped")),
     }
     if peak_source:
@@ -33,6 +35,15 @@ def summarize(run_dir: Path, energy: dict | None = None, peak_source: str | None
     elif last.get("kwh") is not None:
         out["energy_kwh"], out["tco2eq"] = last["kwh"], last.get("tco2eq")
     return out
+
+
+def mfu_at(tokens_per_s: float | None, records: list[dict[str, Any]]) -> float | None:
+    """MFU at ``tokens_per_s`` against the peak of the last logged step (its mfu / its tokens/s is
+    FLOPs per token over the peak of all devices)."""
+    timed = [r for r in records if r.get("tokens_per_s") and r.get("mfu") is not None]
+    if tokens_per_s is None or not timed:
+        return None
+    return tokens_per_s * timed[-1]["mfu"] / timed[-1]["tokens_per_s"]
 
 
 def print_summary(s: dict, run_dir: Path) -> None:
@@ -48,7 +59,7 @@ def print_summary(s: dict, run_dir: Path) -> None:
         ("train loss", f"{fmt(s.get('first_train_loss'), '.3f')} -> {fmt(s.get('final_train_loss'), '.3f')}"
                        " (first step -> mean of the last 10)"),
         ("val loss", f"{fmt(s.get('first_val_loss'), '.3f')} -> {fmt(s.get('final_val_loss'), '.3f')}"),
-        ("throughput", f"{fmt(s.get('tokens_per_s'), ',.0f')} tokens/s"),
+        ("throughput", f"{fmt(s.get('tokens_per_s'), ',.0f')} tokens/s (tokens / time)"),
         ("MFU", f"{fmt(100 * s['mfu'] if s.get('mfu') is not None else None, '.1f')}% "
                 f"(6N+12LHQT FLOPs/token vs {s.get('mfu_peak', 'peak')})"),
     ]
