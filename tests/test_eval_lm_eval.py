@@ -186,3 +186,99 @@ def test_falls_back_to_cpu_without_cuda(ckpt, monkeypatch, caplog, device):
         assert any("not available" in r.getMessage() for r in caplog.records)
     from lm_eval.api.instance import Instance
     assert lm.loglikelihood([Instance("loglikelihood", {}, ("the number 4 is", " even"), 0)])[0][0] < 0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ckpt):
+    """The fixture's model trained for a few seconds, so greedy text is words, not byte pieces
+    (which Hugging Face's and SentencePiece's decoders render differently when invalid UTF-8),
+    and its Hugging Face export (`export-hf`) for lm-eval's own HF backend."""
+    import subprocess
+    import sys
+
+    from llama_pretrain.interop import load_checkpoint, save_native
+    from llama_pretrain.model import Transformer
+    from llama_pretrain.tokenizer import Tokenizer
+
+    cfg, state, _ = load_checkpoint(ckpt)
+    tok = Tokenizer(ckpt / "tokenizer.model")
+    ids = torch.tensor(sum((tok.encode(f"the number {i} is {'even' if i % 2 == 0 else 'odd'} and that is fine.")
+                            for i in range(300)), []))
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        start = torch.randint(0, len(ids) - 65, (16,))
+        batch = torch.stack([ids[s:s + 65] for s in start])
+        loss = model(batch[:, :-1], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    d = tmp_path_factory.mktemp("trained")
+    save_native(model.state_dict(), cfg, d / "ckpt", tokenizer_model=ckpt / "tokenizer.model")
+    r = subprocess.run([sys.executable, "-m", "llama_pretrain", "export-hf", d / "ckpt", "--out", d / "hf"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return d / "ckpt", d / "hf"
+
+
+def _evaluate(model, model_args, task_names, tasks):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=task_names, batch_size=4, device="cpu", num_fewshot=0,
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False), log_samples=True,
+        bootstrap_iters=0)
+
+
+def test_adapter_equals_lm_evals_hf_backend_on_the_exported_weights(trained, tmp_path, monkeypatch):
+    """The three request types of local task YAMLs scored by lm-eval through our adapter and
+    through lm-eval's HF backend (HFLM, transformers) on the `export-hf` weights: the same
+    log-likelihoods (within TOL), the same rolling log-likelihoods, the same greedy text (but for
+    the leading space HFLM's decoding drops).
+    HFLM's rolling log-likelihood puts BOS in front of a window that already starts with one
+    (its default add_bos_token for Llama), so that task is compared with add_bos_token=False."""
+    pytest.importorskip("accelerate")  # lm-eval's HF backend imports it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import lm_eval.models.huggingface  # noqa: F401 - registers "hf"
+
+    import llama_pretrain.eval.lm_eval_adapter  # noqa: F401 - registers the model
+
+    ckpt, hf = trained
+    tasks = _write_tasks(tmp_path)
+    names = ["local_piqa", "local_rolling", "local_gen"]
+    ours = _evaluate("llama-pretrain", f"path={ckpt}", names, tasks)
+    theirs = _evaluate("hf", f"pretrained={hf},dtype=float32", ["local_piqa", "local_gen"], tasks)
+    rolling = _evaluate("hf", f"pretrained={hf},dtype=float32,add_bos_token=False", ["local_rolling"], tasks)
+
+    def lls(out, task):
+        return [float(r[0]) if isinstance(r, (list, tuple)) else float(r)
+                for s in _samples(out, task) for r in s["filtered_resps"]]
+
+    a, b = lls(ours, "local_piqa"), lls(theirs, "local_piqa")
+    assert len(a) == 2 * len(PIQA) and max(abs(x - y) for x, y in zip(a, b)) < TOL
+    a, b = lls(ours, "local_rolling"), lls(rolling, "local_rolling")
+    assert len(a) == len(TEXTS) and max(abs(x - y) for x, y in zip(a, b)) < TOL
+    # The same greedy tokens; HFLM decodes the continuation alone, and a Llama tokenizer's decoder
+    # then drops the first piece's "▁" (its dummy prefix), where ours keeps the space the model wrote.
+    gen = [s["filtered_resps"][0] for s in _samples(ours, "local_gen")]
+    assert [g[1:] if g.startswith(" ") else g for g in gen] == [
+        s["filtered_resps"][0] for s in _samples(theirs, "local_gen")]
+    assert any(g.strip() for g in gen)  # text was generated, not only stop sequences
+    for metric in ("acc,none", "acc_norm,none"):
+        assert ours["results"]["local_piqa"][metric] == theirs["results"]["local_piqa"][metric]
+
+
+def test_eval_device_defaults_to_auto(ckpt, monkeypatch):
+    """`eval` without --device takes a GPU when there is one, like train and generate."""
+    from llama_pretrain.cli import build_parser
+
+    args = build_parser().parse_args(["eval", str(ckpt), "--tasks", "piqa"])
+    assert args.device == "auto"
+    seen = []
+    monkeypatch.setattr("llama_pretrain.eval.harness.load_lm", lambda *a, **k: seen.append(k["device"]) or 1 / 0)
+    monkeypatch.setattr("llama_pretrain.eval.evaluator.preflight", lambda *a: None)  # no task data here
+    with pytest.raises(ZeroDivisionError):
+        args.func(args)
+    assert seen == ["auto"]

@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["auto", "native", "hf"], default="auto",
                    help="native: our Transformer; hf: transformers AutoModelForCausalLM; auto: native for "
                         "our/Meta checkpoints, hf otherwise")
-    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", default="auto",
+                   help="auto (a GPU when there is one), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, metavar="{fp32,bf16,fp16}",
                    help="weights dtype (default: as stored)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per generated program (default 10)")

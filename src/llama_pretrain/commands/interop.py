@@ -1,4 +1,5 @@
-"""`llama-pretrain import-hf` / `export-hf`: lossless conversion to and from Hugging Face."""
+"""`llama-pretrain import-hf` / `export-hf`: lossless conversion to and from Hugging Face;
+`export-gguf`: a GGUF file for llama.cpp."""
 
 from __future__ import annotations
 
@@ -32,6 +33,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--tokenizer", help="SentencePiece .model to include (default: the checkpoint's)")
     exp.add_argument("--force", action="store_true", help="replace --out if it exists")
     exp.set_defaults(func=run_export)
+
+    gg = sub.add_parser("export-gguf", help="convert a checkpoint to a GGUF file for llama.cpp / Ollama",
+                        description="Writes one GGUF file (llama.cpp's `llama` architecture: its "
+                                    "hyperparameters, the SentencePiece vocabulary as its `llama` "
+                                    "tokenizer, its tensor names) through the gguf package. Norms stay "
+                                    "f32 in every --dtype.")
+    gg.add_argument("ckpt_dir", help="llama-pretrain checkpoint dir (or a Meta / HF dir)")
+    gg.add_argument("--out", required=True, help="the .gguf file to write")
+    gg.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32",
+                    help="tensor type of the weight matrices (default f32)")
+    gg.add_argument("--tokenizer", help="SentencePiece .model to include (default: the checkpoint's)")
+    gg.add_argument("--force", action="store_true", help="replace --out if it exists")
+    gg.set_defaults(func=run_export_gguf)
 
 
 def check_out(out: str, force: bool) -> Path:
@@ -71,4 +85,24 @@ def run_export(args) -> int:
     tok = args.tokenizer or find_tokenizer(args.ckpt_dir)
     save_hf(state, cfg, out, tokenizer_model=tok, dtype=parse_dtype(args.dtype))
     print(f"wrote {out} (Hugging Face LlamaForCausalLM{', with tokenizer' if tok else ''})")
+    return 0
+
+
+def run_export_gguf(args) -> int:
+    from ..errors import UserError
+    from ..interop import find_tokenizer, load_checkpoint
+    from ..interop.gguf import save_gguf
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give the .gguf file to write")
+    if out.exists() and not args.force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    cfg, state, _ = load_checkpoint(args.ckpt_dir)
+    tok = args.tokenizer or find_tokenizer(args.ckpt_dir)
+    if tok is None:
+        raise UserError(f"{args.ckpt_dir} has no tokenizer.model and llama.cpp needs the vocabulary; "
+                        "pass --tokenizer PATH")
+    save_gguf(state, cfg, out, Path(tok), dtype=args.dtype, name=Path(args.ckpt_dir).resolve().name)
+    print(f"wrote {out} (GGUF, llama, {args.dtype}, {sum(t.numel() for t in state.values()):,} parameters)")
     return 0
