@@ -68,7 +68,7 @@ def test_prepare_accounts_for_every_record_and_round_trips(tmp_path, tok, capsys
         fh.write("".join(json.dumps({"text": t}) + "\n" for t in good[30:36]))
     (src / "c.txt").write_text(good[36])
     (src / "empty.txt").write_text("")
-    (src / "blob.bin").write_bytes(b"\x00\x01\x02binary")
+    (src / "blob.txt").write_bytes(b"\x00\x01\x02binary")  # binary behind a text name
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"text": good[37:40] + [None]}), src / "d.parquet")
@@ -326,3 +326,26 @@ def test_prepare_onto_a_full_disk_is_one_line_and_keeps_the_previous_dataset(tmp
     assert "bytes are free in" in err
     assert (files_bytes(out), (out / "manifest.json").read_bytes()) == before
     assert not [p for p in small_disk.rglob("*") if ".tmp-" in p.name or p.name == prep.STAGING]
+
+
+# -- what a directory holds -----------------------------------------------------------------------
+def test_a_directory_input_reads_only_files_of_a_known_format(tmp_path, tok):
+    src = _corpus(tmp_path / "in", 2, 10)
+    (src / "data.toml").write_text('[[sources]]\nname = "a"\npaths = ["part000.jsonl"]\n' * 20)
+    (src / "prepare.sh").write_text("llama-pretrain data prepare --input . --out out\n" * 40)
+    out = tmp_path / "out"
+    assert run("prepare", "--input", src, "--tokenizer", tok, "--out", out, "--quiet", "--no-quality") == 0
+    m = read_manifest(out)
+    assert m["total"]["documents_in"] == 2 * 11  # the JSONL records only, not the config or the script
+    assert "bad_record_locations" not in m["total"] or not any(
+        "data.toml" in loc or "prepare.sh" in loc for locs in m["total"]["bad_record_locations"].values()
+        for loc in locs)
+
+
+def test_a_directory_without_known_files_names_the_formats_and_the_glob(tmp_path, tok, capsys):
+    src = tmp_path / "code"
+    src.mkdir()
+    (src / "a.py").write_text("print('hello')\n")
+    assert run("prepare", "--input", src, "--tokenizer", tok, "--out", tmp_path / "o", "--quiet") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ".jsonl" in err and f"{src}/**/*.py" in err, err

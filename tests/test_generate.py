@@ -107,3 +107,12 @@ def test_generate_cli_with_checkpoint_tokenizer(tmp_path):
     assert device.returncode == 2 and "--device must be" in device.stderr, device.stderr
     for bad in (long, device):
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_generate_from_a_missing_path_says_it_does_not_exist(tmp_path, capsys):
+    from llama_pretrain.cli import main
+
+    missing = tmp_path / "nonexistent"
+    assert main(["generate", str(missing), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{missing}: no such checkpoint (the path does not exist)" in err and "tokenizer" not in err, err

@@ -123,3 +123,10 @@ def test_spec_options_cover_sentencepiece_trainer_spec():
     own = {"input", "input_format", "model_prefix", "vocab_size", "input_sentence_size"}
     assert set(SPEC_OPTIONS) - {"normalization_rule_name", "normalization_rule_tsv",
                                 "add_dummy_prefix", "remove_extra_whitespaces"} == fields - own
+
+
+def test_input_that_is_not_a_regular_file_says_so(tmp_path, capsys):
+    assert main(["tokenizer", "train", "--input", "/dev/null", "--vocab-size", "300",
+                 "--out", str(tmp_path / "t.model")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "/dev/null is not a regular file" in err and "does not exist" not in err, err

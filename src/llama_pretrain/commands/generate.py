@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +35,8 @@ def run(args) -> int:
         raise UserError("--temperature must be >= 0")
     if not 0 < args.top_p <= 1:
         raise UserError("--top-p must be in (0, 1]")
+    if not os.path.lexists(args.model):  # before the tokenizer, whose absence would be the wrong reason
+        raise UserError(f"{args.model}: no such checkpoint (the path does not exist)")
     tok_path = args.tokenizer or find_tokenizer(args.model)
     if tok_path is None:
         raise UserError(f"{args.model}: no tokenizer.model in the checkpoint; pass --tokenizer FILE.model")

@@ -47,7 +47,37 @@ def register(sub: argparse._SubParsersAction) -> None:
         for f in dataclasses.fields(cls):
             g.add_argument(f"--{section}.{f.name}", dest=f"ov:{section}.{f.name}", metavar="V",
                            help=default_help(section, f))
+    p.add_argument("--init-from", dest="ov:checkpoint.init_from", metavar="PATH",
+                   help="start a new run from these weights (our model dir, a Hugging Face or Meta Llama "
+                        "dir, a training checkpoint): fresh optimizer, schedule and step count; the same "
+                        "as --checkpoint.init_from")
+    refuse_unknown_flags(p)
     p.set_defaults(func=run)
+
+
+def refuse_unknown_flags(parser: argparse.ArgumentParser) -> None:
+    """A mistyped flag is train's own error (its usage and the closest valid key), not the top-level
+    parser's bare "unrecognized arguments", which it would otherwise become."""
+    parse_known = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        namespace, extras = parse_known(args, namespace)
+        if extras:
+            parser.error(unknown_argument_message(extras[0], parser))
+        return namespace, extras
+
+    parser.parse_known_args = parse_known_args
+
+
+def unknown_argument_message(arg: str, parser: argparse.ArgumentParser) -> str:
+    """'unrecognized argument X; did you mean --closest.key?' when a valid flag is close."""
+    import difflib
+
+    flag = arg.partition("=")[0]
+    flags = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    close = difflib.get_close_matches(flag, flags, n=1) if flag.startswith("--") else []
+    hint = f"did you mean {close[0]}?" if close else "config keys are --section.key=value (see --help)"
+    return f"unrecognized argument {arg}; {hint}"
 
 
 OVERRIDES_HELP = """\
@@ -63,7 +93,9 @@ def default_help(section: str, f: dataclasses.Field) -> str | None:
     from ..train.demo import DEMO_CONFIG
 
     if f.default is dataclasses.MISSING:
-        return None
+        if f.default_factory is dataclasses.MISSING:
+            return None
+        return f"default {f.default_factory()!r}"
     demo = DEMO_CONFIG.get(section, {}).get(f.name, f.default)
     shown = DEFAULT_MEANS.get(f"{section}.{f.name}", repr(f.default))
     return f"default {shown}" + (f" (demo: {demo!r})" if demo != f.default else "")

@@ -4,7 +4,11 @@ Supported inputs (by file name):
 
 * ``*.jsonl`` / ``*.jsonl.gz`` / ``*.json.gz``: one JSON object per line, text in ``text_field``;
 * ``*.parquet``: one row per document, text in the column ``text_field``;
-* anything else: a plain-text file is one document (directories are walked recursively).
+* ``*.txt`` / ``*.text`` / ``*.md`` / ``*.rst``, and any file named on its own or by a glob: a
+  plain-text file is one document.
+
+A directory is walked recursively for the formats above only: its other files (a TOML config, a
+script, a binary) are not documents; name them, or glob them (``DIR/**/*.py``), to read them as text.
 
 Bad records never raise: ``iter_records`` yields them with a drop reason and a ``file:line``
 location so the pipeline can count them (``--strict`` turns the first one into a ``UserError``).
@@ -32,9 +36,10 @@ from . import drops
 
 
 def expand_paths(patterns: list[str] | str) -> list[Path]:
-    """Files named by ``patterns``: files, directories (recursive, hidden entries skipped) and
-    globs (``**`` allowed). Order is deterministic (sorted per pattern, first occurrence wins).
-    Raises ``UserError`` naming the first pattern that matches no file."""
+    """Files named by ``patterns``: files, directories (recursive, for the known formats only,
+    hidden entries skipped) and globs (``**`` allowed). Order is deterministic (sorted per
+    pattern, first occurrence wins). Raises ``UserError`` naming the first pattern that matches no
+    file, or that is not a regular file or directory."""
     if isinstance(patterns, (str, Path)):
         patterns = [str(patterns)]
     if not patterns:
@@ -52,8 +57,13 @@ def expand_paths(patterns: list[str] | str) -> list[Path]:
             for m in sorted(glob.glob(pat, recursive=True)):
                 mp = Path(m)
                 found.extend(_walk(mp) if mp.is_dir() else [mp] if mp.is_file() else [])
+        elif p.exists():
+            raise UserError(f"input path {pat} is not a regular file or a directory (a device, FIFO or socket)")
         else:
             raise UserError(f"input path {pat} does not exist")
+        if not found and p.is_dir():
+            raise UserError(f"input directory {pat} has no {', '.join(KNOWN_SUFFIXES)} files (other files "
+                            f"are not read from a directory: name them or use a glob such as {pat}/**/*.py)")
         if not found:
             raise UserError(f"input {pat} matches no files")
         for f in found:
@@ -61,12 +71,22 @@ def expand_paths(patterns: list[str] | str) -> list[Path]:
     return list(seen)
 
 
+# File names a reader knows, so a directory walk reads them (and nothing else).
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst")
+KNOWN_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz", ".parquet", *TEXT_SUFFIXES)
+
+
 def _walk(d: Path) -> list[Path]:
+    """The files of a known format under ``d`` (hidden entries skipped), sorted."""
     out = []
     for root, dirs, files in os.walk(d):
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-        out.extend(Path(root) / f for f in sorted(files) if not f.startswith("."))
+        out.extend(Path(root) / f for f in sorted(files) if not f.startswith(".") and has_known_format(f))
     return out
+
+
+def has_known_format(name: str) -> bool:
+    return name.lower().endswith(KNOWN_SUFFIXES)
 
 
 def file_kind(path: Path) -> str:

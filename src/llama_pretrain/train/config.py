@@ -1,10 +1,11 @@
 """The run config of `llama-pretrain train`: plain dataclasses, TOML in, `--section.key=value` on top.
 
 A run config has the sections ``model`` (a preset plus any ``ModelConfig`` field), ``data``,
-``optimizer``, ``schedule``, ``training``, ``checkpoint``, ``logging`` and ``parallel``. Every key has
-a default here; TOML files and command-line overrides change them, each value typed as it is set
-(``config_fields``). Constraints are declared on the fields and checked once all layers are merged,
-in ``RunConfig.validate``, which also resolves the model section into a ``ModelConfig``.
+``optimizer``, ``schedule``, ``training``, ``checkpoint``, ``logging``, ``parallel`` and ``eval``.
+Every key has a default here; TOML files and command-line overrides change them, each value typed
+as it is set (``config_fields``). Constraints are declared on the fields and checked once all
+layers are merged, in ``RunConfig.validate``, which also resolves the model section into a
+``ModelConfig``.
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ class CheckpointSection:
     """Checkpoints kept in RUN_DIR/checkpoints (oldest deleted first)."""
     export_final: bool = True
     """Write RUN_DIR/final (model.safetensors + config.json + tokenizer.model) at the end."""
+    init_from: str = ""
+    """Start a new run from these weights (our model dir, a Hugging Face or Meta Llama dir, a training
+    checkpoint) with a fresh optimizer, schedule and step count; the architecture is the checkpoint's
+    (model.* keys must agree). A run with checkpoints of its own resumes from them instead."""
 
 
 @dataclass
@@ -106,6 +111,14 @@ class LoggingSection:
     """auto (when installed), on, off: TensorBoard event files in RUN_DIR/tb."""
     peak_flops: float = setting(0.0, NON_NEGATIVE)
     """Peak FLOP/s for MFU; 0: the device's bf16 peak on GPU, a measured fp32 matmul peak on CPU."""
+    wandb: bool = False
+    """Also log the metrics and the resolved config to Weights & Biases (the wandb extra); a resumed
+    run continues the same W&B run. WANDB_MODE=offline keeps it in RUN_DIR/wandb."""
+    wandb_project: str = "llama-pretrain"
+    wandb_name: str = ""
+    """The W&B run's name; empty: the run dir's name."""
+    wandb_entity: str = ""
+    """The W&B team or user; empty: W&B's default."""
 
 
 @dataclass
@@ -120,10 +133,27 @@ class ParallelSection:
     reshard_after_forward: bool = True
 
 
+@dataclass
+class EvalSection:
+    """Downstream tasks scored on the live weights while training (train/downstream.py); not the
+    validation loss, which is ``training.eval_every_steps``."""
+    tasks: list[str] = field(default_factory=list)
+    """Task ids and group names, as `llama-pretrain eval --tasks` takes them (a list, or one string:
+    "arc_easy,piqa", "commonsense"); empty: no downstream evaluation."""
+    every_steps: int = setting(0, NON_NEGATIVE)
+    """Score the tasks every N steps (and always at the last step); 0: only at the last step."""
+    limit: int | None = setting(None, POSITIVE)
+    """Score only the first N records of each task; default: all."""
+    shots: int | None = setting(None, NON_NEGATIVE)
+    """Few-shot examples for every task; default: the paper's."""
+    data_dir: str = ""
+    """DATA_DIR/<task id>/<split>.jsonl, as `eval --data-dir`; empty: download with `datasets`."""
+
+
 SECTIONS: dict[str, type] = {
     "data": DataSection, "optimizer": OptimizerSection, "schedule": ScheduleSection,
     "training": TrainingSection, "checkpoint": CheckpointSection, "logging": LoggingSection,
-    "parallel": ParallelSection,
+    "parallel": ParallelSection, "eval": EvalSection,
 }
 
 
@@ -138,7 +168,10 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     _model: ModelConfig | None = field(default=None, init=False, repr=False, compare=False)
+    _model_keys: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
+    """The [model] keys a file or flag set (with init_from, the ones that must agree with it)."""
 
     # -- derived -------------------------------------------------------------------------------
     def model_config(self) -> ModelConfig:
@@ -167,7 +200,9 @@ class RunConfig:
         return t.global_batch_tokens // per_micro
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": dict(self.model),
+        """The config; with init_from, the model section is the checkpoint's architecture, in full."""
+        model = self._model.to_dict() if self.checkpoint.init_from and self._model else dict(self.model)
+        return {"model": model,
                 **{name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}}
 
     def to_toml(self) -> str:
@@ -187,13 +222,24 @@ class RunConfig:
     # -- validation ----------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
         """Check every key's constraint and the model section, which is resolved here once."""
-        self._model = _resolve_model(self.model)
+        self._model = _init_from_model(self) if self.checkpoint.init_from else _resolve_model(self.model)
         for section in SECTIONS:
             check(getattr(self, section), f"{section}.")
         if self.seq_len > self._model.max_seq_len:
             raise UserError(f"training.seq_len ({self.seq_len}) exceeds model.max_seq_len "
                             f"({self._model.max_seq_len})")
+        self.eval_task_ids()
         return self
+
+    def eval_task_ids(self) -> list[str]:
+        """``eval.tasks`` resolved to task ids (groups expanded, Table 3 order); [] when unset."""
+        if not self.eval.tasks:
+            return []
+        from ..eval.tasks import resolve
+        try:
+            return resolve(",".join(self.eval.tasks))
+        except UserError as e:
+            raise UserError(f"eval.tasks: {e}") from None
 
 
 def _resolve_model(section: dict[str, Any]) -> ModelConfig:
@@ -202,6 +248,13 @@ def _resolve_model(section: dict[str, Any]) -> ModelConfig:
     if preset is None:
         return ModelConfig.from_dict(fields, where="[model]")
     return ModelConfig.from_preset(preset, **fields)
+
+
+def _init_from_model(cfg: RunConfig) -> ModelConfig:
+    from .init_from import resolve_architecture
+
+    given = {k: v for k, v in cfg.model.items() if k in cfg._model_keys}
+    return resolve_architecture(cfg.checkpoint.init_from, given)
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -234,10 +287,15 @@ def _apply_tree(cfg: RunConfig, tree: dict[str, Any], origin: str) -> None:
 def _set(cfg: RunConfig, section: str, name: str, value: Any, where: str, from_cli: bool = False) -> None:
     """One key, typed now (so a message names the file or flag); constraints wait for validate."""
     hint = _key_type(section, name, where)
-    value = coerce(parse_cli(value, hint) if from_cli else value, hint, where)
+    value = parse_cli(value, hint) if from_cli else value
+    if hint == list[str] and isinstance(value, str):  # "arc_easy,piqa" or a group name, as eval --tasks
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    value = coerce(value, hint, where)
     if section != "model":
         setattr(getattr(cfg, section), name, value)
-    elif name == "preset":
+        return
+    cfg._model_keys.add(name)
+    if name == "preset":
         rest = {k: v for k, v in cfg.model.items() if k != "preset"}
         cfg.model = {"preset": value, **rest}  # preset stays first in to_toml
     else:
@@ -261,4 +319,6 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -6,8 +6,9 @@ It reads as five parts:
                   written, and the run dir's lock (one job per run dir, ``runlock.py``);
 2. ``Trainer``    builds the model, applies parallelism, builds the optimizer and the ``TrainState``;
 3. ``resume``     loads the latest valid checkpoint, when there is one;
-4. the loop       ``train_step`` / ``validate`` / ``save_checkpoint``, reported by ``Reporter``; a
-                  stop signal checkpoints the last step and ends it (``preemption.py``);
+4. the loop       ``train_step`` / ``validate`` / downstream eval (``downstream.py``) /
+                  ``save_checkpoint``, reported by ``Reporter``; a stop signal checkpoints the last
+                  step and ends it (``preemption.py``);
 5. ``finish``     exports the final weights and writes the summary.
 
 Per optimizer step each rank runs ``accumulation_steps`` micro-batches of ``micro_batch_size``
@@ -40,7 +41,9 @@ from ..model import Transformer
 from . import metrics
 from .checkpoint import restore_checkpoint, save_checkpoint
 from .config import RunConfig
+from .downstream import Downstream, check_eval_data
 from .guards import NonFiniteGuard, SpikeDetector
+from .init_from import check_tokenizer, load_weights
 from .optim import Schedule, build_optimizer, continue_schedule, planned_schedule, saved_schedule, set_lr
 from .parallel import (DistInfo, all_reduce_max, all_reduce_mean, barrier, gather_object, grad_sync,
                        init_distributed, parallelize)
@@ -48,6 +51,7 @@ from .preemption import Preempted, StopSignals
 from .report import Reporter, say
 from .runlock import RunLock
 from .state import TrainState
+from .wandb_log import check_available as check_wandb_available
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
@@ -67,6 +71,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
             record = report.record(trainer.train_step())
             if trainer.validation_due():
                 record.update(trainer.validate())
+            if trainer.downstream.due(trainer.state.step):
+                record.update(trainer.downstream.run(trainer.model))
             report.log(record)
             trainer.state.nonfinite.record(trainer.state.step, "skipped" in record)  # raises after K in a row
             if trainer.checkpoint_due():
@@ -101,7 +107,11 @@ class Plan:
     tokenizer_model: Path | None
     start_ckpt: Path | None = None
     start_state: dict[str, Any] | None = None
+    init_from: str = ""
+    """checkpoint.init_from when this run starts from it; empty when it resumes from its own checkpoint."""
     schedule: Schedule | None = None
+    eval_tasks: tuple[str, ...] = ()
+    """``eval.tasks`` resolved to task ids, their data checked."""
 
 
 def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock: RunLock) -> Plan:
@@ -115,6 +125,11 @@ def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} is a file, not a directory")
     loader = TokenLoader(cfg.data.path, "train", t.micro_batch_size, cfg.seq_len, t.seed, info.rank, info.world_size)
+    if cfg.logging.wandb:
+        check_wandb_available()
+    if cfg.checkpoint.init_from:  # its tokenizer and vocabulary, before the generic vocabulary check
+        check_tokenizer(cfg.checkpoint.init_from, model_cfg.vocab_size, loader.tokenizer_sha256,
+                        loader.vocab_size, cfg.data.path)
     if loader.vocab_size != model_cfg.vocab_size:
         raise UserError(f"the dataset {cfg.data.path} was tokenized with a vocabulary of {loader.vocab_size}, "
                         f"the model has vocab_size {model_cfg.vocab_size}; set model.vocab_size or re-tokenize")
@@ -127,9 +142,12 @@ def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock:
         check_token_ids(cfg.data.path, split, model_cfg.vocab_size)
     plan = Plan(run_dir, model_cfg, cfg.seq_len, accum, loader, validate, run_identity(model_cfg, loader),
                 dataset_tokenizer(cfg.data.path, cfg.data.tokenizer or None))
+    plan.eval_tasks = tuple(cfg.eval_task_ids())
+    check_eval_data(cfg, list(plan.eval_tasks), plan.tokenizer_model)
     lock.acquire()
     check_run_dir(plan)
     find_start(plan, cfg, info, resume)
+    plan.init_from = "" if plan.start_ckpt else cfg.checkpoint.init_from  # never again once it has checkpoints
     plan.schedule = choose_schedule(cfg, plan, info)
     return plan
 
@@ -227,6 +245,9 @@ class Trainer:
         precision = self._choose_precision()
         with torch.device(info.device):
             model = Transformer(plan.model_cfg)
+        if plan.init_from:  # before parallelize, so DDP broadcasts and FSDP shards these weights
+            fmt = load_weights(model, plan.init_from, plan.model_cfg)
+            say(f"starting from {plan.init_from} ({fmt} weights) with a fresh optimizer and schedule", info.is_main)
         p = cfg.parallel
         self.model = parallelize(model, info, p.mode, compile=p.compile,
                                  activation_checkpointing=p.activation_checkpointing,
@@ -242,6 +263,7 @@ class Trainer:
         self.state = TrainState(loader=plan.loader, spikes=SpikeDetector(t.spike_sigma),
                                 nonfinite=NonFiniteGuard(t.max_nonfinite_in_row), precision=precision,
                                 schedule=plan.schedule.to_dict())
+        self.downstream = Downstream(cfg, list(plan.eval_tasks), plan.tokenizer_model, info)
         self.last_checkpoint, self.saved_step = None, 0
         self._elapsed_base, self._t_start = 0.0, time.perf_counter()
 

@@ -174,7 +174,7 @@ class MetricsWriter:
             step = record.get("step", 0)
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"train/{k}" if not k.startswith("val") else k, v, step)
+                    self._tb.add_scalar(k if k.startswith(("val", "eval/")) else f"train/{k}", v, step)
 
     def close(self) -> None:
         self._fh.close()

@@ -1,4 +1,4 @@
-"""What a training run tells its user: run.json, metrics.jsonl (+ TensorBoard), energy, progress.
+"""What a training run tells its user: run.json, metrics.jsonl (+ TensorBoard, W&B), energy, progress.
 
 Only rank 0 writes files and prints; every rank builds a ``Reporter`` so the loop has no
 rank-dependent branches. Progress is a tqdm bar on a terminal; when stderr is a file (a batch job)
@@ -31,9 +31,10 @@ class Reporter:
         cfg, state = trainer.cfg, trainer.state
         self.is_main = trainer.info.is_main
         self.peak, self.peak_source = trainer.peak, trainer.peak_source
-        self.writer = self.meter = self.bar = None
+        self.writer = self.meter = self.bar = self.wandb = None
         self.energy_base = dict(state.energy)
         self.last_val: float | None = None
+        self.last_eval: str | None = None  # the main downstream score, as the progress line shows it
         self.start = self.mark = (state.step, state.elapsed_s)  # this process's start; the last plain line
         if self.is_main:
             self._keep_resumed_peak()
@@ -60,22 +61,37 @@ class Reporter:
     def _start_files(self) -> None:
         t = self.trainer
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        wandb_id = self._previous_run().get("wandb_run_id")
+        if t.cfg.logging.wandb:
+            from .wandb_log import WandbRun
+            self.wandb = WandbRun(t.cfg.logging, self.run_dir, resolved_config(t), wandb_id)
+            wandb_id = self.wandb.id
         with atomic_file(self.run_dir / "run.json", "w") as fh:
             json.dump({"format": FORMAT, "identity": t.plan.identity, "config": t.cfg.to_dict(),
                        "world_size": t.info.world_size, "precision": t.state.precision,
                        "peak_flops": self.peak, "peak_source": self.peak_source,
-                       "flops_per_token": t.flops_per_token}, fh, indent=1)
+                       "flops_per_token": t.flops_per_token,
+                       **({"wandb_run_id": wandb_id} if wandb_id else {})}, fh, indent=1)
         metrics.truncate_metrics(self.run_dir / "metrics.jsonl", t.state.step)
         self.writer = metrics.MetricsWriter(self.run_dir, t.cfg.logging.tensorboard, resume_step=t.state.step)
         from ..compute.energy import EnergyMeter
         self.meter = EnergyMeter(str(t.info.device))
         self.meter.start()
 
+    def _previous_run(self) -> dict[str, Any]:
+        """run.json as the last process of this run left it; empty when there is none."""
+        try:
+            before = json.loads((self.run_dir / "run.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return before if isinstance(before, dict) else {}
+
     def _banner(self) -> None:
         t = self.trainer
         cfg, tr = t.cfg, t.cfg.training
         n_params = sum(p.numel() for p in t.model.parameters())
-        say(f"training {cfg.model.get('preset', 'custom')}: {n_params:,} params, seq {t.plan.seq_len}, global "
+        name = f"from {cfg.checkpoint.init_from}" if cfg.checkpoint.init_from else cfg.model.get("preset", "custom")
+        say(f"training {name}: {n_params:,} params, seq {t.plan.seq_len}, global "
             f"batch {tr.global_batch_tokens:,} tokens = {t.info.world_size} rank(s) x {tr.micro_batch_size} seq "
             f"x {t.plan.accum} accumulation; {t.state.precision} compute, fp32 weights; "
             f"{t.flops_per_token / 1e6:.1f} MFLOP/token; MFU vs {self.peak / 1e12:.3f} TFLOP/s per device "
@@ -119,14 +135,19 @@ class Reporter:
         t, state = self.trainer, self.trainer.state
         if "val_loss" in rec:
             self.last_val = rec["val_loss"]
+        scored = any(k.startswith("eval/") for k in rec)
+        if scored:
+            self.last_eval = self.trainer.downstream.headline(rec)
         if self.meter is not None:  # energy of this process plus that of the runs it resumed
             e = self.meter.read()
             state.energy = {k: self.energy_base[k] + e[k] for k in ("kwh", "tco2eq")}
             rec["kwh"], rec["tco2eq"] = state.energy["kwh"], state.energy["tco2eq"]
         due = (state.step % t.cfg.logging.every_steps == 0 or "val_loss" in rec or "skipped" in rec
-               or state.step == t.cfg.training.max_steps)
+               or scored or state.step == t.cfg.training.max_steps)
         if self.writer is not None and due:
             self.writer.write(rec)
+        if self.wandb is not None and due:
+            self.wandb.log(rec)
         if self.bar is not None:
             self._update_bar(rec)
         elif self.is_main and (state.step % t.cfg.logging.every_steps == 0 or state.step == t.cfg.training.max_steps):
@@ -137,6 +158,8 @@ class Reporter:
         post = {"loss": f"{loss:.3f}", "tok/s": f"{rec['tokens_per_s']:,.0f}", "mfu": f"{100 * rec['mfu']:.1f}%"}
         if self.last_val is not None:
             post["val"] = f"{self.last_val:.3f}"
+        if self.last_eval is not None:
+            post["eval"] = self.last_eval
         self.bar.set_postfix(post, refresh=False)
         self.bar.update(1)
 
@@ -153,6 +176,8 @@ class Reporter:
                  f"MFU {100 * self._mfu(tok_s):.1f}%"]
         if self.last_val is not None:
             parts.append(f"val loss {self.last_val:.4f}")
+        if self.last_eval is not None:
+            parts.append(self.last_eval)
         parts.append(f"ETA {duration((t.cfg.training.max_steps - state.step) * pace)}")
         return "  ".join(parts)
 
@@ -168,6 +193,8 @@ class Reporter:
         if energy is not None:
             energy = dict(energy, **{k: self.energy_base[k] + energy[k] for k in ("kwh", "tco2eq")})
         self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
         return energy
 
     def close(self) -> dict[str, Any] | None:
@@ -181,6 +208,17 @@ class Reporter:
         with atomic_file(self.run_dir / "summary.json", "w") as fh:
             json.dump(summary, fh, indent=1)
         return summary
+
+
+def resolved_config(trainer) -> dict[str, Any]:
+    """The run config with the model section resolved in full and the figures derived from it."""
+    cfg, plan = trainer.cfg, trainer.plan
+    config = cfg.to_dict()
+    config["model"] = {**config["model"], **plan.model_cfg.to_dict()}
+    config["derived"] = {"seq_len": plan.seq_len, "accumulation_steps": plan.accum, "peak_lr": cfg.peak_lr,
+                         "world_size": trainer.info.world_size, "precision": trainer.state.precision,
+                         "flops_per_token": trainer.flops_per_token}
+    return config
 
 
 def _num(v: float | None, spec: str) -> str:
