@@ -272,6 +272,18 @@ def _run(cmd: list) -> subprocess.CompletedProcess:
     return r
 
 
+def llama_cpp_reported_perplexity(bin_dir: Path, gguf: Path, text_file: Path, n_ctx: int) -> float:
+    """llama-perplexity's final estimate. Its logger writes from a thread that can lose the last
+    lines at exit (seen here: 1 run in 3 ends after chunk 3 of 4, exit 0), so a run without the
+    final line is repeated."""
+    for _ in range(5):
+        r = _run([bin_dir / "llama-perplexity", "-m", gguf, "-f", text_file, "-c", n_ctx, "-b", n_ctx, "-nr"])
+        final = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+        if final:
+            return float(final.group(1))
+    raise AssertionError(f"llama-perplexity never printed its final estimate: {(r.stdout + r.stderr)[-1500:]}")
+
+
 @pytest.mark.slow
 def test_llama_cpp_generates_our_text_and_perplexity(tmp_path, tok):
     from llama_pretrain.generate import generate
@@ -291,13 +303,15 @@ def test_llama_cpp_generates_our_text_and_perplexity(tmp_path, tok):
     for dtype, rel in (("f32", 1e-4), ("q8_0", 2e-2)):
         gg = tmp_path / f"m-{dtype}.gguf"
         assert cli("export-gguf", ckpt, "--out", gg, "--dtype", dtype).returncode == 0
+        ppl = llama_cpp_reported_perplexity(bin_dir, gg, text_file, n_ctx)
+        print(f"\n{dtype}: perplexity ours {ours_ppl:.6f}, llama.cpp {ppl:.6f}, rel {abs(ppl / ours_ppl - 1):.2e}")
+        assert ppl == pytest.approx(ours_ppl, rel=rel)
+        if dtype != "f32":
+            continue  # llama-simple has no -nr: its AMX repacking of quantised weights crashes on these CPUs
         # llama-simple prints the prompt's pieces (BOS included), the continuation, then a newline
         out = _run([bin_dir / "llama-simple", "-m", gg, "-n", 32, prompt]).stdout
-        theirs = out.split(prompt, 1)[1].removesuffix("\n")
-        r = _run([bin_dir / "llama-perplexity", "-m", gg, "-f", text_file, "-c", n_ctx, "-b", n_ctx, "-nr"])
-        ppl = float(re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr).group(1))
-        print(f"\n{dtype}: ours {ours_text!r}\n{dtype}: llama.cpp {theirs!r}\n"
-              f"{dtype}: perplexity ours {ours_ppl:.6f}, llama.cpp {ppl:.6f}, rel {abs(ppl / ours_ppl - 1):.2e}")
-        if dtype == "f32":
-            assert theirs == ours_text
-        assert ppl == pytest.approx(ours_ppl, rel=rel)
+        # llama-simple renders a generated control token (BOS starts each new document in this
+        # corpus) as its text "<s>"; sentencepiece's decode, and so ours, renders it as nothing
+        theirs = out.split(prompt, 1)[1].removesuffix("\n").replace("<s>", "")
+        print(f"{dtype}: ours {ours_text!r}\n{dtype}: llama.cpp {theirs!r}")
+        assert theirs == ours_text
