@@ -17,7 +17,7 @@ from .errors import UserError
 # Order is the order `--help` lists them in.
 COMMAND_MODULES = [
     "train", "data", "tokenizer", "model", "generate", "interop", "eval", "contamination",
-    "plot", "plan", "carbon",
+    "plot", "ladder", "plan", "carbon",
 ]
 
 

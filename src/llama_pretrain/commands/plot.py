@@ -13,6 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training run directories")
     p.add_argument("--out", required=True, help="output image (PNG, or .pdf/.svg)")
     p.add_argument("--smooth", type=int, default=1, help="moving-average window in logged steps (default 1)")
+    p.add_argument("--metric", help="draw this logged metric instead (e.g. eval/arc_easy/acc from eval.tasks, "
+                                    "val_loss) against processed tokens")
     p.set_defaults(func=run)
 
 
@@ -20,10 +22,13 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..errors import UserError
-    from ..train.plot import plot_runs
+    from ..train.plot import plot_metric, plot_runs
 
     if args.smooth < 1:
         raise UserError(f"--smooth must be >= 1, got {args.smooth}")
-    out = plot_runs([Path(d) for d in args.run_dirs], Path(args.out), args.smooth)
+    if args.metric:
+        out = plot_metric([Path(d) for d in args.run_dirs], Path(args.out), args.metric)
+    else:
+        out = plot_runs([Path(d) for d in args.run_dirs], Path(args.out), args.smooth)
     print(f"wrote {out}")
     return 0
