@@ -13,12 +13,17 @@ import logging
 import math
 import re
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("lm_eval")
 pytest.importorskip("lm_eval.api.model")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_data import fit_on_tokens  # noqa: E402
 
 # Log-likelihoods (nats, absolute) from lm-eval through the adapter vs our harness: the same
 # weights and the same harness core, float32 on the CPU; only the order and grouping of the
@@ -194,7 +199,6 @@ def trained(tmp_path_factory, ckpt):
     (which Hugging Face's and SentencePiece's decoders render differently when invalid UTF-8),
     and its Hugging Face export (`export-hf`) for lm-eval's own HF backend."""
     import subprocess
-    import sys
 
     from llama_pretrain.interop import load_checkpoint, save_native
     from llama_pretrain.model import Transformer
@@ -206,14 +210,7 @@ def trained(tmp_path_factory, ckpt):
                             for i in range(300)), []))
     torch.manual_seed(0)
     model = Transformer(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(120):
-        start = torch.randint(0, len(ids) - 65, (16,))
-        batch = torch.stack([ids[s:s + 65] for s in start])
-        loss = model(batch[:, :-1], batch[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_on_tokens(model, ids, 120)
     d = tmp_path_factory.mktemp("trained")
     save_native(model.state_dict(), cfg, d / "ckpt", tokenizer_model=ckpt / "tokenizer.model")
     r = subprocess.run([sys.executable, "-m", "llama_pretrain", "export-hf", d / "ckpt", "--out", d / "hf"],

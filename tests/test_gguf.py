@@ -19,6 +19,9 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+sys.path.insert(0, str(Path(__file__).parent))
+from train_data import fit_on_tokens  # noqa: E402
+
 from llama_pretrain.config import ModelConfig  # noqa: E402
 from llama_pretrain.interop import load_checkpoint, save_hf, save_native  # noqa: E402
 from llama_pretrain.model import Transformer  # noqa: E402
@@ -240,14 +243,7 @@ def _trained_ckpt(path: Path, tok) -> Path:
     cfg = ModelConfig.from_preset("llama2-debug", vocab_size=320, max_seq_len=128)
     model = Transformer(cfg)
     ids = torch.tensor(sum((Tokenizer(tok).encode(t) for t in TEXT), []))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        start = torch.randint(0, len(ids) - 65, (16,))
-        batch = torch.stack([ids[s:s + 65] for s in start])
-        loss = model(batch[:, :-1], batch[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit_on_tokens(model, ids, 150)
     save_native(model.state_dict(), cfg, path, tokenizer_model=tok)
     return path
 

@@ -35,3 +35,18 @@ def make_dataset(out: Path, vocab_size: int = 512, train_tokens: int = 40_000, v
                 "tokenizer": {"vocab_size": vocab_size, "sha256": tokenizer_sha256}, "splits": splits}
     (out / MANIFEST).write_text(json.dumps(manifest))
     return out
+
+
+def fit_on_tokens(model, ids, steps: int, lr: float = 3e-3, batch: int = 16, seq: int = 64) -> None:
+    """A few quick AdamW steps on random windows of ``ids`` (a 1-D tensor), so a tiny model's
+    greedy text is words rather than random pieces."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for _ in range(steps):
+        start = torch.randint(0, len(ids) - seq - 1, (batch,))
+        rows = torch.stack([ids[s:s + seq + 1] for s in start])
+        loss = model(rows[:, :-1], rows[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
