@@ -274,9 +274,15 @@ def llama_cpp_reported_perplexity(bin_dir: Path, gguf: Path, text_file: Path, n_
     final line is repeated."""
     for _ in range(5):
         r = _run([bin_dir / "llama-perplexity", "-m", gguf, "-f", text_file, "-c", n_ctx, "-b", n_ctx, "-nr"])
-        final = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+        log = r.stdout + r.stderr
+        final = re.search(r"Final estimate: PPL = ([0-9.]+)", log)
         if final:
             return float(final.group(1))
+        # the running estimate after the last chunk is the final one, when that chunk's line came
+        total = re.search(r"perplexity over (\d+) chunks", log)
+        chunks = dict((int(i), float(v)) for i, v in re.findall(r"\[(\d+)\]([0-9.]+)", log))
+        if total and int(total.group(1)) in chunks:
+            return chunks[int(total.group(1))]
     raise AssertionError(f"llama-perplexity never printed its final estimate: {(r.stdout + r.stderr)[-1500:]}")
 
 
