@@ -16,7 +16,6 @@ under a temporary name and renamed when complete, so a file under its final name
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,7 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import UserError
-from ..fsutil import atomic_file
+from ..fsutil import atomic_file, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "llama-pretrain-tokens/1"
@@ -240,13 +239,13 @@ def dataset_tokenizer(data_dir: str | Path, explicit: str | Path | None = None) 
         p = Path(explicit)
         if not p.is_file():
             raise UserError(f"data.tokenizer {p} does not exist")
-        got = _sha256(p)
+        got = sha256_file(p)
         if want and got != want:  # same vocabulary size or not: these ids mean other pieces
             raise UserError(f"data.tokenizer {p} is not the tokenizer {data} was made with "
                             f"(sha256 {got[:16]}..., the manifest records {want[:16]}...)")
         return p
     for p in _tokenizer_candidates(data, recorded.get("path")):
-        if p.is_file() and (not want or _sha256(p) == want):
+        if p.is_file() and (not want or sha256_file(p) == want):
             return p
     return None
 
@@ -257,7 +256,3 @@ def _tokenizer_candidates(data: Path, recorded: Any) -> list[Path]:
         name = Path(recorded).name
         out += [Path(recorded), data / recorded, data / name, data.parent / name]
     return out
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

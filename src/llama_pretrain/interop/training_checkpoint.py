@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import hashlib
 import json
 import math
 import pickle
@@ -35,6 +34,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import UserError
+from ..fsutil import sha256_file
 from .checks import check_shapes, model_config
 
 STATE_FILE = "trainer_state.json"
@@ -62,14 +62,6 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 def payload_files(d: Path) -> list[Path]:
     """Every file of a checkpoint that SHA256SUMS covers."""
     return sorted(f for f in d.rglob("*") if f.is_file() and f.name != SUMS_FILE)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(ckpt: Path) -> str | None:

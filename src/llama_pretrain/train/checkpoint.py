@@ -24,10 +24,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from ..errors import UserError
-from ..fsutil import fsync_dir
+from ..fsutil import fsync_dir, sha256_file
 from ..interop.training_checkpoint import (STATE_FILE, SUMS_FILE, list_checkpoints, payload_files,
-                                            quiet_single_process, safe_reader, sha256_file,
-                                            step_dir_name)
+                                            quiet_single_process, safe_reader, step_dir_name)
 from .parallel import barrier, gather_object
 from .report import say
 

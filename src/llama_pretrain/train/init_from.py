@@ -59,7 +59,7 @@ def check_tokenizer(path: str, ckpt_vocab: int, tokenizer_sha256: str, vocab_siz
     """The dataset must be tokenized as the checkpoint was: its vocabulary size (``ckpt_vocab``), and
     the same tokenizer.model (sha256) when the checkpoint carries one."""
     from ..interop import find_tokenizer
-    from ..interop.training_checkpoint import sha256_file
+    from ..fsutil import sha256_file
 
     if vocab_size != ckpt_vocab:
         raise UserError(f"the dataset {data_path} was tokenized with a vocabulary of {vocab_size}, "

@@ -34,7 +34,7 @@ import torch
 from ..compute.flops import flops_per_token
 from ..config import ModelConfig
 from ..data.loader import TokenLoader
-from ..data.shards import dataset_tokenizer, read_manifest
+from ..data.shards import check_token_ids, dataset_tokenizer, read_manifest
 from ..errors import UserError
 from ..interop import training_checkpoint as ckpt_files
 from ..model import Transformer
@@ -137,8 +137,7 @@ def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock:
     if validate and cfg.data.val_split not in read_manifest(cfg.data.path).get("splits", {}):
         raise UserError(f"{cfg.data.path} has no {cfg.data.val_split!r} split; set data.val_split=\"\" "
                         f"to train without validation")
-    from ..data.shards import check_token_ids  # an id past the vocabulary would fail only mid-run
-    for split in ["train"] + ([cfg.data.val_split] if validate else []):
+    for split in ["train"] + ([cfg.data.val_split] if validate else []):  # a bad id would fail mid-run
         check_token_ids(cfg.data.path, split, model_cfg.vocab_size)
     plan = Plan(run_dir, model_cfg, cfg.seq_len, accum, loader, validate, run_identity(model_cfg, loader),
                 dataset_tokenizer(cfg.data.path, cfg.data.tokenizer or None))

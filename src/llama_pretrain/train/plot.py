@@ -53,12 +53,7 @@ def plot_runs(run_dirs: list[Path], out: Path, smooth: int = 1, labels: list[str
     from .metrics import read_metrics
 
     out = Path(out)
-    fmt = out.suffix.lstrip(".").lower() or "png"
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    supported = FigureCanvasBase.get_supported_filetypes()
-    if fmt not in supported:
-        raise UserError(f"--out {out}: unsupported image format {fmt!r}; use one of {', '.join(sorted(supported))}")
+    fmt = _image_format(out)
     series, val_series = [], []
     for i, d in enumerate(run_dirs):
         d = Path(d)
