@@ -11,9 +11,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 from functools import lru_cache
+from itertools import compress, filterfalse, islice, repeat
+from operator import mul
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
+
+import numpy as np
 
 from ..errors import UserError
 from . import drops
@@ -83,33 +87,109 @@ STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
 BULLETS = ("•", "‣", "⁃", "◦", "●", "○", "■", "□", "▪", "-", "*", "–")
 _HAS_ALNUM = re.compile(r"\w")
 _HAS_ALPHA = re.compile(r"[^\W\d_]")
+_STOP_STRIP = ".,;:!?\"'()"
+
+
+class TextSplit:
+    """The splits of one text that the Gopher rules share, each made once, when first needed."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self._lines = self._lower = self._lower_counts = self._chars = None
+
+    @property
+    def lines(self) -> list[str]:  # the non-blank lines
+        if self._lines is None:
+            self._lines = [ln for ln in self.text.split("\n") if ln.strip()]
+        return self._lines
+
+    @property
+    def lower_words(self) -> list[str]:
+        if self._lower is None:
+            self._lower = self.text.lower().split()
+        return self._lower
+
+    def chars(self, counts: Counter) -> int:
+        """The characters in the words ``counts`` counts (cached for the lowercase words)."""
+        if counts is not self._lower_counts:
+            return sum(map(mul, map(len, counts), counts.values()))
+        if self._chars is None:
+            self._chars = sum(map(mul, map(len, counts), counts.values()))
+        return self._chars
+
+    def lower_words_if_made(self) -> list[str] | None:
+        return self._lower
+
+    @property
+    def lower_counts(self) -> Counter:
+        if self._lower_counts is None:
+            self._lower_counts = Counter(self.lower_words)
+        return self._lower_counts
+
+    def word_counts(self) -> tuple[int, Counter]:
+        """How many words (as written), and the count of each."""
+        if self.text.isascii():  # lowercasing ASCII changes no word's length or character classes
+            return len(self.lower_words), self.lower_counts
+        words = self.text.split()
+        return len(words), Counter(words)
 
 
 def gopher_quality(text: str, s: dict) -> str | None:
-    words = text.split()
-    content = [w for w in words if _HAS_ALNUM.search(w)]  # words that are not pure symbols
-    n = len(content)
+    return _gopher_quality(TextSplit(text), s)
+
+
+def _gopher_quality(sp: TextSplit, s: dict) -> str | None:
+    text = sp.text
+    n_words, counts = sp.word_counts()
+    # Each rule is a sum over words of a property of the word alone: computed once per distinct
+    # word, weighted by its count (Counter counts in C). str.isalpha (all letters) settles most
+    # words without a regex; of the rest, those without a letter or without any alphanumeric are
+    # counted (filterfalse runs the searches in C) and subtracted.
+    rest = list(filterfalse(str.isalpha, counts))
+    symbols = list(filterfalse(_HAS_ALNUM.search, rest))  # pure-symbol words
+    n = n_words - sum(map(counts.__getitem__, symbols))
+    chars = sp.chars(counts) - sum(len(w) * counts[w] for w in symbols)
+    alpha = n_words - sum(map(counts.__getitem__, filterfalse(_HAS_ALPHA.search, rest)))
+    if text.isascii():
+        # The keys are lowercase; an all-letter key strips to itself, so it is a stop word only
+        # as itself: look those up, and strip only the others.
+        stop = sum(map(counts.get, STOP_WORDS, repeat(0)))
+        stop += sum(counts[w] for w in rest if w.strip(_STOP_STRIP) in STOP_WORDS)
+    else:
+        stop = sum(compress(counts.values(), map(STOP_WORDS.__contains__,
+                                                 map(str.strip, map(str.lower, counts), repeat(_STOP_STRIP)))))
     if n < s["min_words"]:
         return drops.GOPHER_TOO_FEW_WORDS
     if n > s["max_words"]:
         return drops.GOPHER_TOO_MANY_WORDS
-    mean = sum(len(w) for w in content) / n
+    mean = chars / n
     if not s["min_mean_word_length"] <= mean <= s["max_mean_word_length"]:
         return drops.GOPHER_MEAN_WORD_LENGTH
     symbols = text.count("#") + text.count("...") + text.count("…")
-    if symbols / max(1, len(words)) > s["max_symbol_word_ratio"]:
+    if symbols / max(1, n_words) > s["max_symbol_word_ratio"]:
         return drops.GOPHER_SYMBOL_RATIO
-    lines = [ln for ln in text.split("\n") if ln.strip()]
+    lines = sp.lines
     if lines:
         if sum(ln.lstrip().startswith(BULLETS) for ln in lines) / len(lines) > s["max_bullet_lines_ratio"]:
             return drops.GOPHER_BULLET_LINES
         if sum(ln.rstrip().endswith(("...", "…")) for ln in lines) / len(lines) > s["max_ellipsis_lines_ratio"]:
             return drops.GOPHER_ELLIPSIS_LINES
-    if sum(bool(_HAS_ALPHA.search(w)) for w in words) / max(1, len(words)) < s["min_alpha_words_ratio"]:
+    if alpha / max(1, n_words) < s["min_alpha_words_ratio"]:
         return drops.GOPHER_ALPHA_WORDS
-    if sum(w.lower().strip(".,;:!?\"'()") in STOP_WORDS for w in words) < s["min_stop_words"]:
+    if stop < s["min_stop_words"]:
         return drops.GOPHER_STOP_WORDS
     return None
+
+
+def gopher(text: str, quality: dict | None, repetition: dict | None, split: TextSplit | None = None) -> str | None:
+    """The quality rules, then the repetition rules (either None: skipped), sharing the text's
+    splits (``split``: one the caller keeps, to reuse); the same reason as ``gopher_quality`` then
+    ``gopher_repetition``."""
+    sp = TextSplit(text) if split is None else split
+    reason = _gopher_quality(sp, quality) if quality is not None else None
+    if reason is None and repetition is not None:
+        reason = _gopher_repetition(sp, repetition)
+    return reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,33 +210,79 @@ def _dup_stats(items: list[str]) -> tuple[float, float]:
     return dup_n / max(1, len(items)), dup_chars / max(1, total_chars)
 
 
+def _ngrams(words: list[str], n: int):
+    """The n-grams of ``words`` as tuples, made in C (zip of shifted lists)."""
+    return zip(*(words[k:] for k in range(n)))
+
+
 def _top_ngram_char_frac(words: list[str], n: int, total_chars: int) -> float:
     if len(words) < n:
         return 0.0
-    counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    gram, c = counts.most_common(1)[0]
+    # most_common breaks ties by first occurrence, as the rule is defined
+    gram, c = Counter(_ngrams(words, n)).most_common(1)[0]
     if c < 2:
         return 0.0
     return sum(len(w) for w in gram) * c / total_chars
 
 
-def _dup_ngram_char_frac(words: list[str], n: int, total_chars: int) -> float:
+def _top_ngram_bound(counts: Counter) -> int:
+    """An upper bound, times ``total_chars / n``, of every n-gram's top-n-gram share: an n-gram
+    seen c times has each of its n words at least c times, so its characters times c are at most
+    n * max over words of len(word) * count(word)."""
+    return max(map(mul, map(len, counts), counts.values()), default=0)
+
+
+def _ngram_keys(ids: np.ndarray, vocab: int, n: int) -> np.ndarray | None:
+    """One int64 per n-gram of word ids, equal exactly when the n-grams are (None if
+    ``vocab ** n`` does not fit)."""
+    if vocab ** n >= 1 << 63:
+        return None
+    # the n ids as the digits of a base-vocab number, for all windows in one (exact, int64) call
+    return np.convolve(ids, vocab ** np.arange(n, dtype=np.int64), mode="valid")
+
+
+def _dup_ngram_char_frac(words: list[str], n: int, total_chars: int, counts: Counter | None = None,
+                         _ids: dict | None = None) -> float:
     """Share of characters in words covered by an n-gram that occurred earlier in the text."""
     if len(words) < n:
         return 0.0
-    seen: set[tuple[str, ...]] = set()
-    covered = bytearray(len(words))
-    for i in range(len(words) - n + 1):
-        g = tuple(words[i:i + n])
-        if g in seen:
-            covered[i:i + n] = b"\x01" * n
+    keys = None
+    if n >= 1:
+        if _ids is not None and "ids" in _ids:
+            ids, vocab = _ids["ids"], _ids["vocab"]
         else:
-            seen.add(g)
-    return sum(len(w) for w, c in zip(words, covered) if c) / total_chars
+            counts = Counter(words) if counts is None else counts
+            index = dict(zip(counts, range(len(counts))))
+            ids = np.fromiter(map(index.__getitem__, words), dtype=np.int64, count=len(words))
+            vocab = len(index)
+            if _ids is not None:
+                _ids.update(ids=ids, vocab=vocab)
+        keys = _ngram_keys(ids, vocab, n)
+    if keys is None:  # n-grams as tuples
+        grams = list(_ngrams(words, n))
+        first = dict(zip(reversed(grams), range(len(grams) - 1, -1, -1)))  # the earliest index wins
+        if len(first) == len(grams):
+            return 0.0  # no n-gram repeats
+        starts = [i for i, g in enumerate(grams) if first[g] != i]
+    else:
+        ks = np.sort(keys)
+        if not (ks[1:] == ks[:-1]).any():
+            return 0.0  # no n-gram repeats (the common case: checked with the cheaper sort)
+        order = np.argsort(keys, kind="stable")  # equal n-grams together, earliest first
+        ks = keys[order]
+        starts = order[1:][ks[1:] == ks[:-1]].tolist()
+    covered = bytearray(len(words))
+    for i in starts:
+        covered[i:i + n] = b"\x01" * n
+    return sum(map(len, compress(words, covered))) / total_chars
 
 
 def gopher_repetition(text: str, s: dict) -> str | None:
-    lines = [ln for ln in text.split("\n") if ln.strip()]
+    return _gopher_repetition(TextSplit(text), s)
+
+
+def _gopher_repetition(sp: TextSplit, s: dict) -> str | None:
+    text, lines = sp.text, sp.lines
     paras = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
     line_frac, line_chars = _dup_stats(lines)
     para_frac, para_chars = _dup_stats(paras)
@@ -168,23 +294,29 @@ def gopher_repetition(text: str, s: dict) -> str | None:
         return drops.GOPHER_DUP_LINE_CHARS
     if para_chars > s["dup_para_char_frac"]:
         return drops.GOPHER_DUP_PARAGRAPH_CHARS
-    words = text.lower().split()
-    total = sum(len(w) for w in words)
+    words = sp.lower_words
+    total = sp.chars(sp.lower_counts)
     if not total:
         return None
+    bound = None
     for n, limit in s["top_ngram_char_frac"]:
+        if bound is None:
+            bound = _top_ngram_bound(sp.lower_counts)
+        if int(n) * bound / total <= limit:
+            continue  # exact: no n-gram can exceed the limit (float division is monotonic)
         if _top_ngram_char_frac(words, int(n), total) > limit:
             return drops.GOPHER_TOP_NGRAM
     rules = sorted((int(n), limit) for n, limit in s["dup_ngram_char_frac"])
     if rules:
         # Coverage by repeated n-grams can only shrink as n grows (a repeated (n+1)-gram holds two
         # repeated n-grams), so if the shortest n is under every limit, all longer n are too.
-        first = _dup_ngram_char_frac(words, rules[0][0], total)
+        ids: dict = {}  # the word ids, made once for all n
+        first = _dup_ngram_char_frac(words, rules[0][0], total, sp.lower_counts, ids)
         if first > rules[0][1]:
             return drops.GOPHER_DUP_NGRAMS
         if first > min(limit for _, limit in rules):
             for n, limit in rules[1:]:
-                if _dup_ngram_char_frac(words, n, total) > limit:
+                if _dup_ngram_char_frac(words, n, total, sp.lower_counts, ids) > limit:
                     return drops.GOPHER_DUP_NGRAMS
     return None
 
@@ -210,25 +342,40 @@ def c4_filter(text: str, s: dict) -> tuple[str | None, str | None]:
     if s["curly_bracket"] and "{" in text:
         return None, drops.C4_CURLY_BRACKET
     kept = []
-    for line in text.split("\n"):
-        line = _CITATION.sub("", line).strip()
+    max_len, min_words = s["max_word_length"], s["min_words_per_line"]
+    # no citation mark spans a line break: as if line by line; each begins with "["
+    cleaned = _CITATION.sub("", text) if "[" in text else text
+    # A phrase is in some line only if it is in the whole (lowercased) text: look per line only then.
+    cl = cleaned.lower()
+    js = s["javascript"] and "javascript" in cl
+    policy = s["policy"] and any(p in cl for p in POLICY_PHRASES)
+    for line in cleaned.split("\n"):
+        line = line.strip()
         if not line:
             kept.append("")  # keep paragraph breaks
             continue
-        words = line.split()
-        if len(words) < s["min_words_per_line"]:
-            continue
-        if any(len(w) > s["max_word_length"] for w in words):
-            continue
+        if len(line) > max_len:
+            words = line.split()
+            if len(words) < min_words:
+                continue
+            if max(map(len, words)) > max_len:
+                continue
+        elif min_words > 0 and len(line.split(None, min_words - 1)) < min_words:
+            continue  # (only the first min_words words are split off)
         if s["terminal_punct"] and (not line.endswith(TERMINAL_PUNCT) or line.endswith("...")):
             continue
-        lline = line.lower()
-        if s["javascript"] and "javascript" in lline:
-            continue
-        if s["policy"] and any(p in lline for p in POLICY_PHRASES):
-            continue
+        if js or policy:
+            lline = line.lower()
+            if js and "javascript" in lline:
+                continue
+            if policy and any(p in lline for p in POLICY_PHRASES):
+                continue
         kept.append(line)
-    out = re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip()
-    if len(_SENTENCE_END.findall(out)) < s["min_sentences"]:
+    out = "\n".join(kept)
+    if "\n\n\n" in out:
+        out = re.sub(r"\n{3,}", "\n\n", out)
+    out = out.strip()
+    need = s["min_sentences"]  # enough sentence ends found: stop looking
+    if need > 0 and next(islice(_SENTENCE_END.finditer(out), need - 1, None), None) is None:
         return None, drops.C4_TOO_FEW_SENTENCES
     return out, None

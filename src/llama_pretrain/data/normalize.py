@@ -9,6 +9,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff]")  # keeps \
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _TRAILING_WS = re.compile(r"[ \t]+\n")
 _MANY_BLANK = re.compile(r"\n{3,}")
+_ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 _ftfy_config = None
 
@@ -27,15 +28,23 @@ def _fix_encoding(text: str) -> str:
 
 def normalize_text(text: str, fix_encoding: bool = True) -> str:
     """The cleaned text (possibly empty)."""
-    text = _SURROGATE.sub("\ufffd", text)  # lone surrogates cannot be encoded as UTF-8
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
-    if fix_encoding:
-        text = _fix_encoding(text)
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if text.isascii() and not _ASCII_CONTROL.search(text):
+        pass  # printable ASCII (with tabs and newlines): no surrogates or control characters, and
+        # ftfy and NFC leave it as it is
     else:
-        import unicodedata
+        text = _SURROGATE.sub("\ufffd", text)  # lone surrogates cannot be encoded as UTF-8
+        text = text.replace("\u2028", "\n").replace("\u2029", "\n\n")
+        if fix_encoding:
+            text = _fix_encoding(text)
+        else:
+            import unicodedata
 
-        text = unicodedata.normalize("NFC", text)
-    text = _CONTROL.sub("", text)
-    text = _TRAILING_WS.sub("\n", text)
-    text = _MANY_BLANK.sub("\n\n", text)
+            text = unicodedata.normalize("NFC", text)
+        text = _CONTROL.sub("", text)
+    if " \n" in text or "\t\n" in text:  # the only ways _TRAILING_WS can match
+        text = _TRAILING_WS.sub("\n", text)
+    if "\n\n\n" in text:
+        text = _MANY_BLANK.sub("\n\n", text)
     return text.strip()

@@ -43,12 +43,13 @@ from ..fsutil import atomic_dir, atomic_file, fsync_dir, reporting_full_disk, tr
 from . import drops
 from .dedup import MinHasher, NearDedup, exact_key
 from .drops import Stats
-from .filters import Blocklist, c4_filter, gopher_quality, gopher_repetition
+from .filters import Blocklist, TextSplit, c4_filter, gopher
 from .mixture import copy_masks, split_validation
 from .normalize import normalize_text
 from .pii import scrub_pii
 from .shards import FORMAT, MANIFEST, ShardWriter, dtype_for_vocab, np_dtype
 from .sources import QUALITY_STAGES, DataConfig, Record, SourceConfig, Stages, expand_paths, iter_records
+from .wordcache import WordCacheEncoder
 
 PIPELINE_VERSION = 1
 WORK = "_work"
@@ -100,14 +101,15 @@ def process_unit(job: dict) -> tuple[Stats, bool]:
         return old, True
     stages = _DocStages(job["stages"])
     tok = _cached("tok:" + job["tokenizer"], lambda: Tokenizer(job["tokenizer"]))
+    enc = _cached("enc:" + job["tokenizer"], lambda: WordCacheEncoder(tok))  # its cache outlives units
     stats = Stats(files=1)
     with atomic_dir(out) as tmp:
-        with _UnitFiles(tmp, tok, stages.hasher, stats) as files:
+        with _UnitFiles(tmp, enc, stages.hasher, stats) as files:
             for rec in iter_records(Path(job["path"]), job["text_field"], job["url_field"]):
                 stats.documents_in += 1
                 text = _clean(rec, stages, stats, job["strict"])
                 if text is not None:
-                    files.add(text)
+                    files.add(text, stages.exact_key(text))
         stats.check(job["path"])
         unit = {"fingerprint": job["fingerprint"], "path": job["path"], **stats.unit_dict()}
         (tmp / "stats.json").write_text(json.dumps(unit, sort_keys=True))
@@ -158,6 +160,7 @@ class _DocStages:
         self.hasher = (_cached(f"mh:{nd.bands}:{nd.rows}:{nd.seed}:{nd.ngram}",
                                lambda: MinHasher(nd.bands * nd.rows, nd.seed, nd.ngram))
                        if nd.enabled else None)
+        self._split: TextSplit | None = None  # the last kept text's splits, for its exact key
 
     def apply(self, text: str, url: str | None, pii_counts: dict[str, int]) -> tuple[str | None, str | None]:
         """``(text, None)`` to keep the document (as changed by the stages), ``(_, reason)`` to drop it."""
@@ -176,13 +179,21 @@ class _DocStages:
 
     def _quality(self, text: str) -> tuple[str | None, str | None]:
         st, reason = self.st, None
+        self._split = None
         if st.c4.enabled:  # the filters read their thresholds from a plain dict
             text, reason = c4_filter(text, vars(st.c4))
-        if reason is None and st.gopher_quality.enabled:
-            reason = gopher_quality(text, vars(st.gopher_quality))
-        if reason is None and st.gopher_repetition.enabled:
-            reason = gopher_repetition(text, vars(st.gopher_repetition))
+        if reason is None and (st.gopher_quality.enabled or st.gopher_repetition.enabled):
+            self._split = TextSplit(text)
+            reason = gopher(text, vars(st.gopher_quality) if st.gopher_quality.enabled else None,
+                            vars(st.gopher_repetition) if st.gopher_repetition.enabled else None, self._split)
         return text, reason
+
+    def exact_key(self, text: str) -> int:
+        """The exact-dedup key of a text ``apply`` kept, from the Gopher rules' lowercased words
+        when they were made."""
+        sp = self._split
+        words = sp.lower_words_if_made() if sp is not None and sp.text is text else None
+        return exact_key(text, words)
 
 
 class _UnitFiles:
@@ -191,14 +202,16 @@ class _UnitFiles:
 
     NAMES = ("tokens", "lengths", "hashes", "minhash")
 
-    def __init__(self, dir: Path, tok, hasher, stats: Stats):
-        self.tok, self.hasher, self.stats = tok, hasher, stats
-        self.dtype = np_dtype(dtype_for_vocab(tok.vocab_size))
+    def __init__(self, dir: Path, enc: WordCacheEncoder, hasher, stats: Stats):
+        self.enc, self.hasher, self.stats = enc, hasher, stats
+        self.dtype = np_dtype(dtype_for_vocab(enc.tok.vocab_size))
         self.files = {name: open(dir / f"{name}.bin", "wb") for name in self.NAMES}
         self.batch: list[str] = []
+        self.keys: list[int] = []  # the batch's exact-dedup keys
 
-    def add(self, text: str) -> None:
+    def add(self, text: str, key: int) -> None:
         self.batch.append(text)
+        self.keys.append(key)
         if len(self.batch) >= BATCH_DOCS:
             self._flush()
 
@@ -206,16 +219,16 @@ class _UnitFiles:
         batch, f = self.batch, self.files
         if not batch:
             return
-        ids = self.tok.encode_batch(batch, bos=True, eos=True, workers=1)
-        lengths = np.fromiter((len(x) for x in ids), dtype="<u4", count=len(ids))
-        f["tokens"].write(np.fromiter((t for x in ids for t in x), dtype=self.dtype,
-                                      count=int(lengths.sum())).tobytes())
+        ids, lengths = self.enc.encode(batch)
+        lengths = lengths.astype("<u4")
+        f["tokens"].write(ids.astype(self.dtype).tobytes())
         f["lengths"].write(lengths.tobytes())
-        f["hashes"].write(np.array([exact_key(t) for t in batch], dtype="<u8").tobytes())
+        f["hashes"].write(np.array(self.keys, dtype="<u8").tobytes())
         if self.hasher is not None:
-            f["minhash"].write(np.stack([self.hasher.signature(t) for t in batch]).astype("<u4").tobytes())
+            f["minhash"].write(self.hasher.signatures(batch).astype("<u4").tobytes())
         self.stats.keep(len(batch), int(lengths.sum()))
         batch.clear()
+        self.keys.clear()
 
     def __enter__(self) -> _UnitFiles:
         return self
@@ -531,9 +544,21 @@ def _copy_docs(writer: ShardWriter, k: _Kept, positions: np.ndarray, dtype: str)
     path = k.ref.dir / "tokens.bin"
     toks = (np.memmap(path, dtype=np_dtype(dtype), mode="r") if path.stat().st_size
             else np.zeros(0, dtype=np_dtype(dtype)))
-    for i in k.idx[positions]:
-        writer.add(toks[offsets[i]:offsets[i + 1]])
+    sel = k.idx[positions]
+    sel_lens = lengths[sel].astype(np.int64)
+    ends = np.cumsum(sel_lens)
+    c = 0
+    while c < len(sel):  # about _COPY_TOKENS tokens gathered at a time (at least one document)
+        e = max(c + 1, int(np.searchsorted(ends, ends[c] - sel_lens[c] + _COPY_TOKENS, side="right")))
+        docs, lens = sel[c:e], sel_lens[c:e]
+        # the token positions of these documents, back to back
+        where = np.repeat(offsets[docs] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+        writer.add_many(toks[where], lens)
+        c = e
     return int(k.lengths[positions].sum())
+
+
+_COPY_TOKENS = 1 << 22
 
 
 def _top_reasons(dropped: dict[str, int], k: int = 4) -> str:

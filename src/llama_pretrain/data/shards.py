@@ -211,6 +211,32 @@ class ShardWriter:
         self._fh.write(tokens.astype(self.dtype, copy=False).tobytes())
         self._n += len(tokens)
 
+    def add_many(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Documents back to back in ``tokens``, ``lengths`` tokens each: the same files as ``add``
+        for each in turn, written a shard's share at a time."""
+        tokens = np.asarray(tokens)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        i = 0
+        while i < len(lengths):
+            if self._cm is not None and self._n and self._n + int(lengths[i]) > self.shard_tokens:
+                self._close()
+            if self._cm is None:
+                self._open()
+            # documents i..j-1 fit in this shard (document i does in any case, as with add)
+            j = max(i + 1, int(np.searchsorted(ends, self.shard_tokens - self._n + starts[i], side="right")))
+            piece = tokens[starts[i]:ends[j - 1]]
+            if len(piece):
+                lo, hi = int(piece.min()), int(piece.max())
+                if lo < 0 or hi > np.iinfo(self.dtype).max:
+                    raise ValueError(f"token ids {lo}..{hi} do not fit {self.dtype.name} shards")
+                self._max = max(self._max, hi)
+            self._offsets.extend((self._n + starts[i:j] - starts[i]).tolist())
+            self._fh.write(piece.astype(self.dtype, copy=False).tobytes())
+            self._n += len(piece)
+            i = j
+
     def close(self) -> list[dict]:
         self._close()
         return self.shards
