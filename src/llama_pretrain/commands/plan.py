@@ -15,7 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(--gpu-hours): the MFU those hours imply. Memory per GPU is for FSDP full "
                     "sharding with fp32 master weights, gradients and AdamW state and bf16 compute. "
                     "Communication: FSDP all-gather x2 + reduce-scatter per step over the "
-                    "interconnect (assumed efficiencies and latencies in the README, section compute).")
+                    "interconnect (assumed efficiencies and latencies in the README, section compute). "
+                    "--tp N: tensor parallelism inside a node (dp = GPUs / N), sequence parallelism, "
+                    "TP traffic over NVLink; --tp 1,2,4,8 compares the degrees.")
     p.add_argument("--preset", help="model preset (llama2-7b, llama2-70b, ...)")
     p.add_argument("--config", help="model config file instead of --preset")
     p.add_argument("--tokens", default="2T", help="training tokens: 2T, 2e12, 2,000,000,000,000 (default 2T)")
@@ -34,12 +36,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--power-w", type=float, help="power per GPU for energy and carbon (default: the GPU's TDP)")
     p.add_argument("--pue", type=float, default=1.1, help="power usage effectiveness (default 1.1)")
     p.add_argument("--intensity", type=float, default=0.385, help="kgCO2eq per kWh (default 0.385)")
+    p.add_argument("--tp", default="1",
+                   help="tensor-parallel degree inside a node (default 1), or a comma-separated list "
+                        "(1,2,4,8) to compare; the summary rows use the first")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB"
+
+
+def _tp_degrees(text: str) -> list[int]:
+    from ..errors import UserError
+
+    parts = [t.strip() for t in str(text).split(",")]
+    if not all(re.fullmatch(r"\d+", t) for t in parts):
+        raise UserError(f"--tp takes a degree or a comma-separated list of degrees, e.g. 8 or 1,2,4,8; got {text!r}")
+    return list(dict.fromkeys(int(t) for t in parts))
 
 
 def run(args) -> int:
@@ -72,10 +86,12 @@ def run(args) -> int:
         if 1 < mfu <= 100:
             mfu /= 100  # a percentage
     power = None if args.power_w is None else positive_number("--power-w", args.power_w)
+    degrees = _tp_degrees(args.tp)
     r = plan(cfg, tokens, gpu, args.gpus, mfu=mfu, gpu_hours=hours, seq_len=args.seq_len,
              global_batch_tokens=gbt, micro_batch=args.micro_batch, interconnect=args.interconnect,
              gpus_per_node=args.gpus_per_node, power_w=power, pue=positive_number("--pue", args.pue),
-             intensity=positive_number("--intensity", args.intensity, allow_zero=True))
+             intensity=positive_number("--intensity", args.intensity, allow_zero=True),
+             tp=degrees[0], tp_degrees=degrees)
     r["model"] = args.preset or args.config
     if args.json:
         print(json.dumps(r, indent=2))
@@ -88,6 +104,9 @@ def _print(r: dict) -> None:
     mode = "implied by the GPU-hours" if r["mode"] == "inverse" else "given"
     m0, m1 = r["memory"]["no_checkpointing"], r["memory"]["checkpointing"]
     c = r["comm"]
+    lay = r["layout"]
+    fsdp_over = "" if r["tp"] == 1 else ("no FSDP (dp 1): " if r["dp"] == 1 else
+                                         f"FSDP over {r['dp']} data-parallel ranks: ")
     rows = [
         ("model", f"{r['model']} ({r['model_params']:,} parameters), seq {r['seq_len']}"),
         ("tokens", f"{r['tokens']:,}"),
@@ -106,13 +125,27 @@ def _print(r: dict) -> None:
                        f"{_gib(m0['activations'])} (micro batch {r['micro_batch']}); modelled step peak {_gib(m0['peak'])}"),
         ("  checkpointed", f"{_gib(r['memory_per_gpu_bytes_checkpointing'])} ({'fits' if r['fits_with_checkpointing'] else 'does NOT fit'}) "
                            f"with activation checkpointing: activations {_gib(m1['activations'])}; peak {_gib(m1['peak'])}"),
-        ("comm/step", f"{c['comm_s']:.3f} s on {c['interconnect']} ({c['bytes_per_gpu'] / 1e9:.1f} GB per GPU, "
+        ("comm/step", f"{fsdp_over}{c['comm_s']:.3f} s on {c['interconnect']} ({c['bytes_per_gpu'] / 1e9:.1f} GB per GPU, "
                       f"latency {c['comm_latency_s']:.3f} s) vs compute {c['compute_s']:.3f} s; "
                       f"scaling efficiency {100 * c['scaling_efficiency']:.1f}%"),
     ]
-    if r["sequences_per_gpu_per_step"] < 1:
+    if r["tp"] > 1:
+        t, t1 = lay["tp_comm"], lay["tp_comm_checkpointing"]
+        rows.append(("TP comm/step", f"tp {r['tp']} x dp {r['dp']}: {t['comm_s']:.3f} s over NVLink "
+                                     f"({t['bytes_per_gpu'] / 1e9:.1f} GB per GPU at {t['bus_bandwidth_Bps'] / 1e9:.0f} GB/s, "
+                                     f"exposed) vs compute {lay['compute_s']:.3f} s; {t1['comm_s']:.3f} s "
+                                     "with activation checkpointing (forward recomputed)"))
+    net0 = next(iter(lay["networks"]))
+    v = lay["networks"][net0]
+    rows.append(("layout", f"tp {r['tp']} x dp {r['dp']}, {lay['sequences_per_dp_rank']:.2f} sequences per "
+                           f"data-parallel rank per step (busiest {lay['sequences_busiest_rank']}); step "
+                           f"{v['step_s']:.2f} s on {net0}{' with activation checkpointing' if lay['activation_checkpointing_assumed'] else ''}: "
+                           f"scaling efficiency {100 * v['scaling_efficiency']:.1f}% ({v['days']:,.2f} days "
+                           "if the MFU excluded these overheads)"))
+    if r["sequences_per_gpu_per_step"] < 1 and lay["sequences_below_dp"]:
         rows.append(("note", f"global batch gives {r['sequences_per_gpu_per_step']:.2f} sequences per GPU "
                              "per step: needs tensor/sequence parallelism or a larger batch"))
+    rows += [("note", n) for n in _layout_notes(r, lay)]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -124,3 +157,49 @@ def _print(r: dict) -> None:
             effs = " ".join(f"{100 * r['scaling'][n][i]['scaling_efficiency']:>9.1f}%" for n in nets)
             comms = ", ".join(f"{r['scaling'][n][i]['comm_s']:.2f}" for n in nets)
             print(f"{row['gpus']:>6} {effs}   {comms}  {row['compute_s']:.2f}")
+    if len(r["tp_layouts"]) > 1:
+        _print_tp_table(r)
+
+
+def _layout_notes(r: dict, lay: dict) -> list[str]:
+    """Why a layout leaves GPUs idle or unequal (empty when every rank gets the same work)."""
+    seqs = r["sequences_per_step"]
+    if lay["sequences_below_dp"]:
+        better = r["min_tp_for_every_dp_rank"]
+        fix = (f"; tp {better} or more gives dp <= {r['gpus'] // better}" if better and better > lay["tp"]
+               else "; use fewer GPUs or a larger batch")
+        idle = f" ({lay['idle_dp_ranks']:,} idle)" if lay["idle_dp_ranks"] else ""
+        return [f"data parallelism alone cannot use the GPUs given: {seqs:,.{0 if seqs == int(seqs) else 2}f} "
+                f"sequences per step for {lay['dp']:,} data-parallel ranks at tp {lay['tp']}{idle}{fix}"]
+    if not lay["balanced"]:
+        even = " or ".join(f"{b:,}" for b in lay["balanced_batches_sequences"])
+        return [f"{seqs:,.0f} sequences do not divide over {lay['dp']:,} data-parallel ranks x micro batch "
+                f"{r['micro_batch']}: the busiest rank runs {lay['sequences_busiest_rank']} sequences "
+                f"({lay['sequences_per_dp_rank']:.2f} on average); {even} sequences divide evenly"]
+    return []
+
+
+def _print_tp_table(r: dict) -> None:
+    lays = r["tp_layouts"]
+    nets = list(lays[0]["networks"])
+    nvl = lays[0]["tp_comm"]["bus_bandwidth_Bps"] / 1e9
+    print(f"\ntensor parallelism ({r['gpus']} x {r['gpu']}; global batch {r['sequences_per_step']:,.0f} sequences "
+          f"of {r['seq_len']}; TP over NVLink at {nvl:.0f} GB/s, exposed; AC = activation checkpointing, "
+          "used only where needed to fit):")
+    head = (f"{'tp':>3} {'dp':>5} {'seq/rank (max)':>14}  {'memory GiB (AC)':>16}  {'fits (AC)':>9}  {'TP s':>5}  "
+            f"{'compute s':>9}  {'FSDP s ' + ', '.join(nets):>24}  {'efficiency ' + ', '.join(nets):>28}  "
+            f"GPU-hours (days) {nets[0]}")
+    print(head)
+    for lay in lays:
+        tpc = lay["tp_comm_checkpointing" if lay["activation_checkpointing_assumed"] else "tp_comm"]
+        fits = f"{'yes' if lay['fits'] else 'no'} ({'yes' if lay['fits_with_checkpointing'] else 'no'})"
+        mem = f"{lay['memory_per_gpu_bytes'] / 2**30:.1f} ({lay['memory_per_gpu_bytes_checkpointing'] / 2**30:.1f})"
+        fsdp = ", ".join(f"{lay['networks'][n]['fsdp']['comm_s']:.2f}" for n in nets)
+        eff = ", ".join(f"{100 * lay['networks'][n]['scaling_efficiency']:.1f}%" for n in nets)
+        ac = "*" if lay["activation_checkpointing_assumed"] else " "
+        per_rank = f"{lay['sequences_per_dp_rank']:.2f} ({lay['sequences_busiest_rank']})"
+        print(f"{lay['tp']:>3} {lay['dp']:>5} {per_rank:>14}  {mem:>16}  {fits:>9}  "
+              f"{tpc['comm_s']:>5.2f}{ac} {lay['compute_s']:>9.2f}  {fsdp:>24}  {eff:>28}  "
+              f"{lay['networks'][nets[0]]['gpu_hours']:,.0f} ({lay['networks'][nets[0]]['days']:,.1f})")
+    if any(lay["activation_checkpointing_assumed"] for lay in lays):
+        print("* with activation checkpointing (does not fit without): TP traffic includes the recomputed forward")

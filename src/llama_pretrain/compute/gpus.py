@@ -3,7 +3,8 @@
 Peaks are NVIDIA datasheet bf16 *dense* tensor-core figures (no 2:4 sparsity), the denominator of
 MFU (see ``flops.py``). ``tdp_w`` is the board power limit of the SXM part, the figure the Llama 2
 paper multiplies by GPU-hours (Table 2). ``nvlink_gbps`` is the per-direction NVLink bandwidth per
-GPU in gigabytes/s (A100 NVLink3: 600 GB/s bidirectional; H100/H200 NVLink4: 900 GB/s).
+GPU in gigabytes/s (A100 NVLink3: 600 GB/s bidirectional; H100/H200 NVLink4: 900 GB/s), the link
+``plan`` puts FSDP's in-node rings and all tensor-parallel traffic on.
 """
 
 from __future__ import annotations

@@ -15,14 +15,24 @@ Activations (what autograd saves for backward), bytes per token per block, count
 in ``model.py`` (d = dim, q = heads x head dim, k = kv heads x head dim, f = FFN hidden, H heads;
 e = activation dtype bytes, r = residual-stream dtype bytes, fp32 = 4):
 
-    attention:  4d + 4 + r d + e d       RMSNorm (fp32 input, 1/rms, normed, output = matmul input)
+    attention:  r d + 4 + e d            RMSNorm (its input, fp32 1/rms; output = matmul input)
               + e (q + 2k)               q, k, v after RoPE (saved by attention)
               + e q + 4 H                attention output (also wo's input: SDPA returns it in
                                          [B, T, H, D] layout, so the reshape is a view), logsumexp
-    FFN:        4d + 4 + r d + e d       RMSNorm as above
-              + 4 e f                    w1 x, silu(w1 x), w3 x, their product (input of w2)
+    FFN:        r d + 4 + e d            RMSNorm as above
+              + 3 e f                    w1 x, w3 x (SwiGLU recomputes silu), their product (w2's input)
 
-The final norm and head add ``4d + 4 + r d + e d + e V + 4`` per token (V vocab: the logits, or the
+Selective checkpointing (``activation_checkpointing="selective"``) keeps per block its input and
+the outputs of the matmuls and attention: ``r d + e (q + 2k) + e q + 4 H + e d + 2 e f + e d``
+(wq, wk, wv; attention; wo; w1, w3; w2), and recomputes the norms, RoPE and SwiGLU's product.
+
+The final norm and the output head fused with the loss (``fused_loss``, the trainer's default
+without tensor parallelism: ``losses.linear_cross_entropy``) add ``r d + 4 + e d`` per token (the
+norm as above; the gradient of its output, computed in the forward) and the head's gradient, ``e``
+bytes per head parameter, also computed in the forward; no logits are kept, and the backward's
+transient is only its scaled copy of the ``e d`` piece (the scaled head gradient is the one counted
+below). Without fusion (``fused_loss=False``; always with ``tp`` > 1) the head adds
+``r d + 4 + e d + e V + 4`` per token (V vocab: the logits, or the
 fp32 log-softmax when e = 4, and the loss's logsumexp); at the start of backward the logits' gradient (``e V`` per token) and
 about three fp32 softmax chunks of 2048 rows (``losses.py``) are live on top; with fp32 logits
 PyTorch's cross-entropy instead holds the gradients of the log-softmax and of the logits
@@ -48,6 +58,20 @@ the gradients plus one parameter-sized temporary (foreach AdamW's sqrt of the se
 Everything is per GPU for ``micro_batch`` sequences of ``seq_len`` tokens. Allocator
 fragmentation, CUDA context (~0.5 GiB, not seen by ``max_memory_allocated``), NCCL buffers and
 optimizer temporaries are not modelled.
+
+Tensor parallelism (``tp`` > 1, dp = world / tp; the trainer's layout in ``train/parallel.py``):
+every matrix is split over the tp ranks of a node (``wq wk wv w1 w3`` by output features,
+``wo w2`` by input features, embedding and head by vocabulary) and FSDP shards the local pieces
+over dp, so model states are ``P_tp / dp`` with ``P_tp = (P - norms) / tp + norms``: the RMSNorm
+weights ((2L + 1) d) are replicated over tp. Activations with sequence parallelism: the residual
+stream and the norms hold T/tp positions, and q, k, v, the attention output, the logsumexp, the
+FFN's hidden activations and the logits are split by heads / hidden / vocabulary, so everything
+is divided by tp except what DTensor all-gathers and the matmuls save whole: the normed input of
+attention and of the FFN (``2 e d`` per token per block) and of the head (``e d``), plus the
+loss's per-token logsumexp (4 bytes; ``loss_parallel`` reduces it over the vocabulary shards).
+(Megatron-LM instead saves the sequence shard and gathers it again in backward; DTensor does
+not.) Checkpointed block inputs are sequence shards (``/ tp``); the loss transient is
+vocabulary-sharded (``/ tp``). Autocast is not combined with tp (FSDP2 mixed precision).
 """
 
 from __future__ import annotations
@@ -65,6 +89,18 @@ def dtype_bytes(dtype) -> int:
     return DTYPE_BYTES[key]
 
 
+CHECKPOINT_MODES = ("none", "full", "selective")
+
+
+def checkpoint_mode(value) -> str:
+    """``parallel.activation_checkpointing`` as one of CHECKPOINT_MODES (True: full, False: none)."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in CHECKPOINT_MODES:
+        raise ValueError(f"activation checkpointing must be one of {', '.join(CHECKPOINT_MODES)}, got {value!r}")
+    return value
+
+
 def param_tensor_count(cfg: ModelConfig) -> int:
     """Parameter tensors in ``Transformer``: 9 per block, embedding, final norm, output head."""
     return 9 * cfg.n_layers + 3
@@ -78,24 +114,37 @@ def block_activation_bytes_per_token(cfg: ModelConfig, act_bytes: int, residual_
     # Under autocast (r != e) every matmul casts the normed input itself: wq, wk, wv keep three
     # copies and w1, w3 two; without autocast they share the norm's output.
     attn_casts, ffn_casts = (3, 2) if r != e else (1, 1)
-    norm = 4 * d + 4 + r * d
+    norm = r * d + 4  # the fused RMSNorm keeps its input and 1/rms; its output is the matmuls'
     attention = norm + attn_casts * e * d + e * (q + 2 * k) + e * q + 4 * cfg.n_heads
     if not fused_attention:  # math SDPA: softmax probabilities and k, v expanded to n_heads
         t = cfg.max_seq_len if seq_len is None else seq_len
         attention += e * cfg.n_heads * t + (2 * e * (q - k) if k != q else 0) - 4 * cfg.n_heads
-    ffn = norm + ffn_casts * e * d + 4 * e * cfg.hidden_dim
+    ffn = norm + ffn_casts * e * d + 3 * e * cfg.hidden_dim
     return attention + ffn
 
 
-def head_activation_bytes_per_token(cfg: ModelConfig, act_bytes: int, residual_bytes: int) -> int:
+def selective_block_bytes_per_token(cfg: ModelConfig, act_bytes: int, residual_bytes: int) -> int:
+    """What selective checkpointing keeps per token per block (module docstring)."""
+    d, e = cfg.dim, act_bytes
+    q, k = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    return residual_bytes * d + e * (q + 2 * k) + e * q + 4 * cfg.n_heads + 2 * e * d + 2 * e * cfg.hidden_dim
+
+
+def head_activation_bytes_per_token(cfg: ModelConfig, act_bytes: int, residual_bytes: int,
+                                    fused: bool = False) -> int:
+    """The final norm and the head per token; ``fused``: the head fused with the loss (no logits,
+    no logsumexp; the head's own gradient, not per token, is added by ``training_memory``)."""
     d = cfg.dim
-    return 4 * d + 4 + residual_bytes * d + act_bytes * d + act_bytes * cfg.vocab_size + 4
+    if fused:
+        return residual_bytes * d + 4 + act_bytes * d
+    return residual_bytes * d + 4 + act_bytes * d + act_bytes * cfg.vocab_size + 4
 
 
 def training_memory(cfg: ModelConfig, seq_len: int | None = None, micro_batch: int = 1,
-                    world_size: int = 1, *, activation_checkpointing: bool = False,
+                    world_size: int = 1, *, activation_checkpointing: bool | str = False,
                     param_dtype="fp32", compute_dtype="bf16", autocast: bool | None = None,
-                    gathered_blocks: int = 2, fused_attention: bool = True) -> dict:
+                    gathered_blocks: int = 2, fused_attention: bool = True, tp: int = 1,
+                    fused_loss: bool | None = None) -> dict:
     """Bytes per GPU: ``weights``, ``gradients``, ``optimizer``, ``activations``, ``total``.
 
     ``param_dtype`` is the dtype of the master weights, gradients and AdamW moments;
@@ -104,54 +153,107 @@ def training_memory(cfg: ModelConfig, seq_len: int | None = None, micro_batch: i
     FSDP mixed-precision gather buffers are counted under weights instead. Also returns
     ``peak`` (see the module docstring), ``activations_no_checkpointing`` /
     ``activations_checkpointing`` and ``transient`` (the loss gradient at the start of backward,
-    in ``peak`` only).
+    in ``peak`` only). ``activation_checkpointing`` is a ``checkpoint_mode``: none/False,
+    full/True or selective; ``activations_selective`` is the last. ``tp`` is the tensor-parallel degree (``world_size`` GPUs = dp x tp; see
+    the module docstring); ``tp=1`` is plain FSDP over ``world_size``. ``fused_loss`` (default: on
+    when ``tp == 1``, as in the trainer) models the output head fused with the loss.
     """
     if world_size < 1 or micro_batch < 1:
         raise ValueError("world_size and micro_batch must be >= 1")
+    mode = checkpoint_mode(activation_checkpointing)
+    checkpointed = mode != "none"
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"tp ({tp}) must be >= 1 and divide world_size ({world_size})")
+    dp = world_size // tp  # FSDP shards each tensor-parallel rank's pieces over dp
     seq = cfg.max_seq_len if seq_len is None else seq_len
     tokens = micro_batch * seq
     pb, e = dtype_bytes(param_dtype), dtype_bytes(compute_dtype)
     mixed = pb != e
     if autocast is None:
         autocast = mixed and world_size == 1
+    if autocast and tp > 1:
+        raise ValueError("tensor parallelism uses FSDP2 mixed precision, not autocast")
     r = pb if autocast else e  # autocast keeps the embedding and residual stream in fp32
     counts = param_counts(cfg)
-    n = counts.total
+    n = tp_local_params(cfg, tp)  # what one tensor-parallel rank holds: counts.total at tp 1
 
-    weights = n * pb / world_size
+    weights = n * pb / dp
     if mixed and not autocast:
-        weights += min(gathered_blocks, cfg.n_layers) * counts.per_layer * e
-    gradients = n * pb / world_size
-    optimizer = 2 * n * pb / world_size + 4 * param_tensor_count(cfg)
+        weights += min(gathered_blocks, cfg.n_layers) * tp_local_layer_params(cfg, tp) * e
+    gradients = n * pb / dp
+    optimizer = 2 * n * pb / dp + 4 * param_tensor_count(cfg)
 
     block = block_activation_bytes_per_token(cfg, e, r, fused_attention, seq) * tokens
-    head = head_activation_bytes_per_token(cfg, e, r) * tokens
+    fused = tp == 1 if fused_loss is None else fused_loss
+    if fused and tp > 1:
+        raise ValueError("under tensor parallelism the output head is not fused with the loss")
+    head = head_activation_bytes_per_token(cfg, e, r, fused) * tokens
+    if fused:  # the head's gradient, made in the forward (in the compute dtype, as the weight is used)
+        head += counts.output * e
     inputs = cfg.n_layers * r * cfg.dim * tokens  # what checkpointed blocks keep
     if autocast and mixed:
         # Compute-dtype copies of matmul weights, cached by autocast and saved for backward
         # (inside checkpointed blocks they are recomputed, so only the head's stays).
         blocks_cache = cfg.n_layers * (counts.attention_per_layer + counts.ffn_per_layer) * e
-        head += counts.output * e
+        if not fused:  # the fused loss casts the head's weight itself and does not keep the copy
+            head += counts.output * e
     else:
         blocks_cache = 0
+    if tp > 1:  # sequence parallelism (module docstring)
+        block, head, inputs = tensor_parallel_activations(cfg, e, tokens, tp, block, head, inputs)
     full = cfg.n_layers * block + blocks_cache + head
     ckpt = inputs + block + head
-    acts = ckpt if activation_checkpointing else full
+    # Selective: every block keeps its matmul and attention outputs; one block's full set is live
+    # again while it is recomputed (sharded like the rest under tensor parallelism, roughly / tp).
+    selective = cfg.n_layers * selective_block_bytes_per_token(cfg, e, r) * tokens / tp + block + head
+    acts = {"none": full, "full": ckpt, "selective": selective}[mode]
     V = cfg.vocab_size
-    if e == 4:  # PyTorch's cross-entropy: gradients of the log-softmax and of the logits
+    if fused:  # backward scales the saved gradients: the head's is head_grad below, plus h's
+        transient = e * cfg.dim * tokens
+    elif e == 4:  # PyTorch's cross-entropy: gradients of the log-softmax and of the logits
         transient = 2 * 4 * V * tokens
     else:       # losses.py: the logits' gradient and ~3 fp32 softmax chunks of 2048 rows
         transient = e * V * tokens + 3 * 4 * V * min(tokens, 2048)
+    transient /= tp  # the logits and their gradient are vocabulary shards under tensor parallelism
     total = weights + gradients + optimizer + acts
     head_grad = counts.output * pb / world_size
-    temporary = n * pb / world_size
+    temporary = n * pb / dp
     # Backward trades activations for gradients block by block: the peak is at one end (see above).
-    start = (acts - block if activation_checkpointing else acts) + transient + head_grad
-    end = gradients + (block if activation_checkpointing else 0)
+    start = (acts - block if checkpointed else acts) + transient + head_grad
+    end = gradients + (block if checkpointed else 0)
     peak = weights + optimizer + max(start, end, gradients + temporary)
     return {"weights": int(weights), "gradients": int(gradients), "optimizer": int(optimizer),
             "activations": int(acts), "total": int(total), "peak": int(peak),
             "activations_no_checkpointing": int(full), "activations_checkpointing": int(ckpt),
+            "activations_selective": int(selective), "checkpointing_mode": mode,
             "transient": int(transient), "tokens_per_gpu": tokens, "world_size": world_size,
+            "tp": tp, "dp": dp,
             "param_dtype": str(param_dtype), "compute_dtype": str(compute_dtype),
-            "activation_checkpointing": bool(activation_checkpointing)}
+            "activation_checkpointing": checkpointed}
+
+
+def _norm_params(cfg: ModelConfig) -> int:
+    return (2 * cfg.n_layers + 1) * cfg.dim  # two RMSNorms per block and the final one
+
+
+def tp_local_params(cfg: ModelConfig, tp: int = 1) -> int:
+    """Parameters one tensor-parallel rank holds: the matrices split over ``tp``, the norms whole."""
+    sharded = param_counts(cfg).total - _norm_params(cfg)
+    return -(-sharded // tp) + _norm_params(cfg)
+
+
+def tp_local_layer_params(cfg: ModelConfig, tp: int = 1) -> int:
+    """One block's parameters on one tensor-parallel rank (its two norm weights whole)."""
+    sharded = param_counts(cfg).per_layer - 2 * cfg.dim
+    return -(-sharded // tp) + 2 * cfg.dim
+
+
+def tensor_parallel_activations(cfg: ModelConfig, act_bytes: int, tokens: int, tp: int,
+                                block: float, head: float, inputs: float):
+    """Per-rank activation bytes under tensor + sequence parallelism from the ``tp=1`` figures
+    (one block, the head, the checkpointed inputs): all divided by ``tp`` except the all-gathered
+    matmul inputs and the logsumexp (module docstring)."""
+    gathered = act_bytes * cfg.dim * tokens  # one all-gathered [tokens, dim] matmul input
+    block = (block - 2 * gathered) / tp + 2 * gathered
+    head = (head - gathered - 4 * tokens) / tp + gathered + 4 * tokens
+    return block, head, inputs / tp
