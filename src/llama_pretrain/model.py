@@ -11,7 +11,13 @@ with no mask tensor, while generation and evaluation add per-row ``positions``, 
 and a ``KVCache`` (``generate.py``, ``eval/harness.py``).
 
 Parallelism, compilation, activation checkpointing and mixed precision are applied from outside
-(``train/parallel.py``); nothing here knows about them.
+(``train/parallel.py``); nothing here knows about them, except that DTensor inputs (sequence
+parallelism) take the plain-ops RMSNorm and SwiGLU instead of the autograd Functions below.
+
+Lean backward: RMSNorm keeps only its input and the fp32 reciprocal RMS (``_RMSNormFn``), SwiGLU
+keeps w1 x and w3 x and recomputes the SiLU (``_SwiGLUFn``), RoPE keeps only its tables. The
+results are those of the plain ops (same forward kernels; ``tests/test_kernels.py``); the bytes
+autograd keeps are counted in ``compute/memory.py``.
 
 Initialisation (for pretraining from scratch): every linear and embedding weight is drawn from a
 normal distribution with std 0.02 (GPT-2/Megatron convention); the two projections that write into
@@ -28,9 +34,60 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .losses import cross_entropy
+from .losses import cross_entropy, linear_cross_entropy
 
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = ()
+
+
+def _is_dtensor(t) -> bool:
+    # The autograd Functions below are written for plain tensors; a DTensor (a sequence-parallel
+    # input under tensor parallelism) takes the plain ops, whose sharding rules DTensor knows.
+    return isinstance(t, DTensor)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in plain ops (what autograd would save: fp32 input, 1/rms, normed); the DTensor path
+    and the reference the fused Function is tested against."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.type_as(x) * weight
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """``rms_norm_reference`` saving only its input and the fp32 reciprocal RMS per row: the
+    normalised rows are recomputed in backward (one cheap element-wise pass)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd).type_as(x) * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        acc = rstd.dtype
+        normed = x.to(acc) * rstd  # recomputed: the forward's normalised rows, fp32
+        # grad * normed is both the weight's gradient (summed over rows) and, times the weight, what
+        # d/dx needs: rstd * (g - normed * mean(g * normed)) with g = grad * weight in fp32.
+        prod = grad * normed.type_as(x)  # the forward scaled the input-dtype rows
+        grad_weight = prod.flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            g = (grad * weight).to(acc)
+            if x.dtype == weight.dtype == prod.dtype == acc:  # fp32 throughout: row sums as one GEMV
+                dot = (prod @ weight).unsqueeze(-1)
+            else:
+                dot = (g * normed).sum(-1, keepdim=True)
+            dot = dot.div_(x.shape[-1])
+            grad_x = torch.addcmul(g, normed, dot, value=-1).mul_(rstd).to(x.dtype)
+        return grad_x, grad_weight, None
 
 
 class RMSNorm(nn.Module):
@@ -41,9 +98,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (at least) for stability under bf16, then scale in the input dtype (as Meta does).
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
+        if _is_dtensor(x) or _is_dtensor(self.weight):
+            return rms_norm_reference(x, self.weight, self.eps)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 def rope_cos_sin(head_dim: int, end: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,11 +113,22 @@ def rope_cos_sin(head_dim: int, end: int, theta: float) -> tuple[torch.Tensor, t
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, T, H, D] by position.
 
-    cos/sin are [T, D/2] (every row at the same positions) or [B, T, D/2] (positions per row)."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    cos/sin are [T, D/2] (every row at the same positions) or [B, T, D/2] (positions per row).
+
+    In fp32 at least; fp32 inputs are not copied, and autograd saves only the small tables, never x.
+    Eager: each pair is a complex number times e^(i angle), one kernel forward and one (by the
+    conjugate) backward, where the real-valued form below takes seven strided passes. Under
+    torch.compile the real-valued form, which Inductor fuses (it does not generate complex code)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = cos.to(dtype).unsqueeze(-2), sin.to(dtype).unsqueeze(-2)  # broadcast over heads
+    pairs = x.to(dtype).unflatten(-1, (-1, 2))
+    if pairs.stride(-1) != 1 or any(st % 2 for st in pairs.stride()[:-1]):
+        pairs = pairs.contiguous()  # view_as_complex needs (re, im) adjacent
+    if torch.compiler.is_compiling():
+        x0, x1 = pairs[..., 0], pairs[..., 1]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    else:
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin))
     return out.flatten(-2).type_as(x)
 
 
@@ -135,14 +203,16 @@ class Attention(nn.Module):
                 cache: BlockKV | None = None) -> torch.Tensor:
         """``mask`` is ``attention_mask``'s: None means causal over ``x`` (a single query: every key)."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        # Head counts come from the projections' outputs: under tensor parallelism (train/parallel.py)
+        # each rank holds n_heads/tp query heads and n_kv_heads/tp KV heads, with the same GQA ratio.
+        q = self.wq(x).view(B, T, -1, self.head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
         if cache is not None:
             k, v = cache.update(k, v)
-        out = _sdpa(q, k, v, mask, mask is None and T > 1, self.n_heads // self.n_kv_heads)
+        out = _sdpa(q, k, v, mask, mask is None and T > 1, q.shape[1] // k.shape[1])
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -155,6 +225,30 @@ def _sdpa(q, k, v, mask, is_causal: bool, groups: int) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
 
+class _SwiGLUFn(torch.autograd.Function):
+    """silu(a) * b saving only a and b: silu(a) is recomputed in backward. The same kernels as
+    ``F.silu(a) * b`` under autograd (``silu_backward`` included), so results are bit-identical."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        grad_a = torch.ops.aten.silu_backward(grad * b, a) if ctx.needs_input_grad[0] else None
+        grad_b = grad * F.silu(a) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b; autograd keeps a and b only (plain ops for DTensor inputs)."""
+    if _is_dtensor(a) or _is_dtensor(b):
+        return F.silu(a) * b
+    return _SwiGLUFn.apply(a, b)
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -165,7 +259,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -184,6 +278,16 @@ class TransformerBlock(nn.Module):
 
 # RoPE table rows built up front: every training context here fits; longer ones grow on demand.
 ROPE_START_ROWS = 4096
+
+
+def _low_precision_on_cpu(h: torch.Tensor, weight: torch.Tensor) -> bool:
+    """bf16/fp16 head matmuls on CPU (autocast or low-precision weights): there the fused head's
+    fp32 sum of per-block weight gradients costs more than the logits it saves."""
+    if h.device.type != "cpu":
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16)
+    return weight.dtype in (torch.bfloat16, torch.float16)
 
 
 class Transformer(nn.Module):
@@ -243,12 +347,17 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False, chunked_loss: bool | None = None):
+                cache: KVCache | None = None, last_only: bool = False, chunked_loss: bool | str | None = None):
         """Logits [B, T, vocab] for ``tokens`` [B, T]; with ``targets``, the mean cross-entropy.
 
         Positions whose target is -100 are ignored. The loss is computed in fp32 without keeping an
-        fp32 copy of bf16 logits (see ``losses.py``); ``chunked_loss`` picks its kernel (None: the
-        faster one for the device and dtype).
+        fp32 copy of bf16 logits (see ``losses.py``); ``chunked_loss`` picks its kernel: ``"head"``,
+        the output head fused with the loss (``linear_cross_entropy``: no logits are kept; the
+        head's own module call, and so its hooks, are skipped, so a head with hooks or a DTensor
+        weight - tensor parallelism - takes the module and the next choice); True, the head's
+        logits then the chunked cross-entropy; False, PyTorch's; None (the default), the fused head
+        except for low-precision compute on CPU, where the chunked loss over logits is faster
+        (BENCHMARKS.md, memory), and otherwise the faster of the two others for the device and dtype.
 
         Inference: ``positions`` [B, T] are each token's RoPE position, below max_seq_len (default:
         the columns after the cache's, the same for every row); ``mask`` [B, cached + T] marks the
@@ -259,10 +368,16 @@ class Transformer(nn.Module):
         h = self.hidden_states(tokens, positions, mask, cache)
         if last_only:  # the output head over a whole prompt is wasted when only its end is read
             h = h[:, -1:]
-        logits = self.output(h)
+        head = self.output
+        fuse = chunked_loss == "head" or (chunked_loss is None and not _low_precision_on_cpu(h, head.weight))
+        if (targets is not None and fuse and not last_only and not _is_dtensor(h)
+                and not _is_dtensor(head.weight) and not (head._forward_hooks or head._forward_pre_hooks)):
+            return linear_cross_entropy(h.flatten(0, 1), head.weight, targets.flatten())
+        logits = head(h)
         if targets is None:
             return logits
-        return cross_entropy(logits.flatten(0, 1), targets.flatten(), chunked=chunked_loss)
+        return cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                             chunked=None if chunked_loss == "head" else chunked_loss)
 
     def new_cache(self, batch: int, max_len: int = 0, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for ``batch`` rows, allocated for ``max_len`` columns (it grows past them)."""
