@@ -119,6 +119,9 @@ def check_trainer_state(state: dict[str, Any], where: Path) -> None:
         raise UserError(f"{where}: rng must be a list with one entry per rank ({len(loaders)})")
     for rank, rng in enumerate(rngs):
         _check_rng(rng, f"{where}: rng[{rank}]")
+    for key in ("world_size", "tp"):  # the layout that wrote it (optional; older checkpoints lack tp)
+        if key in state and not (_is_count(state[key]) and state[key] >= 1):
+            raise UserError(f"{where}: {key} must be a positive integer, got {state[key]!r}")
     guards = state.get("guards")
     if not (isinstance(guards, dict) and isinstance(guards.get("spike"), dict)
             and _is_count(guards.get("nonfinite_in_row"))):

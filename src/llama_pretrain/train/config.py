@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig, read_toml
-from ..config_fields import (NON_NEGATIVE, POSITIVE, between, check, coerce, field_type, one_of,
-                             parse_cli, setting)
+from ..config_fields import (NON_NEGATIVE, POSITIVE, Rule, between, check, coerce, field_type,
+                             one_of, parse_cli, setting)
 from ..errors import UserError
 
 
@@ -73,8 +73,10 @@ class TrainingSection:
     seed: int = 0
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
-    fused_loss: str = setting("auto", one_of("auto", "on", "off"))
-    """Chunked cross-entropy without an fp32 copy of the logits: auto (bf16 logits, or CPU), on, off."""
+    fused_loss: str = setting("auto", one_of("auto", "head", "on", "off"))
+    """The loss kernel (model.py, losses.py): head (the output head fused with the cross-entropy: no
+    [tokens, vocab] logits kept), on (chunked cross-entropy over the logits without an fp32 copy),
+    off (PyTorch's), auto (head, except bf16 on CPU where on is faster)."""
     eval_every_steps: int = setting(100, NON_NEGATIVE)
     """Validation loss every N steps (and at the last step); 0 disables it."""
     eval_batches: int = setting(8, POSITIVE)
@@ -127,10 +129,18 @@ class ParallelSection:
     """none, ddp or fsdp (under torchrun)."""
     compile: bool = False
     """torch.compile each transformer block."""
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | str = setting(False, Rule(
+        lambda v: v in (True, False, "none", "full", "selective"), "must be none, full or selective"))
+    """none, full (recompute each block in backward) or selective (keep matmul and attention outputs,
+    recompute the element-wise work); true means full, false none."""
     mixed_precision: str = setting("auto", one_of("auto", "bf16", "fp32"))
     """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32. Master weights stay fp32."""
     reshard_after_forward: bool = True
+    tp: int = setting(1, POSITIVE)
+    """Tensor-parallel degree (under torchrun): each group of tp consecutive ranks (one node's GPUs)
+    splits every layer's heads and feed-forward width and the sequence between them; it must divide
+    model.n_heads, model.n_kv_heads, training.seq_len and the world size. The world size / tp
+    data-parallel groups use parallel.mode=fsdp (or none when there is one group); ddp is refused."""
 
 
 @dataclass
@@ -189,14 +199,18 @@ class RunConfig:
         return self.training.seq_len or self.model_config().max_seq_len
 
     def accumulation_steps(self, world_size: int = 1) -> int:
-        """Micro-batches per optimizer step on each rank; a UserError when the numbers do not divide."""
+        """Micro-batches per optimizer step on each rank; a UserError when the numbers do not divide.
+
+        The ranks of one tensor-parallel group (parallel.tp) work on the same rows, so the batch is
+        split over the world_size / tp data-parallel groups."""
         t = self.training
-        per_micro = self.seq_len * t.micro_batch_size * world_size
+        dp = max(1, world_size // self.parallel.tp)
+        per_micro = self.seq_len * t.micro_batch_size * dp
         if t.global_batch_tokens % per_micro:
+            size = f"data-parallel size {dp}" if self.parallel.tp > 1 else f"world size {world_size}"
             raise UserError(
                 f"training.global_batch_tokens ({t.global_batch_tokens}) is not a multiple of "
-                f"seq_len {self.seq_len} x micro_batch_size {t.micro_batch_size} x world size "
-                f"{world_size} = {per_micro}")
+                f"seq_len {self.seq_len} x micro_batch_size {t.micro_batch_size} x {size} = {per_micro}")
         return t.global_batch_tokens // per_micro
 
     def to_dict(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ class Downstream:
     def __init__(self, cfg, task_ids: list[str], tokenizer_model: Path | None, info):
         self.section, self.task_ids, self.info = cfg.eval, task_ids, info
         self.max_steps, self.mode = cfg.training.max_steps, cfg.parallel.mode
+        self.tp = cfg.parallel.tp
         self.model_cfg, self.tokenizer_model = cfg.model_config(), tokenizer_model
         self.primary: dict[str, str] = {}
 
@@ -52,8 +53,9 @@ class Downstream:
         return metrics
 
     def _weights_for_rank0(self, model: torch.nn.Module) -> torch.nn.Module | None:
-        """The Transformer rank 0 scores: DDP's replica, or under FSDP a copy of the gathered weights."""
-        if self.mode != "fsdp":
+        """The Transformer rank 0 scores: DDP's replica, or under FSDP or tensor parallelism a copy of
+        the gathered weights (every rank takes part in the gather)."""
+        if self.mode != "fsdp" and self.tp == 1:
             return getattr(model, "module", model) if self.info.is_main else None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

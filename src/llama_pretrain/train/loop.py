@@ -12,7 +12,9 @@ It reads as five parts:
 5. ``finish``     exports the final weights and writes the summary.
 
 Per optimizer step each rank runs ``accumulation_steps`` micro-batches of ``micro_batch_size``
-sequences (so that micro-batch x accumulation x world size x seq_len = ``global_batch_tokens``),
+sequences (so that micro-batch x accumulation x data-parallel size x seq_len =
+``global_batch_tokens``; the data-parallel size is the world size / ``parallel.tp``, since the
+ranks of one tensor-parallel group share their rows),
 averages the loss over them, clips the global gradient norm, and steps AdamW at the scheduled LR.
 Everything a resumed run needs to continue bit for bit is in each checkpoint (weights, AdamW
 moments and the ``TrainState``); metrics logged after the checkpoint a run resumes from are
@@ -37,6 +39,7 @@ from ..data.loader import TokenLoader
 from ..data.shards import check_token_ids, dataset_tokenizer, read_manifest
 from ..errors import UserError
 from ..interop import training_checkpoint as ckpt_files
+from ..losses import loss_parallel_context
 from ..model import Transformer
 from . import metrics
 from .checkpoint import restore_checkpoint, save_checkpoint
@@ -45,8 +48,8 @@ from .downstream import Downstream, check_eval_data
 from .guards import NonFiniteGuard, SpikeDetector
 from .init_from import check_tokenizer, load_weights
 from .optim import Schedule, build_optimizer, continue_schedule, planned_schedule, saved_schedule, set_lr
-from .parallel import (DistInfo, all_reduce_max, all_reduce_mean, barrier, gather_object, grad_sync,
-                       init_distributed, parallelize)
+from .parallel import (DistInfo, all_reduce_max, all_reduce_mean, barrier, check_layout, gather_object,
+                       grad_sync, init_distributed, parallelize)
 from .preemption import Preempted, StopSignals
 from .report import Reporter, say
 from .runlock import RunLock
@@ -117,14 +120,18 @@ class Plan:
 def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock: RunLock) -> Plan:
     """Every check before anything is written (the run dir's lock first: another job's checkpoints
     are not read while it writes them); a ``UserError`` names the first problem."""
-    t = cfg.training
+    t, p = cfg.training, cfg.parallel
     model_cfg = cfg.model_config()
+    check_layout(p.mode, p.tp, model_cfg.n_heads, model_cfg.kv_heads, cfg.seq_len, info.world_size,
+                 info.distributed, p.compile, p.activation_checkpointing)
+    info.tp = p.tp
     accum = cfg.accumulation_steps(info.world_size)
     if not cfg.data.path:
         raise UserError("data.path is not set: point it at a prepared dataset (llama-pretrain data prepare)")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} is a file, not a directory")
-    loader = TokenLoader(cfg.data.path, "train", t.micro_batch_size, cfg.seq_len, t.seed, info.rank, info.world_size)
+    # Split by data-parallel group: the tp ranks of one group read the same rows.
+    loader = TokenLoader(cfg.data.path, "train", t.micro_batch_size, cfg.seq_len, t.seed, info.dp_rank, info.dp_size)
     if cfg.logging.wandb:
         check_wandb_available()
     if cfg.checkpoint.init_from:  # its tokenizer and vocabulary, before the generic vocabulary check
@@ -256,12 +263,14 @@ class Trainer:
                                          o.decay_embeddings, o.implementation)
         self.params = [q for q in self.model.parameters() if q.requires_grad]
         # FSDP's mixed-precision policy casts parameters itself; otherwise autocast does (fp32 masters).
-        self.autocast = precision == "bf16" and p.mode != "fsdp"
-        self.chunked_loss = {"auto": None, "on": True, "off": False}[t.fused_loss]
+        # (With tp > 1 and one data-parallel group there is no FSDP: ``parallelize``.)
+        self.autocast = precision == "bf16" and not hasattr(self.model, "set_requires_gradient_sync")
+        self.tensor_parallel = info.tp > 1
+        self.chunked_loss = {"auto": None, "head": "head", "on": True, "off": False}[t.fused_loss]
         self.flops_per_token = flops_per_token(plan.model_cfg, plan.seq_len)
         self.state = TrainState(loader=plan.loader, spikes=SpikeDetector(t.spike_sigma),
                                 nonfinite=NonFiniteGuard(t.max_nonfinite_in_row), precision=precision,
-                                schedule=plan.schedule.to_dict())
+                                schedule=plan.schedule.to_dict(), tp=info.tp)
         self.downstream = Downstream(cfg, list(plan.eval_tasks), plan.tokenizer_model, info)
         self.last_checkpoint, self.saved_step = None, 0
         self._elapsed_base, self._t_start = 0.0, time.perf_counter()
@@ -293,13 +302,18 @@ class Trainer:
         self.state.precision = precision
         self.state.schedule.update(self.plan.schedule.to_dict())  # as preflight chose; last_lr kept
         self.last_checkpoint, self.saved_step = ckpt, self.state.step
-        say(f"resuming from {ckpt} (step {self.state.step}, {self.state.tokens_seen:,} tokens)", self.info.is_main)
+        saved = self.plan.start_state
+        ranks, tp = int(saved.get("world_size", 1)), int(saved.get("tp", 1))
+        say(f"resuming from {ckpt} (step {self.state.step}, {self.state.tokens_seen:,} tokens; written by "
+            f"{ranks} rank(s) as dp {max(1, ranks // tp)} x tp {tp}, now dp {self.info.dp_size} x tp "
+            f"{self.info.tp})", self.info.is_main)
 
     def lr(self, step: int) -> float:
         return self.plan.schedule.lr(step)
 
     def loss(self, inputs: torch.Tensor, targets: torch.Tensor, chunked: bool | None) -> torch.Tensor:
-        """The training loss: the wrapped model's own loss path, so DDP/FSDP hooks run."""
+        """The training loss: the wrapped model's own loss path, so DDP/FSDP hooks run. Under tensor
+        parallelism it is the vocabulary-parallel loss (``losses.py``), a plain scalar on every rank."""
         ctx = (torch.autocast(self.info.device.type, dtype=torch.bfloat16) if self.autocast
                else contextlib.nullcontext())
         with ctx:
@@ -314,7 +328,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.info.device)
         for micro in range(self.plan.accum):
             batch = next(state.loader).to(self.info.device, non_blocking=True)
-            with grad_sync(self.model, micro == self.plan.accum - 1):
+            # loss_parallel (tp > 1) must cover the loss's backward as well as its forward.
+            with grad_sync(self.model, micro == self.plan.accum - 1), loss_parallel_context(self.tensor_parallel):
                 loss = self.loss(batch[:, :-1], batch[:, 1:], self.chunked_loss)
                 if t.debug_nan_at_step == state.step + 1:
                     loss = loss * float("nan")
@@ -347,15 +362,23 @@ class Trainer:
         batches every time), averaged over ranks."""
         t = self.cfg.training
         val = TokenLoader(self.cfg.data.path, self.cfg.data.val_split, t.micro_batch_size, self.plan.seq_len,
-                          t.seed, self.info.rank, self.info.world_size)
+                          t.seed, self.info.dp_rank, self.info.dp_size)
         self.model.eval()
         total = torch.zeros((), device=self.info.device)
-        for _ in range(t.eval_batches):
-            batch = next(val).to(self.info.device)
-            total += self.loss(batch[:, :-1], batch[:, 1:], chunked=False).float()
+        with self._eager_if_tensor_parallel():
+            for _ in range(t.eval_batches):
+                batch = next(val).to(self.info.device)
+                total += self.loss(batch[:, :-1], batch[:, 1:], chunked=False).float()
         self.model.train()
         loss = all_reduce_mean(total / t.eval_batches)
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+
+    def _eager_if_tensor_parallel(self):
+        """Compiled blocks of DTensors run eagerly for a no-grad pass: on torch 2.13 their no-grad
+        graph failed ("'Tensor' object has no attribute 'elem'")."""
+        if self.tensor_parallel and self.cfg.parallel.compile:
+            return torch.compiler.set_stance("force_eager")
+        return contextlib.nullcontext()
 
     def checkpoint_due(self) -> bool:
         every, step = self.cfg.checkpoint.every_steps, self.state.step
@@ -373,7 +396,8 @@ class Trainer:
 
 @torch.no_grad()
 def global_grad_norm(params) -> float:
-    """The L2 norm of all gradients together (over every shard and rank under FSDP)."""
+    """The L2 norm of all gradients together (over every shard and rank under FSDP and tensor
+    parallelism: DTensor reduces each mesh axis's partial norms in ``full_tensor``)."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
     if hasattr(norm, "full_tensor"):  # a DTensor under FSDP: reduce the shards' partial norms

@@ -2,8 +2,18 @@
 
 ``init_distributed`` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...)
 and joins the process group (NCCL on GPU, gloo on CPU); without it, training is one process.
-``parallelize`` applies, in order: activation checkpointing per block, ``torch.compile`` per block,
-then DDP or FSDP2 (``fully_shard`` per transformer block, then the root).
+``parallelize`` applies, in order: tensor parallelism (``parallel.tp`` > 1), activation
+checkpointing per block, ``torch.compile`` per block, then DDP or FSDP2 (``fully_shard`` per
+transformer block, then the root).
+
+Tensor parallelism uses a 2-D DeviceMesh ``(dp, tp)``: ranks ``r`` with the same ``r // tp`` form
+one tensor-parallel group (consecutive ranks, i.e. one node's GPUs), and FSDP shards over the
+``dp`` axis. Within a group (Megatron-style, through DTensor's ``parallelize_module``): ``wq wk
+wv w1 w3`` are split by output features (whole heads per rank), ``wo w2`` by input features, the
+RMSNorms run on sequence shards (sequence parallelism: between blocks each rank holds T/tp
+positions of the residual stream), the embedding table is split by vocabulary rows and the output
+head by vocabulary columns, and the loss runs on the vocabulary shards (``loss_parallel``), so no
+rank ever holds the full [tokens, vocab] logits.
 
 DDP and FSDP act through the module's ``forward`` hooks, so the training loop calls the wrapped
 model itself (``model(inputs, targets)``, the loss path of ``Transformer.forward``), never a
@@ -36,10 +46,55 @@ class DistInfo:
     device: torch.device = torch.device("cpu")
     is_main: bool = True
     backend: str | None = None
+    tp: int = 1
+    """Tensor-parallel degree (set once the layout is checked, ``check_layout``)."""
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1 or dist.is_initialized()
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel groups: what the loader and the gradient accumulation divide by."""
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel group (the tp ranks of one group read the same rows)."""
+        return self.rank // self.tp
+
+
+def check_layout(mode: str, tp: int, n_heads: int, n_kv_heads: int, seq_len: int, world_size: int,
+                 launched: bool, compile: bool = False, activation_checkpointing: bool | str = False) -> None:
+    """One-line UserErrors for a tensor-parallel layout that cannot work (before anything is built)."""
+    if tp == 1:
+        return
+    if tp < 1:
+        raise UserError(f"parallel.tp must be >= 1, got {tp}")
+    if mode == "ddp":
+        raise UserError(f"parallel.mode=ddp cannot be combined with parallel.tp={tp}; use parallel.mode=fsdp "
+                        f"(FSDP over the data-parallel axis) or none (tensor parallelism only)")
+    if compile and activation_checkpointing not in (False, None, "", "none"):
+        # torch 2.13: a compiled, checkpointed block of DTensors fails in backward ("expected all
+        # tensors_saved_with_vc_check to be Tensors ... DeviceMesh"); compiling the attention and
+        # feed-forward alone instead ran, but gave wrong gradients (the all-gather's backward).
+        raise UserError(f"parallel.compile with parallel.activation_checkpointing and parallel.tp={tp} "
+                        f"fails in torch's compiled backward; drop one of compile or activation checkpointing")
+    for name, heads in (("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
+        if heads % tp:
+            raise UserError(f"parallel.tp={tp} does not divide model.{name}={heads}: each tensor-parallel "
+                            f"rank holds whole heads; choose a tp that divides both head counts")
+    if seq_len % tp:
+        raise UserError(f"training.seq_len={seq_len} is not divisible by parallel.tp={tp} (sequence "
+                        f"parallelism splits every sequence evenly)")
+    if not launched:
+        raise UserError(f"parallel.tp={tp} needs torchrun with a multiple of {tp} processes "
+                        f"(e.g. torchrun --nproc_per_node={tp})")
+    if world_size % tp:
+        raise UserError(f"the world size {world_size} is not divisible by parallel.tp={tp}")
+    if mode == "none" and world_size > tp:
+        raise UserError(f"parallel.mode=none with {world_size} ranks and parallel.tp={tp} leaves "
+                        f"{world_size // tp} data-parallel groups unsynchronised; use parallel.mode=fsdp")
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
@@ -75,20 +130,61 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in backward instead of storing them.
+def apply_activation_checkpointing(model: nn.Module, mode: bool | str = "full") -> None:
+    """Recompute activations in backward instead of storing them, per block: ``full`` keeps only
+    each block's input; ``selective`` keeps the outputs of matmuls and attention (and of
+    reduce-scatters under tensor parallelism) and recomputes the element-wise work around them
+    (norms, RoPE, SwiGLU's gate) from those; ``none`` (or False) does nothing, True is ``full``.
 
     The block's ``forward`` is replaced on the instance, so parameter names stay Meta's (a wrapper
     module would add a prefix to every name and break checkpoints)."""
-    from torch.utils.checkpoint import checkpoint
+    import functools
 
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    from ..compute.memory import checkpoint_mode
+
+    mode = checkpoint_mode(mode)
+    if mode == "none":
+        return
+    context_fn = None
+    if mode == "selective":
+        context_fn = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
     for block in model.layers.values():
         inner = block.forward
 
         def checkpointed(*args, _inner=inner, **kwargs):
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            if context_fn is None:
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
         block.forward = checkpointed
+
+
+def _saved_ops() -> set:
+    """The ops whose outputs selective checkpointing keeps: every matmul and attention kernel
+    (costly to redo) and tensor parallelism's reduce-scatter (a collective better not repeated)."""
+    names = [("aten", "mm"), ("aten", "addmm"), ("aten", "bmm"),
+             ("aten", "_scaled_dot_product_flash_attention"),
+             ("aten", "_scaled_dot_product_flash_attention_for_cpu"),
+             ("aten", "_scaled_dot_product_efficient_attention"),
+             ("aten", "_scaled_dot_product_cudnn_attention"),
+             ("_c10d_functional", "reduce_scatter_tensor")]
+    found = set()
+    for ns, name in names:
+        packet = getattr(getattr(torch.ops, ns), name, None)
+        if packet is not None:
+            found.update(getattr(packet, o) for o in packet.overloads())
+            found.add(packet)
+    return found
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if not hasattr(_selective_policy, "saved"):
+        _selective_policy.saved = _saved_ops()
+    return CheckpointPolicy.MUST_SAVE if op in _selective_policy.saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -97,14 +193,63 @@ def apply_compile(model: nn.Module) -> None:
         block.compile(fullgraph=False)
 
 
-def apply_fsdp(model: nn.Module, info: DistInfo, mixed_precision: str, reshard_after_forward: bool) -> nn.Module:
+def build_mesh(info: DistInfo):
+    """The device mesh: 1-D over every rank, or 2-D ``("dp", "tp")`` with tp innermost."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if info.tp == 1:
+        return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("dp",))
+    return init_device_mesh(info.device.type, (info.dp_size, info.tp), mesh_dim_names=("dp", "tp"))
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Shard ``model`` (a ``Transformer``) over ``tp_mesh`` in place; parameter names are unchanged.
+
+    Between blocks the residual stream is a DTensor sharded on the sequence (this rank holds T/tp
+    positions); each block all-gathers the normed sequence before attention and the feed-forward,
+    and reduce-scatters their row-wise outputs back onto the sequence shards. (Kept a DTensor, not
+    a local tensor, across block boundaries: a compiled block whose input is a plain tensor
+    wrapped by the norm's hook failed in backward on torch 2.13, "'Tensor' object has no
+    attribute '_local_tensor'".) The logits leave as a DTensor sharded on the
+    vocabulary, which ``losses.cross_entropy`` reduces under ``loss_parallel``."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    parallelize_module(model, tp_mesh, {
+        # Vocabulary rows split; each rank looks up its rows, and the partial sums are
+        # reduce-scattered onto the sequence shards.
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                          use_local_output=False),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+    })
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            # The first argument (x) is gathered over the sequence; cos, sin, mask and cache pass as they are.
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        })
+
+
+def apply_fsdp(model: nn.Module, info: DistInfo, mixed_precision: str, reshard_after_forward: bool,
+               mesh=None) -> nn.Module:
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:  # torch < 2.6 kept FSDP2 under _composable
         from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mesh = mesh if mesh is not None else build_mesh(info)["dp"]
     if mixed_precision == "bf16":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -119,14 +264,17 @@ def apply_fsdp(model: nn.Module, info: DistInfo, mixed_precision: str, reshard_a
 
 
 def parallelize(model: nn.Module, info: DistInfo, mode: str = "none", compile: bool = False,
-                activation_checkpointing: bool = False, mixed_precision: str = "fp32",
+                activation_checkpointing: bool | str = False, mixed_precision: str = "fp32",
                 reshard_after_forward: bool = True) -> nn.Module:
-    """Apply activation checkpointing, compilation and data parallelism to ``model`` (on its device).
+    """Apply tensor parallelism (``info.tp`` > 1), activation checkpointing, compilation and data
+    parallelism to ``model`` (on its device).
 
     ``mode``: ``none`` (single process), ``ddp`` (replicated weights, all-reduced gradients) or
     ``fsdp`` (FSDP2: parameters, gradients and optimizer state sharded per block). With ``fsdp`` and
     ``mixed_precision="bf16"`` the shards stay fp32 (master weights) while compute uses bf16 and
-    gradients are reduced in fp32.
+    gradients are reduced in fp32. With ``info.tp`` > 1 (checked by ``check_layout``), FSDP shards
+    over the data-parallel axis of the 2-D mesh; with one data-parallel group FSDP is not applied
+    (nothing to shard over) and ``mode`` may be ``none`` or ``fsdp``.
     """
     if mode not in MODES:
         raise UserError(f"parallel.mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -140,8 +288,16 @@ def parallelize(model: nn.Module, info: DistInfo, mode: str = "none", compile: b
         else:  # FSDP in one process without torchrun: a process group of one, in memory
             backend = "nccl" if info.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
+    mesh = None
+    if info.tp > 1:
+        if mode == "ddp" or info.world_size % info.tp or not dist.is_initialized():
+            raise UserError(f"parallel.tp={info.tp} needs torchrun, a world size divisible by it and "
+                            f"parallel.mode fsdp or none")
+        mesh = build_mesh(info)
+        apply_tensor_parallel(model, mesh["tp"])
+        if info.dp_size == 1:
+            mode = "none"
+    apply_activation_checkpointing(model, activation_checkpointing)  # none / False: nothing
     if compile:
         apply_compile(model)
     if mode == "ddp":
@@ -150,7 +306,8 @@ def parallelize(model: nn.Module, info: DistInfo, mode: str = "none", compile: b
         ids = [info.device.index] if info.device.type == "cuda" else None
         model = DDP(model, device_ids=ids)
     elif mode == "fsdp":
-        model = apply_fsdp(model, info, mixed_precision, reshard_after_forward)
+        model = apply_fsdp(model, info, mixed_precision, reshard_after_forward,
+                           mesh=None if mesh is None else mesh["dp"])
     return model
 
 

@@ -91,8 +91,10 @@ class Reporter:
         cfg, tr = t.cfg, t.cfg.training
         n_params = sum(p.numel() for p in t.model.parameters())
         name = f"from {cfg.checkpoint.init_from}" if cfg.checkpoint.init_from else cfg.model.get("preset", "custom")
+        layout = f"{t.info.world_size} rank(s)" if t.info.tp == 1 else \
+            f"{t.info.dp_size} data-parallel group(s) of tp {t.info.tp}"
         say(f"training {name}: {n_params:,} params, seq {t.plan.seq_len}, global "
-            f"batch {tr.global_batch_tokens:,} tokens = {t.info.world_size} rank(s) x {tr.micro_batch_size} seq "
+            f"batch {tr.global_batch_tokens:,} tokens = {layout} x {tr.micro_batch_size} seq "
             f"x {t.plan.accum} accumulation; {t.state.precision} compute, fp32 weights; "
             f"{t.flops_per_token / 1e6:.1f} MFLOP/token; MFU vs {self.peak / 1e12:.3f} TFLOP/s per device "
             f"({self.peak_source})")

@@ -2,7 +2,9 @@
 
 It is saved as one JSON object (``trainer_state.json`` in each checkpoint) and restored as one.
 Per-rank parts (the loader position and the RNG states) are gathered from every rank on save; a
-run resumed at another world size restarts each rank from rank 0's RNG and loader position.
+run resumed at another world size restarts each rank from rank 0's RNG and loader position. The
+layout that wrote it (``world_size``, ``tp``, ``data_parallel``) is recorded for the user; the
+tensors themselves reshard to any layout (DCP), and the loader position is global.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class TrainState:
     decay_end) and last_lr; a resumed run keeps it unless told how to change it (schedule.extend)."""
     precision: str = "fp32"
     """The compute precision the run chose (a resumed run keeps it)."""
+    tp: int = 1
+    """This process's tensor-parallel degree (recorded on save; not restored: a run may resume on
+    another layout)."""
 
     def state_dict(self) -> dict[str, Any]:
         """The JSON-able state; a collective under torchrun (every rank calls it)."""
@@ -46,7 +51,8 @@ class TrainState:
             "format": FORMAT, "step": self.step, "tokens_seen": self.tokens_seen,
             "elapsed_s": self.elapsed_s, "energy": dict(self.energy),
             "loader": loaders, "rng": gather_object(rng_state()),
-            "world_size": len(loaders), "precision": self.precision,
+            "world_size": len(loaders), "tp": self.tp, "data_parallel": len(loaders) // self.tp,
+            "precision": self.precision,
             "schedule": dict(self.schedule),
             "guards": {"spike": self.spikes.state_dict(), "nonfinite_in_row": self.nonfinite.in_row},
         }
