@@ -5,17 +5,26 @@ Both models have the same shape (preset llama2-small: dim 512, 8 layers, GQA 8/4
 cross-entropy in fp32, backward, clip to 1.0, fused AdamW (0.9, 0.95, eps 1e-5, wd 0.1 on linear
 weights; the default of our loop and of the HF Trainer). Each precision is compared like for like:
 fp32 for both, then bf16 autocast for both. Our side uses the trainer's loss entry point,
-``model(inputs, targets)`` (``losses.py``: chunked cross-entropy), theirs the upcast-then-CE of
-LlamaForCausalLM. Steps alternate between the two models so machine noise hits both alike; the median step time is
+``model(inputs, targets)`` (``losses.py``: the output head fused with the cross-entropy, no
+logits kept), theirs the upcast-then-CE of LlamaForCausalLM. Steps alternate between the two models so machine noise hits both alike; the median step time is
 reported. MFU uses FLOPs/token = 6*N_non_embedding + 12*L*H*Q*T against the best matmul rate of the
-same precision measured here at start-up.
+same precision measured here at start-up. Besides wall time, the ratio of median CPU time per step
+(all threads) is printed, which waiting for a core on a shared machine does not inflate.
+
+``--compile ours`` adds a row for our model compiled per block as the trainer does with
+``parallel.compile=true`` (``apply_compile``, Inductor), a copy of the same weights, so its first
+loss must equal the eager one; ``--compile both`` adds transformers' decoder layers compiled the
+same way. Every ratio is against eager transformers; the compilation (warm-up step minus median
+step) is printed apart. ``--profile`` first prints the top non-matmul ops of one eager step of ours.
 
     python benchmarks/bench_train.py [--steps 4] [--batch 4] [--seq 512] [--precision both]
+        [--compile none|ours|both] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -62,46 +71,122 @@ def hf_loss(logits, targets):  # what LlamaForCausalLM's loss does: upcast the l
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+def compile_blocks(model) -> None:
+    """Compile each block in place: for ours the trainer's ``parallel.compile=true``
+    (``apply_compile``), for transformers its decoder layers the same way. Compilation itself
+    happens lazily, in the first (warm-up) step, which is timed separately."""
+    from llama_pretrain.train.parallel import apply_compile
+
+    if hasattr(model, "layers"):
+        apply_compile(model)
+    else:
+        for layer in model.model.layers:
+            layer.compile(fullgraph=False)
+
+
 def compare(precision: str, args, cfg, peak: float, fpt: float) -> float:
+    import copy
+
     from llama_pretrain.model import Transformer
 
     torch.manual_seed(0)
     ours = Transformer(cfg)
     theirs = hf_model(cfg)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
-    steps = {"llama-pretrain": make_step(ours, ours, precision),  # the trainer's loss entry point
-             "transformers": make_step(theirs, lambda x, y: hf_loss(theirs(input_ids=x).logits, y), precision)}
+    models = {"llama-pretrain": ours, "transformers": theirs}
+    # Compiled rows are copies of the same weights, so their first loss must equal the eager one.
+    if args.compile in ("ours", "both"):
+        models["llama-pretrain compiled"] = copy.deepcopy(ours)
+    if args.compile == "both":
+        models["transformers compiled"] = copy.deepcopy(theirs)
+    steps = {}
+    for name, m in models.items():
+        if name.endswith("compiled"):
+            compile_blocks(m)
+        if name.startswith("llama-pretrain"):
+            steps[name] = make_step(m, m, precision)  # the trainer's loss entry point
+        else:
+            steps[name] = make_step(m, lambda x, y, m=m: hf_loss(m(input_ids=x).logits, y), precision)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen)
                for _ in range(args.steps + 1)]
     times = {k: [] for k in steps}
-    first = {}
+    cpu = {k: [] for k in steps}
+    first, warm = {}, {}
     for i, batch in enumerate(batches):
-        for name, fn in steps.items():  # alternate, so machine noise hits both alike
-            t0 = time.perf_counter()
+        for name, fn in steps.items():  # alternate, so machine noise hits all alike
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = fn(batch)
-            if i:  # the first step of each is warm-up
+            if i:  # the first step of each is warm-up (for the compiled rows: the compilation)
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
             else:
-                first[name] = loss
+                first[name], warm[name] = loss, time.perf_counter() - t0
     tokens = args.batch * args.seq
     rates = {}
     print(f"[{precision}] MFU against the measured {precision} matmul peak {peak / 1e9:.0f} GFLOP/s")
     for name in times:
         med = statistics.median(times[name])
         rates[name] = tokens / med
-        print(f"  {name:>15}: {rates[name]:7.0f} tokens/s  (median step {med:.2f} s of {len(times[name])})  "
-              f"MFU {100 * rates[name] * fpt / peak:5.1f}%  first loss {first[name]:.4f}")
-    ratio = rates["llama-pretrain"] / rates["transformers"]
-    print(f"  ratio llama-pretrain / transformers: {ratio:.2f}x")
-    return ratio
+        print(f"  {name:>23}: {rates[name]:7.0f} tokens/s  (median step {med:.2f} s of {len(times[name])})  "
+              f"MFU {100 * rates[name] * fpt / peak:5.1f}%  first loss {first[name]:.6f}  "
+              f"warm-up step {warm[name]:.1f} s")
+    base = "transformers"
+    for name in times:
+        if name == base:
+            continue
+        ratio = rates[name] / rates[base]
+        # CPU seconds per step (all threads) as well: on a machine shared with other jobs, wall time
+        # also counts the time this process waited for a core; CPU time counts only the work.
+        cpu_ratio = statistics.median(cpu[base]) / statistics.median(cpu[name])
+        print(f"  ratio {name} / {base}: {ratio:.2f}x  (by median CPU time per step: "
+              f"{statistics.median(cpu[name]):.2f} s vs {statistics.median(cpu[base]):.2f} s, "
+              f"{cpu_ratio:.2f}x; load average {os.getloadavg()[0]:.2f})")
+    for name in times:
+        if name.endswith("compiled"):
+            eager = name.removesuffix(" compiled")
+            compile_s = warm[name] - statistics.median(times[name])
+            print(f"  {name}: compilation ~{compile_s:.1f} s (its warm-up step minus its median step); "
+                  f"first loss minus the eager one's {first[name] - first[eager]:+.2e}")
+    if "transformers compiled" in rates:
+        print(f"  ratio llama-pretrain compiled / transformers compiled: "
+              f"{rates['llama-pretrain compiled'] / rates['transformers compiled']:.2f}x")
+    return rates["llama-pretrain"] / rates[base]
+
+
+def profile(args, cfg) -> None:
+    """Where one eager fp32 step of ours spends its time outside the matmuls (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from llama_pretrain.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    step = make_step(model, model, "fp32")
+    batch = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+    step(batch)  # warm-up
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(batch)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    # addmm_: the fused head's weight-gradient accumulation (losses.py), a matmul at full rate.
+    matmul = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul", "aten::linear",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+    mm = sum(e.self_cpu_time_total for e in events if e.key in matmul)
+    print(f"profile, one eager fp32 step of ours: self CPU {total / 1e6:.2f} s, matmuls + SDPA "
+          f"{100 * mm / total:.0f}%; top 10 other ops by self CPU time:")
+    rest = sorted((e for e in events if e.key not in matmul), key=lambda e: -e.self_cpu_time_total)
+    for e in rest[:10]:
+        print(f"  {e.key:<45} {e.self_cpu_time_total / 1e3:8.1f} ms  {100 * e.self_cpu_time_total / total:5.1f}%"
+              f"  {e.count:5d} calls")
 
 
 def parts(args) -> None:
     """The pieces our step chose by measurement: the AdamW kernel and the loss."""
     from llama_pretrain.config import ModelConfig
     from llama_pretrain.model import Transformer
-    from llama_pretrain.losses import chunked_cross_entropy
+    from llama_pretrain.losses import chunked_cross_entropy, linear_cross_entropy
     from llama_pretrain.train.optim import build_optimizer
 
     model = Transformer(ModelConfig.from_preset("llama2-small"))
@@ -116,6 +201,24 @@ def parts(args) -> None:
             ts.append(time.perf_counter() - t0)
         print(f"AdamW {impl:>8} step, 57.9M params: {statistics.median(ts[1:]):.3f} s")
     targets = torch.randint(0, 32000, (2048,))
+    # The output head and the loss together: nn.Linear's logits then the chunked loss, or fused.
+    h = torch.randn(2048, 512, requires_grad=True)
+    w = (torch.randn(32000, 512) * 0.02).requires_grad_()
+    for dtype in (torch.float32, torch.bfloat16):
+        res = {"linear + chunked loss": [], "fused (linear_cross_entropy)": []}
+        for _ in range(6):
+            for name in res:
+                h.grad = w.grad = None
+                t0 = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    if name.startswith("linear"):
+                        loss = chunked_cross_entropy(F.linear(h, w), targets)
+                    else:
+                        loss = linear_cross_entropy(h, w, targets)
+                loss.backward()
+                res[name].append(time.perf_counter() - t0)
+        for name, ts in res.items():
+            print(f"head + loss fwd+bwd 2048 x 512 -> 32000 {str(dtype)[6:]:>8} {name}: {statistics.median(ts[1:]):.3f} s")
     for dtype in (torch.float32, torch.bfloat16):
         res = {"F.cross_entropy(logits.float())": [], "chunked (64 rows)": []}
         for _ in range(6):
@@ -140,6 +243,10 @@ def main() -> None:
                     help="compute precision of both models (bf16: autocast, fp32 master weights)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--parts", action="store_true", help="also time the AdamW kernels and the two losses")
+    ap.add_argument("--compile", choices=["none", "ours", "both"], default="none",
+                    help="add rows compiled per block (inductor, the trainer's parallel.compile=true): "
+                         "ours, or ours and transformers' decoder layers; the eager rows stay")
+    ap.add_argument("--profile", action="store_true", help="profile one eager fp32 step of ours first")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,6 +262,8 @@ def main() -> None:
     print(f"config: llama2-small (dim {cfg.dim}, {cfg.n_layers} layers, GQA {cfg.n_heads}/{cfg.kv_heads}, "
           f"FFN {cfg.hidden_dim}, vocab {cfg.vocab_size}), batch {args.batch} x seq {args.seq}, "
           f"{torch.get_num_threads()} threads; FLOPs/token {fpt / 1e6:.1f}M (6N+12LHQT)")
+    if args.profile:
+        profile(args, cfg)
     precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
     for precision in precisions:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
