@@ -215,6 +215,23 @@ def test_gopher_rules_match_the_per_word_reference():
             drops.GOPHER_TOP_NGRAM, drops.GOPHER_DUP_NGRAMS, None} <= set(seen), seen
 
 
+def test_top_ngram_share_matches_the_reference_value_and_its_ties():
+    # the exact share, not only the decision: which of several equally frequent n-grams is "top"
+    # (the earliest first seen) changes the characters counted
+    from llama_pretrain.data.filters import _top_ngram_char_frac
+    rng = random.Random(5)
+    texts = [t for t in TEXTS if t.split()]
+    texts += [" ".join(rng.choice(["a", "bb", "ccc", "dddd"]) for _ in range(rng.randint(1, 60))) for _ in range(300)]
+    for t in texts:
+        words = t.lower().split()
+        total = sum(map(len, words))
+        ids: dict = {}
+        for n in (1, 2, 3, 4, 6, 40):  # 40: vocab ** n overflows int64 keys, the Counter path
+            want = _ref_top(words, n, total)
+            assert _top_ngram_char_frac(words, n, total, Counter(words), ids) == want, (t, n)
+            assert _top_ngram_char_frac(words, n, total) == want, (t, n)
+
+
 def test_c4_and_normalize_match_the_reference():
     reasons = Counter()
     for t in TEXTS:
@@ -250,6 +267,16 @@ def test_ascii_shingle_hashes_match_shingles(n):
     hv, counts = ascii_shingle_hashes(texts, n)
     assert counts.tolist() == [len(shingles(t, n)) for t in texts]
     assert hv.tolist() == [xxhash.xxh32_intdigest(s) for t in texts for s in shingles(t, n)]
+
+
+@pytest.mark.parametrize("texts", [[""], ["", ""], ["", "a"], ["a", ""], ["...", "", "!! ??", "x"],
+                                   ["The QUICK_brown fox, 42 Dogs!", "", "\tA\nb  c\n", "--"], ["word"]])
+def test_ascii_shingle_hashes_on_edge_batches(texts):
+    # empty and word-less texts first, last, alone; case, digits and "_" (word characters)
+    for n in (1, 2, 5):
+        hv, counts = ascii_shingle_hashes(texts, n)
+        assert counts.tolist() == [len(shingles(t, n)) for t in texts]
+        assert hv.tolist() == [xxhash.xxh32_intdigest(s) for t in texts for s in shingles(t, n)]
 
 
 @pytest.mark.parametrize("num_perm,seed,ngram", [(112, 1, 5), (16, 7, 3)])

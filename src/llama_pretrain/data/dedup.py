@@ -143,22 +143,23 @@ def xxh32_many(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.n
 # ASCII documents' shingles are found and hashed for a whole batch in numpy: lowercase, runs of
 # [0-9A-Za-z_] (what \w+ matches in ASCII), joined by single spaces, n words per shingle.
 _WORD_BYTES = bytes(int(chr(c).isalnum() or c == 95) for c in range(128)) + bytes(128)  # 1 for \w
+# A \w byte lowercased, any other byte a space: what the joined shingle text holds at each byte kept.
+_LOWER_OR_SPACE = bytes(ord(chr(c).lower()) if _WORD_BYTES[c] else 32 for c in range(256))
 
 
 def ascii_shingle_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray]:
     """xxh32 of each ASCII text's ``shingles(text, n)``, concatenated, and how many per text."""
     sep = "\n".join(texts).encode("ascii")  # "\n" is not a word character: no word spans two texts
-    raw = np.frombuffer(sep.lower(), dtype=np.uint8)
+    raw = np.frombuffer(sep.translate(_LOWER_OR_SPACE), dtype=np.uint8)
     word = np.frombuffer(sep.translate(_WORD_BYTES), dtype=bool)
     after = np.zeros_like(word)
     after[1:] = word[:-1]  # the character follows a word character
     is_start = word & ~after
     # The words joined by single spaces: keep the word characters and the first character of each
-    # gap after a word (made a space); a gap before the first word is dropped.
+    # gap after a word (a space in ``raw``); a gap before the first word is dropped.
     keep = word | after
     joined = raw[keep]
     jword = word[keep]
-    joined[~jword] = 32
     prev = np.zeros(len(jword) + 1, dtype=bool)
     prev[1:] = jword
     nxt = np.zeros(len(jword) + 1, dtype=bool)
@@ -169,10 +170,8 @@ def ascii_shingle_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarr
     jstart = wstart
     # Words per text: the word starts within each text's characters.
     offsets = np.cumsum([0] + [len(t) + 1 for t in texts[:-1]])
-    counted = np.zeros(len(raw) + 1, dtype=np.int64)  # one spare slot: an empty last text starts there
-    counted[:-1] = is_start
-    k = np.add.reduceat(counted, offsets)
-    k[np.diff(np.append(offsets, len(raw))) == 0] = 0  # reduceat gives an element, not 0, for an empty range
+    # (text i's characters are offsets[i] up to offsets[i + 1], the last's up to the end)
+    k = np.diff(np.searchsorted(np.flatnonzero(is_start), np.append(offsets, len(raw))))
     first = np.cumsum(k) - k
     last = first + k
     counts = np.maximum(k - n + 1, 1)

@@ -154,7 +154,8 @@ def _gopher_quality(sp: TextSplit, s: dict) -> str | None:
         # The keys are lowercase; an all-letter key strips to itself, so it is a stop word only
         # as itself: look those up, and strip only the others.
         stop = sum(map(counts.get, STOP_WORDS, repeat(0)))
-        stop += sum(counts[w] for w in rest if w.strip(_STOP_STRIP) in STOP_WORDS)
+        stop += sum(compress(map(counts.__getitem__, rest),
+                             map(STOP_WORDS.__contains__, map(str.strip, rest, repeat(_STOP_STRIP)))))
     else:
         stop = sum(compress(counts.values(), map(STOP_WORDS.__contains__,
                                                  map(str.strip, map(str.lower, counts), repeat(_STOP_STRIP)))))
@@ -215,9 +216,26 @@ def _ngrams(words: list[str], n: int):
     return zip(*(words[k:] for k in range(n)))
 
 
-def _top_ngram_char_frac(words: list[str], n: int, total_chars: int) -> float:
+def _top_ngram_char_frac(words: list[str], n: int, total_chars: int, counts: Counter | None = None,
+                         _ids: dict | None = None) -> float:
     if len(words) < n:
         return 0.0
+    keys = _ngram_keys(*_word_ids(words, counts, _ids), n) if n >= 1 else None
+    if keys is not None:
+        # The n-grams' keys sorted (stably: each run of equal ones starts at its earliest
+        # occurrence); the top one is the longest run, ties to the earliest first occurrence,
+        # which is what Counter.most_common picks below.
+        order = np.argsort(keys, kind="stable")
+        ks = keys[order]
+        new = np.ones(len(ks), dtype=bool)
+        new[1:] = ks[1:] != ks[:-1]
+        runs = np.flatnonzero(new)
+        cnt = np.diff(np.append(runs, len(ks)))
+        c = int(cnt.max())
+        if c < 2:
+            return 0.0
+        first = int(order[runs[cnt == c]].min())
+        return sum(len(w) for w in words[first:first + n]) * c / total_chars
     # most_common breaks ties by first occurrence, as the rule is defined
     gram, c = Counter(_ngrams(words, n)).most_common(1)[0]
     if c < 2:
@@ -241,23 +259,25 @@ def _ngram_keys(ids: np.ndarray, vocab: int, n: int) -> np.ndarray | None:
     return np.convolve(ids, vocab ** np.arange(n, dtype=np.int64), mode="valid")
 
 
+def _word_ids(words: list[str], counts: Counter | None, _ids: dict | None) -> tuple[np.ndarray, int]:
+    """Each word's id (its index among the distinct words) and how many ids there are, cached in
+    ``_ids`` (a dict the caller keeps for one text's words) when given."""
+    if _ids is not None and "ids" in _ids:
+        return _ids["ids"], _ids["vocab"]
+    counts = Counter(words) if counts is None else counts
+    index = dict(zip(counts, range(len(counts))))
+    ids = np.fromiter(map(index.__getitem__, words), dtype=np.int64, count=len(words))
+    if _ids is not None:
+        _ids.update(ids=ids, vocab=len(index))
+    return ids, len(index)
+
+
 def _dup_ngram_char_frac(words: list[str], n: int, total_chars: int, counts: Counter | None = None,
                          _ids: dict | None = None) -> float:
     """Share of characters in words covered by an n-gram that occurred earlier in the text."""
     if len(words) < n:
         return 0.0
-    keys = None
-    if n >= 1:
-        if _ids is not None and "ids" in _ids:
-            ids, vocab = _ids["ids"], _ids["vocab"]
-        else:
-            counts = Counter(words) if counts is None else counts
-            index = dict(zip(counts, range(len(counts))))
-            ids = np.fromiter(map(index.__getitem__, words), dtype=np.int64, count=len(words))
-            vocab = len(index)
-            if _ids is not None:
-                _ids.update(ids=ids, vocab=vocab)
-        keys = _ngram_keys(ids, vocab, n)
+    keys = _ngram_keys(*_word_ids(words, counts, _ids), n) if n >= 1 else None
     if keys is None:  # n-grams as tuples
         grams = list(_ngrams(words, n))
         first = dict(zip(reversed(grams), range(len(grams) - 1, -1, -1)))  # the earliest index wins
@@ -299,18 +319,18 @@ def _gopher_repetition(sp: TextSplit, s: dict) -> str | None:
     if not total:
         return None
     bound = None
+    ids: dict = {}  # the word ids, made once for all rules and n
     for n, limit in s["top_ngram_char_frac"]:
         if bound is None:
             bound = _top_ngram_bound(sp.lower_counts)
         if int(n) * bound / total <= limit:
             continue  # exact: no n-gram can exceed the limit (float division is monotonic)
-        if _top_ngram_char_frac(words, int(n), total) > limit:
+        if _top_ngram_char_frac(words, int(n), total, sp.lower_counts, ids) > limit:
             return drops.GOPHER_TOP_NGRAM
     rules = sorted((int(n), limit) for n, limit in s["dup_ngram_char_frac"])
     if rules:
         # Coverage by repeated n-grams can only shrink as n grows (a repeated (n+1)-gram holds two
         # repeated n-grams), so if the shortest n is under every limit, all longer n are too.
-        ids: dict = {}  # the word ids, made once for all n
         first = _dup_ngram_char_frac(words, rules[0][0], total, sp.lower_counts, ids)
         if first > rules[0][1]:
             return drops.GOPHER_DUP_NGRAMS
