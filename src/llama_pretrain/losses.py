@@ -75,7 +75,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     through PyTorch's vocabulary-parallel loss (``loss_parallel``: a max, a sum-exp and the target
     logit reduced over the shards, never the full rows); the result is the replicated plain scalar,
     whatever ``chunked`` says. Its backward must run under ``loss_parallel_context`` too."""
-    if _is_dtensor(logits):
+    if is_dtensor(logits):
         return _vocab_parallel_cross_entropy(logits, targets, ignore_index)
     if chunked is None:
         chunked = logits.device.type == "cpu" or logits.dtype not in (torch.float32, torch.float64)
@@ -84,11 +84,15 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
 
 
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support
-        return False
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed support
+    DTensor = ()
+
+
+def is_dtensor(t) -> bool:
+    """A DTensor (tensor parallelism, train/parallel.py): the plain-tensor kernels here and in
+    model.py step aside for the ops whose sharding rules DTensor knows."""
     return isinstance(t, DTensor)
 
 
@@ -123,8 +127,8 @@ def _vocab_parallel_cross_entropy(logits, targets: torch.Tensor, ignore_index: i
     return loss.to_local()  # Replicate: every rank holds the full mean
 
 
-# The fused head + loss on CPU (measured, BENCHMARKS.md): the head's matmuls over blocks of 256
-# rows (512 for 2-byte inputs: ~32 MiB of logits either way; the weight's gradient is read and
+# The fused head + loss on CPU (measured, BENCHMARKS.md): the head's matmuls over blocks of ~32 MiB
+# of logits (262 rows of a 32k vocabulary in fp32, 524 for 2-byte inputs; the weight's gradient is read and
 # written once per block, so 64-row blocks were slower), the softmax over cache-sized 64-row pieces.
 CPU_FUSED_CHUNK_BYTES = 32 * 2**20
 CPU_SOFTMAX_ROWS = 64

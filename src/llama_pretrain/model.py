@@ -34,20 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .losses import cross_entropy, linear_cross_entropy
+from .losses import cross_entropy, is_dtensor, linear_cross_entropy
 
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without distributed support
-    DTensor = ()
-
-
-def _is_dtensor(t) -> bool:
-    # The autograd Functions below are written for plain tensors; a DTensor (a sequence-parallel
-    # input under tensor parallelism) takes the plain ops, whose sharding rules DTensor knows.
-    return isinstance(t, DTensor)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,7 +87,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (at least) for stability under bf16, then scale in the input dtype (as Meta does).
-        if _is_dtensor(x) or _is_dtensor(self.weight):
+        if is_dtensor(x) or is_dtensor(self.weight):
             return rms_norm_reference(x, self.weight, self.eps)
         return _RMSNormFn.apply(x, self.weight, self.eps)
 
@@ -244,7 +233,7 @@ class _SwiGLUFn(torch.autograd.Function):
 
 def swiglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) * b; autograd keeps a and b only (plain ops for DTensor inputs)."""
-    if _is_dtensor(a) or _is_dtensor(b):
+    if is_dtensor(a) or is_dtensor(b):
         return F.silu(a) * b
     return _SwiGLUFn.apply(a, b)
 
@@ -370,8 +359,8 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         head = self.output
         fuse = chunked_loss == "head" or (chunked_loss is None and not _low_precision_on_cpu(h, head.weight))
-        if (targets is not None and fuse and not last_only and not _is_dtensor(h)
-                and not _is_dtensor(head.weight) and not (head._forward_hooks or head._forward_pre_hooks)):
+        if (targets is not None and fuse and not last_only and not is_dtensor(h)
+                and not is_dtensor(head.weight) and not (head._forward_hooks or head._forward_pre_hooks)):
             return linear_cross_entropy(h.flatten(0, 1), head.weight, targets.flatten())
         logits = head(h)
         if targets is None:
