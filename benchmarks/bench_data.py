@@ -9,11 +9,16 @@ something on an otherwise idle machine). Each row is the best of ``--repeat`` ru
 out some of the noise of a shared machine. The pipeline numbers include reading JSONL, writing
 work files, the sequential dedup/write phase and process start-up, so they are end-to-end
 wall-clock figures.
+
+``--cli-pairs N`` then runs ``llama-pretrain data prepare`` itself (a fresh process per run, as a
+user starts it, start-up included) with ``--workers 1`` and ``--workers 2`` alternately N times,
+and prints each pair's speed-up with the load average at its start.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -77,6 +82,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs per row; the fastest counts")
     ap.add_argument("--vocab", choices=("small", "varied"), default="small",
                     help="small: ~110 distinct words; varied: Zipf over 50,000 words (realistic)")
+    ap.add_argument("--cli-pairs", type=int, default=0,
+                    help="also time the CLI (fresh processes), 1 then 2 workers, this many times")
     args = ap.parse_args()
     load_before = os.getloadavg()
 
@@ -121,6 +128,10 @@ def main() -> None:
         ntok = sum(map(len, ids))
         rows.append(("sentencepiece encode (bare)", threads, len(texts) / wall, ntok / wall, ntok / cpu))
     base_per_worker, base_cpu = rows[0][3], rows[0][4]
+    # Free the corpus and its ids before timing prepare: this process is one of prepare's workers,
+    # and millions of live Python objects would slow its garbage collector (a real run has none).
+    ids = texts = sp = None
+    gc.collect()
 
     def run(name: str, cfg: DataConfig, workers: int) -> None:
         slug = name.replace(" ", "_").replace(":", "")
@@ -150,6 +161,34 @@ def main() -> None:
         print(f"{name}: 2 workers / 1 worker = {speed[name, 2] / speed[name, 1]:.2f}x")
     print("load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}; after: {:.2f} {:.2f} {:.2f}; {} CPUs".format(
         *load_before, *os.getloadavg(), os.cpu_count()))
+    if args.cli_pairs:
+        cli_scaling(tmp, tok, args.cli_pairs)
+
+
+def cli_scaling(tmp: Path, tok: Path, pairs: int) -> None:
+    """``data prepare`` as a user runs it: one fresh process per run, wall clock from start to exit."""
+    import subprocess
+
+    def once(workers: int) -> float:
+        out = tmp / f"cli_{workers}"
+        cmd = [sys.executable, "-m", "llama_pretrain", "data", "prepare", "--input",
+               *sorted(map(str, tmp.glob("in*.jsonl"))), "--tokenizer", str(tok), "--out", str(out),
+               "--workers", str(workers), "--quiet"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        dt = time.perf_counter() - t0
+        subprocess.run(["rm", "-rf", str(out)], check=True)
+        return dt
+
+    ratios = []
+    for i in range(pairs):
+        load = os.getloadavg()[0]
+        one, two = once(1), once(2)
+        ratios.append(one / two)
+        print(f"CLI pair {i + 1}: 1 worker {one:.2f} s, 2 workers {two:.2f} s: {one / two:.2f}x "
+              f"(load average {load:.2f} at the start)")
+    print(f"CLI: 2 workers / 1 worker = {min(ratios):.2f}-{max(ratios):.2f}x over {pairs} pairs "
+          f"(median {sorted(ratios)[len(ratios) // 2]:.2f}x)")
 
 
 if __name__ == "__main__":

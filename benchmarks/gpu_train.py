@@ -42,30 +42,13 @@ def ac_argument(mode: str):
     return {"none": False, "full": True}.get(mode, mode)  # the bools keep today's meaning
 
 
-def convert_float8(model, emulate: bool) -> int:
-    """torchao's float8 training linears in every block (the output head stays bf16: its
-    vocabulary-sized matmul is the one most sensitive to the coarse scale); returns how many."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-    seen = []
-
-    def keep(module, fqn: str) -> bool:
-        ok = fqn.startswith("layers.") and module.in_features % 16 == 0 and module.out_features % 16 == 0
-        if ok:
-            seen.append(fqn)
-        return ok
-
-    convert_to_float8_training(model, config=Float8LinearConfig(emulate=emulate), module_filter_fn=keep)
-    return len(seen)
-
-
 def run_one(args) -> dict:
     import torch
 
     from llama_pretrain.compute.flops import flops_per_token, param_counts
     from llama_pretrain.compute.gpus import peak_flops_for_device
     from llama_pretrain.config import ModelConfig
-    from llama_pretrain.train.parallel import init_distributed, parallelize
+    from llama_pretrain.train.parallel import apply_float8, init_distributed, parallelize
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -91,7 +74,7 @@ def run_one(args) -> dict:
         model = Transformer(cfg)
     model.to_empty(device=info.device)
     model.init_weights()
-    float8_layers = convert_float8(model, emulate=not cuda) if args.float8 else 0
+    float8_layers = apply_float8(model, emulate=not cuda) if args.float8 else 0  # parallel.float8's own
     model = parallelize(model, info, mode=args.mode, compile=args.compile,
                         activation_checkpointing=ac_argument(args.ac), mixed_precision="bf16")
     def make_opt(fused: bool):

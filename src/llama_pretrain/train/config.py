@@ -141,6 +141,14 @@ class ParallelSection:
     splits every layer's heads and feed-forward width and the sequence between them; it must divide
     model.n_heads, model.n_kv_heads, training.seq_len and the world size. The world size / tp
     data-parallel groups use parallel.mode=fsdp (or none when there is one group); ddp is refused."""
+    float8: bool = False
+    """float8 matmuls in the blocks' linear layers (torchao's float8 training, dynamic tensor-wise
+    scales; the output head and the weights keep their precision, so checkpoints are unchanged).
+    Needs torchao and a GPU of compute capability 8.9+ (H100, H200, L40S, RTX 4090); pays with
+    parallel.compile on large models. Not with parallel.tp > 1."""
+    float8_emulate: bool = False
+    """With parallel.float8: the same float8 rounding without float8 hardware (the matmuls run in
+    high precision; slower than no float8): for CPU runs and tests."""
 
 
 @dataclass

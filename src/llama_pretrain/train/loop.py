@@ -48,7 +48,7 @@ from .downstream import Downstream, check_eval_data
 from .guards import NonFiniteGuard, SpikeDetector
 from .init_from import check_tokenizer, load_weights
 from .optim import Schedule, build_optimizer, continue_schedule, planned_schedule, saved_schedule, set_lr
-from .parallel import (DistInfo, all_reduce_max, all_reduce_mean, barrier, check_layout, gather_object,
+from .parallel import (DistInfo, all_reduce_max, all_reduce_mean, barrier, check_float8, check_layout, gather_object,
                        grad_sync, init_distributed, parallelize)
 from .preemption import Preempted, StopSignals
 from .report import Reporter, say
@@ -125,6 +125,7 @@ def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock:
     check_layout(p.mode, p.tp, model_cfg.n_heads, model_cfg.kv_heads, cfg.seq_len, info.world_size,
                  info.distributed, p.compile, p.activation_checkpointing)
     info.tp = p.tp
+    check_float8(p.float8, p.float8_emulate, info.device, p.tp)
     accum = cfg.accumulation_steps(info.world_size)
     if not cfg.data.path:
         raise UserError("data.path is not set: point it at a prepared dataset (llama-pretrain data prepare)")
@@ -257,7 +258,8 @@ class Trainer:
         p = cfg.parallel
         self.model = parallelize(model, info, p.mode, compile=p.compile,
                                  activation_checkpointing=p.activation_checkpointing,
-                                 mixed_precision=precision, reshard_after_forward=p.reshard_after_forward)
+                                 mixed_precision=precision, reshard_after_forward=p.reshard_after_forward,
+                                 float8=p.float8, float8_emulate=p.float8_emulate)
         o = cfg.optimizer
         self.optimizer = build_optimizer(self.model, cfg.peak_lr, (o.beta1, o.beta2), o.eps, o.weight_decay,
                                          o.decay_embeddings, o.implementation)

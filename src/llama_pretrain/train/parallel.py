@@ -2,8 +2,8 @@
 
 ``init_distributed`` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...)
 and joins the process group (NCCL on GPU, gloo on CPU); without it, training is one process.
-``parallelize`` applies, in order: tensor parallelism (``parallel.tp`` > 1), activation
-checkpointing per block, ``torch.compile`` per block, then DDP or FSDP2 (``fully_shard`` per
+``parallelize`` applies, in order: float8 linears (``parallel.float8``, torchao), tensor
+parallelism (``parallel.tp`` > 1), activation checkpointing per block, ``torch.compile`` per block, then DDP or FSDP2 (``fully_shard`` per
 transformer block, then the root).
 
 Tensor parallelism uses a 2-D DeviceMesh ``(dp, tp)``: ranks ``r`` with the same ``r // tp`` form
@@ -187,6 +187,59 @@ def _selective_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _selective_policy.saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+# float8 matmuls (torchao's float8 training): the tensor cores of compute capability 8.9+.
+FLOAT8_MIN_CAPABILITY = (8, 9)
+
+
+def check_float8(enabled: bool, emulate: bool, device: torch.device, tp: int) -> None:
+    """One-line UserErrors for ``parallel.float8`` where it cannot run (before anything is built)."""
+    if not enabled:
+        return
+    if tp > 1:
+        raise UserError(f"parallel.float8 with parallel.tp={tp} is not supported (float8 needs its own "
+                        f"tensor-parallel plan); use parallel.tp=1 with FSDP")
+    try:
+        import torchao.float8  # noqa: F401
+    except ImportError:
+        raise UserError("parallel.float8 needs torchao: pip install 'llama-pretrain[float8]' "
+                        "(or pip install torchao)") from None
+    if emulate:
+        return
+    if device.type != "cuda":
+        raise UserError(f"parallel.float8 needs a CUDA GPU with float8 tensor cores (compute capability "
+                        f">= 8.9: H100, H200, L40S, RTX 4090); this run is on {device.type}. "
+                        f"parallel.float8_emulate=true runs the same numerics without them (slower)")
+    cap = torch.cuda.get_device_capability(device)
+    if cap < FLOAT8_MIN_CAPABILITY:
+        raise UserError(f"parallel.float8 needs compute capability >= 8.9 (H100, H200, L40S, RTX 4090); "
+                        f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}")
+
+
+def float8_eligible(module: nn.Module, fqn: str) -> bool:
+    """The blocks' linear layers whose sizes the float8 matmul takes (multiples of 16). The output
+    head stays in the compute precision: its vocabulary-wide logits feed the loss directly."""
+    return (fqn.startswith("layers.") and isinstance(module, nn.Linear)
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def apply_float8(model: nn.Module, emulate: bool = False) -> int:
+    """Swap the eligible linears for torchao's ``Float8Linear`` (dynamic tensor-wise scales for
+    inputs, weights and gradients, recomputed each step; weights stay in their own precision, so
+    state dicts, checkpoints and exports are unchanged); returns how many were swapped."""
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    swapped = []
+
+    def keep(module: nn.Module, fqn: str) -> bool:
+        ok = float8_eligible(module, fqn)
+        if ok:
+            swapped.append(fqn)
+        return ok
+
+    convert_to_float8_training(model, config=Float8LinearConfig(emulate=emulate), module_filter_fn=keep)
+    return len(swapped)
+
+
 def apply_compile(model: nn.Module) -> None:
     """Compile each block in place (same graph for every block; names unchanged)."""
     for block in model.layers.values():
@@ -265,9 +318,11 @@ def apply_fsdp(model: nn.Module, info: DistInfo, mixed_precision: str, reshard_a
 
 def parallelize(model: nn.Module, info: DistInfo, mode: str = "none", compile: bool = False,
                 activation_checkpointing: bool | str = False, mixed_precision: str = "fp32",
-                reshard_after_forward: bool = True) -> nn.Module:
-    """Apply tensor parallelism (``info.tp`` > 1), activation checkpointing, compilation and data
-    parallelism to ``model`` (on its device).
+                reshard_after_forward: bool = True, float8: bool = False,
+                float8_emulate: bool = False) -> nn.Module:
+    """Apply float8 linears (``float8``, checked by ``check_float8``), tensor parallelism
+    (``info.tp`` > 1), activation checkpointing, compilation and data parallelism to ``model``
+    (on its device).
 
     ``mode``: ``none`` (single process), ``ddp`` (replicated weights, all-reduced gradients) or
     ``fsdp`` (FSDP2: parameters, gradients and optimizer state sharded per block). With ``fsdp`` and
@@ -288,6 +343,8 @@ def parallelize(model: nn.Module, info: DistInfo, mode: str = "none", compile: b
         else:  # FSDP in one process without torchrun: a process group of one, in memory
             backend = "nccl" if info.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if float8:
+        apply_float8(model, emulate=float8_emulate)
     mesh = None
     if info.tp > 1:
         if mode == "ddp" or info.world_size % info.tp or not dist.is_initialized():

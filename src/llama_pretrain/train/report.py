@@ -95,9 +95,18 @@ class Reporter:
             f"{t.info.dp_size} data-parallel group(s) of tp {t.info.tp}"
         say(f"training {name}: {n_params:,} params, seq {t.plan.seq_len}, global "
             f"batch {tr.global_batch_tokens:,} tokens = {layout} x {tr.micro_batch_size} seq "
-            f"x {t.plan.accum} accumulation; {t.state.precision} compute, fp32 weights; "
+            f"x {t.plan.accum} accumulation; {t.state.precision} compute{self._float8()}, fp32 weights; "
             f"{t.flops_per_token / 1e6:.1f} MFLOP/token; MFU vs {self.peak / 1e12:.3f} TFLOP/s per device "
             f"({self.peak_source})")
+
+    def _float8(self) -> str:
+        p = self.trainer.cfg.parallel
+        if not p.float8:
+            return ""
+        from torchao.float8.float8_linear import Float8Linear
+
+        n = sum(isinstance(m, Float8Linear) for m in self.trainer.model.modules())
+        return f" with float8 matmuls in {n} linear layers" + (" (emulated)" if p.float8_emulate else "")
 
     # -- per step ------------------------------------------------------------------------------
     def record(self, result) -> dict[str, Any]:

@@ -1,0 +1,178 @@
+"""``parallel.float8``: torchao's float8 training linears in the blocks, checked on CPU through
+torchao's emulation (the same float8 rounding, matmuls in high precision): which layers swap, that
+the rounding is really applied (close to, but not equal to, high precision), that checkpoints
+and exports are unchanged, FSDP, and the errors where float8 cannot run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_data import make_dataset  # noqa: E402
+
+from llama_pretrain.cli import main as cli_main
+from llama_pretrain.config import ModelConfig
+from llama_pretrain.errors import UserError
+from llama_pretrain.model import Transformer
+from llama_pretrain.train.parallel import apply_float8, check_float8
+
+torchao_float8 = pytest.importorskip("torchao.float8", reason="torchao is part of the test install")
+from torchao.float8.float8_linear import Float8Linear  # noqa: E402
+
+F8 = ["--parallel.float8=true", "--parallel.float8_emulate=true"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("ds") / "data")
+
+
+def _model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig.from_preset("llama2-debug"))
+
+
+def _loss_and_grads(model: Transformer, rows: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model(rows[:, :-1], rows[:, 1:])
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_the_blocks_linears_swap_and_the_rounding_is_applied():
+    ref, f8 = _model(), _model()
+    keys = sorted(f8.state_dict())
+    assert apply_float8(f8, emulate=True) == 7 * 2  # wq wk wv wo w1 w2 w3 in each of 2 blocks
+    swapped = {n for n, m in f8.named_modules() if isinstance(m, Float8Linear)}
+    assert swapped == {f"layers.{i}.{p}" for i in range(2) for p in (
+        "attention.wq", "attention.wk", "attention.wv", "attention.wo",
+        "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")}
+    assert not isinstance(f8.output, Float8Linear)  # the head keeps the compute precision
+    assert sorted(f8.state_dict()) == keys  # checkpoints and exports see the same names
+    rows = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(1))
+    (l_ref, g_ref), (l_f8, g_f8) = _loss_and_grads(ref, rows), _loss_and_grads(f8, rows)
+    assert l_f8 != l_ref and abs(l_f8 - l_ref) < 0.02 * l_ref  # rounded, but close
+    for name, g in g_ref.items():
+        cos = torch.nn.functional.cosine_similarity(g.flatten(), g_f8[name].flatten(), dim=0)
+        assert cos > 0.98, (name, cos.item())
+    differs = [n for n in g_ref if not torch.equal(g_ref[n], g_f8[n])]
+    assert "layers.0.feed_forward.w2.weight" in differs  # the backward goes through float8 too
+
+
+def test_dims_not_a_multiple_of_16_stay_high_precision():
+    cfg = ModelConfig.from_preset("llama2-debug", dim=72, n_heads=4, n_kv_heads=2)  # head_dim 18
+    model = Transformer(cfg)
+    n = apply_float8(model, emulate=True)
+    kept = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and not isinstance(m, Float8Linear) and name.startswith("layers.")]
+    assert n + len(kept) == 14 and all(
+        m.in_features % 16 or m.out_features % 16 for name, m in model.named_modules() if name in kept)
+    assert kept  # 72 is not a multiple of 16
+
+
+def _train(data: Path, run: Path, *extra: str) -> int:
+    return cli_main(["train", "--run-dir", str(run), f"--data.path={data}", "--model.preset=llama2-debug",
+                     "--training.seq_len=32", "--training.micro_batch_size=2",
+                     "--training.global_batch_tokens=256", "--training.max_steps=6",
+                     "--schedule.warmup_steps=2", "--optimizer.lr=1e-2", "--training.eval_every_steps=0",
+                     "--checkpoint.every_steps=3", "--logging.progress=false", "--logging.peak_flops=1e11",
+                     "--logging.tensorboard=off", "--parallel.mixed_precision=fp32",
+                     "--training.device=cpu", *extra])
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_with_float8_tracks_high_precision_and_exports_plain_weights(dataset, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from llama_pretrain.interop import load_model
+
+    assert _train(dataset, tmp_path / "hp") == 0
+    assert _train(dataset, tmp_path / "f8", *F8) == 0
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "with float8 matmuls in 14 linear layers (emulated)" in out
+    hp, f8 = _losses(tmp_path / "hp"), _losses(tmp_path / "f8")
+    assert hp[0] != f8[0] and abs(hp[0] - f8[0]) < 0.02
+    assert f8[-1] < f8[0] - 0.2  # it learns
+    assert max(abs(a - b) for a, b in zip(hp, f8)) < 0.1, (hp, f8)
+    final = load_file(str(tmp_path / "f8" / "final" / "model.safetensors"))
+    assert sorted(final) == sorted(load_file(str(tmp_path / "hp" / "final" / "model.safetensors")))
+    assert all(v.dtype == torch.float32 for v in final.values())
+    model = load_model(tmp_path / "f8" / "final")  # a plain model: no torchao needed to use it
+    assert not any(isinstance(m, Float8Linear) for m in model.modules())
+    # a float8 run's checkpoint resumes without float8 (same weights and optimizer state)
+    assert _train(dataset, tmp_path / "f8", "--training.max_steps=8", "--schedule.extend=constant") == 0
+    assert len(_losses(tmp_path / "f8")) == 8
+
+
+def test_float8_under_fsdp_equals_one_process(dataset, tmp_path):
+    # Each rank scales its own micro-batch, as one process scales each accumulated micro-batch, so
+    # two FSDP ranks follow one process with accumulation to float8's noise (the ranks' rows group
+    # into micro-batches differently, and the activation scales are per micro-batch).
+    def cmd(nproc: int, run: Path) -> list[str]:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                  "-m", "llama_pretrain"] if nproc else [sys.executable, "-m", "llama_pretrain"]
+        return launch + ["train", "--run-dir", str(run), f"--data.path={dataset}", "--model.preset=llama2-debug",
+                         "--training.seq_len=32", "--training.micro_batch_size=2",
+                         "--training.global_batch_tokens=256", "--training.max_steps=3",
+                         "--schedule.warmup_steps=100", "--optimizer.lr=1e-2", "--training.eval_every_steps=0",
+                         "--checkpoint.every_steps=0", "--logging.progress=false", "--logging.peak_flops=1e11",
+                         "--logging.tensorboard=off", "--parallel.mixed_precision=fp32",
+                         "--training.device=cpu", *F8] + (["--parallel.mode=fsdp"] if nproc else [])
+
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    for n, run in ((0, tmp_path / "one"), (2, tmp_path / "two")):
+        r = subprocess.run(cmd(n, run), env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "with float8 matmuls in 14 linear layers (emulated)" in r.stdout + r.stderr
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert a == pytest.approx(b, abs=1e-3), (one, two)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--parallel.float8=true"], "parallel.float8 needs a CUDA GPU with float8 tensor cores"),
+    (["--parallel.float8=maybe"], "parallel.float8"),
+])
+def test_float8_where_it_cannot_run_is_one_line(dataset, tmp_path, capsys, extra, message):
+    rc = _train(dataset, tmp_path / "r", *extra)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_check_float8_refuses_tp_and_a_missing_torchao(monkeypatch):
+    check_float8(False, False, torch.device("cpu"), 4)  # off: nothing to check
+    check_float8(True, True, torch.device("cpu"), 1)  # emulated: fine on CPU
+    with pytest.raises(UserError, match="parallel.tp=2 is not supported"):
+        check_float8(True, True, torch.device("cpu"), 2)
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # import torchao.float8 -> ImportError
+    with pytest.raises(UserError, match=r"needs torchao: pip install"):
+        check_float8(True, True, torch.device("cpu"), 1)
+
+
+@pytest.mark.parametrize("ac", ["full", "selective"])
+def test_float8_with_activation_checkpointing_recomputes_the_same_rounding(dataset, tmp_path, ac):
+    assert _train(dataset, tmp_path / "plain", *F8, "--training.max_steps=3") == 0
+    assert _train(dataset, tmp_path / ac, *F8, "--training.max_steps=3",
+                  f"--parallel.activation_checkpointing={ac}") == 0
+    for a, b in zip(_losses(tmp_path / "plain"), _losses(tmp_path / ac), strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_float8_compiled_equals_eager(dataset, tmp_path):
+    # The GPU configuration (compile fuses the casts and scales around each matmul), on CPU.
+    assert _train(dataset, tmp_path / "eager", *F8, "--training.max_steps=2") == 0
+    assert _train(dataset, tmp_path / "compiled", *F8, "--training.max_steps=2", "--parallel.compile=true") == 0
+    for a, b in zip(_losses(tmp_path / "eager"), _losses(tmp_path / "compiled"), strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
