@@ -199,7 +199,7 @@ def check_float8(enabled: bool, emulate: bool, device: torch.device, tp: int) ->
         raise UserError(f"parallel.float8 with parallel.tp={tp} is not supported (float8 needs its own "
                         f"tensor-parallel plan); use parallel.tp=1 with FSDP")
     try:
-        import torchao.float8  # noqa: F401
+        _import_torchao_float8()
     except ImportError:
         raise UserError("parallel.float8 needs torchao: pip install 'llama-pretrain[float8]' "
                         "(or pip install torchao)") from None
@@ -215,6 +215,27 @@ def check_float8(enabled: bool, emulate: bool, device: torch.device, tp: int) ->
                         f"{torch.cuda.get_device_name(device)} has {cap[0]}.{cap[1]}")
 
 
+def _import_torchao_float8():
+    """``torchao.float8``, imported without its start-up noise: torch's deprecation warnings about
+    the enums torchao registers, and, on a machine without CUDA, the expected failures to load
+    torchao's CUDA kernels (warnings that name nothing the user can act on)."""
+    import logging
+
+    quiet = [logging.getLogger("torch.utils._pytree")]
+    if not torch.cuda.is_available():
+        quiet.append(logging.getLogger("torchao"))
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        import torchao.float8
+
+        return torchao.float8
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+
+
 def float8_eligible(module: nn.Module, fqn: str) -> bool:
     """The blocks' linear layers whose sizes the float8 matmul takes (multiples of 16). The output
     head stays in the compute precision: its vocabulary-wide logits feed the loss directly."""
@@ -226,8 +247,7 @@ def apply_float8(model: nn.Module, emulate: bool = False) -> int:
     """Swap the eligible linears for torchao's ``Float8Linear`` (dynamic tensor-wise scales for
     inputs, weights and gradients, recomputed each step; weights stay in their own precision, so
     state dicts, checkpoints and exports are unchanged); returns how many were swapped."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
+    float8 = _import_torchao_float8()
     swapped = []
 
     def keep(module: nn.Module, fqn: str) -> bool:
@@ -236,7 +256,8 @@ def apply_float8(model: nn.Module, emulate: bool = False) -> int:
             swapped.append(fqn)
         return ok
 
-    convert_to_float8_training(model, config=Float8LinearConfig(emulate=emulate), module_filter_fn=keep)
+    float8.convert_to_float8_training(model, config=float8.Float8LinearConfig(emulate=emulate),
+                                      module_filter_fn=keep)
     return len(swapped)
 
 
