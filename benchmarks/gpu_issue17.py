@@ -15,6 +15,8 @@ part prints its error and the next one runs); one JSON line per part to stdout a
   c_7b       llama2-7b, all 32 layers, FSDP2 + compile + activation checkpointing (benchmarks/
              gpu_train.py): tokens/s, MFU, peak memory against compute.memory's estimate
   e_float8   torchao float8 linears vs bf16, 50 steps each on the same batches: tokens/s, losses
+  f_float8_trainer
+             part a again with the trainer's `parallel.float8`: tokens/s, MFU, float8 layer count
   summary    the ratio ours / torchtitan tokens/s, and the elapsed time
 
     python benchmarks/gpu_issue17.py --out issue17.jsonl            # on the GPU, < 540 s
@@ -42,7 +44,7 @@ sys.path.insert(0, str(HERE))  # gpu_train, gpu_loop_check
 
 # name: (seconds budget on the GPU, seconds in --smoke)
 PARTS = {"a_ours": (150, 120), "b_titan": (170, 120), "d_memory": (80, 120), "c_7b": (150, 120),
-         "e_float8": (150, 120)}
+         "e_float8": (150, 120), "f_float8_trainer": (120, 120)}
 WHEELS = ["torchtitan==0.3.0", "torchdata==0.11.0", "torch_checkpointing==0.1.1", "tyro==1.0.17",
           "docstring-parser==0.18.0", "typeguard==4.6.1", "einops==0.8.2", "spmd_types==0.2.3",
           "torchao==0.18.0"]
@@ -68,13 +70,27 @@ def median_after(values: list[float], skip: int) -> float:
 
 # ---------------------------------------------------------------- a: our trainer
 def part_a_ours(args) -> dict:
+    return _ours(args, "a_ours", [])
+
+
+def part_f_float8_trainer(args) -> dict:
+    """The trainer's own ``parallel.float8`` (as a user runs it), on part a's shape and batch."""
+    import torch
+
+    extra = ["--parallel.float8=true"] + ([] if torch.cuda.is_available() else ["--parallel.float8_emulate=true"])
+    return _ours(args, "f_float8_trainer", extra)
+
+
+def _ours(args, name: str, extra: list[str]) -> dict:
+    import re
+
     import torch
 
     from gpu_loop_check import make_dataset
 
     cfg = shape(args)
     seq, mb, steps = sizes(args)
-    out = Path(args.workdir) / "a_ours"
+    out = Path(args.workdir) / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     data = make_dataset(out / "data", cfg.vocab_size, seq * mb * (steps + 4) + 10_000)
@@ -89,10 +105,11 @@ def part_a_ours(args) -> dict:
            f"--training.micro_batch_size={mb}", f"--training.global_batch_tokens={seq * mb}",
            f"--training.max_steps={steps}", "--schedule.warmup_steps=2", "--training.eval_every_steps=0",
            "--logging.progress=false", "--checkpoint.every_steps=0", "--checkpoint.export_final=false",
-           "--parallel.mode=fsdp", *precision]
+           "--parallel.mode=fsdp", *precision, *extra]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"llama-pretrain train failed ({r.returncode}): {(r.stdout + r.stderr)[-1500:]}")
+    float8 = re.search(r"float8 matmuls in (\d+) linear layers", r.stdout + r.stderr)
     recs = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     recs = [x for x in recs if "tokens_per_s" in x]
     skip = min(3, len(recs) - 1)  # the first steps compile
@@ -100,7 +117,8 @@ def part_a_ours(args) -> dict:
             "steps": len(recs), "timed_steps": len(recs) - skip,
             "tokens_per_s": round(median_after([x["tokens_per_s"] for x in recs], skip)),
             "mfu": round(median_after([x["mfu"] for x in recs], skip), 4),
-            "loss_first": round(recs[0]["loss"], 4), "loss_last": round(recs[-1]["loss"], 4)}
+            "loss_first": round(recs[0]["loss"], 4), "loss_last": round(recs[-1]["loss"], 4),
+            "float8_layers": int(float8.group(1)) if float8 else 0}
 
 
 # ---------------------------------------------------------------- b: torchtitan
@@ -457,7 +475,7 @@ def part_e_float8(args) -> dict:
 
 
 PART_FNS = {"a_ours": part_a_ours, "b_titan": part_b_titan, "d_memory": part_d_memory, "c_7b": part_c_7b,
-            "e_float8": part_e_float8}
+            "e_float8": part_e_float8, "f_float8_trainer": part_f_float8_trainer}
 
 
 # ---------------------------------------------------------------- the driver
@@ -568,6 +586,9 @@ def main() -> int:
     if "tokens_per_s" in a and "tokens_per_s" in b:
         summary["ratio_ours_to_torchtitan"] = round(a["tokens_per_s"] / b["tokens_per_s"], 3)
         summary["mfu_ours"], summary["mfu_torchtitan"] = a["mfu"], b["mfu"]
+    f = results.get("f_float8_trainer", {})
+    if "tokens_per_s" in a and "tokens_per_s" in f:
+        summary["ratio_trainer_float8_to_bf16"] = round(f["tokens_per_s"] / a["tokens_per_s"], 3)
     emit(summary)
     return 0
 
