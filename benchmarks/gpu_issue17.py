@@ -109,7 +109,7 @@ def _ours(args, name: str, extra: list[str]) -> dict:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"llama-pretrain train failed ({r.returncode}): {(r.stdout + r.stderr)[-1500:]}")
-    float8 = re.search(r"float8 matmuls in (\d+) linear layers", r.stdout + r.stderr)
+    float8 = re.search(r"float8 matmuls \(\w+\) in (\d+) linear layers", r.stdout + r.stderr)
     recs = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     recs = [x for x in recs if "tokens_per_s" in x]
     skip = min(3, len(recs) - 1)  # the first steps compile

@@ -99,7 +99,7 @@ def test_train_with_float8_tracks_high_precision_and_exports_plain_weights(datas
     assert _train(dataset, tmp_path / "f8", *F8) == 0
     captured = capsys.readouterr()
     out = captured.out + captured.err
-    assert "with float8 matmuls in 14 linear layers (emulated)" in out
+    assert "with float8 matmuls (tensorwise) in 14 linear layers (emulated)" in out
     hp, f8 = _losses(tmp_path / "hp"), _losses(tmp_path / "f8")
     assert hp[0] != f8[0] and abs(hp[0] - f8[0]) < 0.02
     assert f8[-1] < f8[0] - 0.2  # it learns
@@ -133,7 +133,7 @@ def test_float8_under_fsdp_equals_one_process(dataset, tmp_path):
     for n, run in ((0, tmp_path / "one"), (2, tmp_path / "two")):
         r = subprocess.run(cmd(n, run), env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-        assert "with float8 matmuls in 14 linear layers (emulated)" in r.stdout + r.stderr
+        assert "with float8 matmuls (tensorwise) in 14 linear layers (emulated)" in r.stdout + r.stderr
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
@@ -176,3 +176,17 @@ def test_float8_compiled_equals_eager(dataset, tmp_path):
     assert _train(dataset, tmp_path / "compiled", *F8, "--training.max_steps=2", "--parallel.compile=true") == 0
     for a, b in zip(_losses(tmp_path / "eager"), _losses(tmp_path / "compiled"), strict=True):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_rowwise_recipe_rounds_differently_and_tracks_high_precision(dataset, tmp_path, capsys):
+    assert _train(dataset, tmp_path / "hp", "--training.max_steps=3") == 0
+    assert _train(dataset, tmp_path / "tw", *F8, "--training.max_steps=3") == 0
+    assert _train(dataset, tmp_path / "rw", *F8, "--training.max_steps=3", "--parallel.float8_recipe=rowwise") == 0
+    captured = capsys.readouterr()
+    assert "with float8 matmuls (rowwise) in 14 linear layers (emulated)" in captured.out + captured.err
+    hp, tw, rw = (_losses(tmp_path / n) for n in ("hp", "tw", "rw"))
+    assert rw != tw and rw != hp
+    assert max(abs(a - b) for a, b in zip(hp, rw)) < 0.02, (hp, rw)
+    assert _train(dataset, tmp_path / "bad", *F8, "--parallel.float8_recipe=blockwise") == 2
+    err = capsys.readouterr().err.strip()
+    assert "parallel.float8_recipe" in err and len(err.splitlines()) == 1, err

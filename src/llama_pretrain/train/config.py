@@ -146,6 +146,9 @@ class ParallelSection:
     scales; the output head and the weights keep their precision, so checkpoints are unchanged).
     Needs torchao and a GPU of compute capability 8.9+ (H100, H200, L40S, RTX 4090); pays with
     parallel.compile on large models. Not with parallel.tp > 1."""
+    float8_recipe: str = setting("tensorwise", one_of("tensorwise", "rowwise"))
+    """With parallel.float8: tensorwise (one scale per tensor, fastest) or rowwise (one per row of
+    each operand: more accurate, for runs whose loss drifts with tensorwise)."""
     float8_emulate: bool = False
     """With parallel.float8: the same float8 rounding without float8 hardware (the matmuls run in
     high precision; slower than no float8): for CPU runs and tests."""

@@ -259,7 +259,8 @@ class Trainer:
         self.model = parallelize(model, info, p.mode, compile=p.compile,
                                  activation_checkpointing=p.activation_checkpointing,
                                  mixed_precision=precision, reshard_after_forward=p.reshard_after_forward,
-                                 float8=p.float8, float8_emulate=p.float8_emulate)
+                                 float8=p.float8, float8_emulate=p.float8_emulate,
+                                 float8_recipe=p.float8_recipe)
         o = cfg.optimizer
         self.optimizer = build_optimizer(self.model, cfg.peak_lr, (o.beta1, o.beta2), o.eps, o.weight_decay,
                                          o.decay_embeddings, o.implementation)

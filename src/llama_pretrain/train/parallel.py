@@ -243,10 +243,16 @@ def float8_eligible(module: nn.Module, fqn: str) -> bool:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
 
 
-def apply_float8(model: nn.Module, emulate: bool = False) -> int:
-    """Swap the eligible linears for torchao's ``Float8Linear`` (dynamic tensor-wise scales for
-    inputs, weights and gradients, recomputed each step; weights stay in their own precision, so
+FLOAT8_RECIPES = ("tensorwise", "rowwise")
+
+
+def apply_float8(model: nn.Module, emulate: bool = False, recipe: str = "tensorwise") -> int:
+    """Swap the eligible linears for torchao's ``Float8Linear`` (dynamic scales for inputs, weights
+    and gradients, recomputed each step: one per tensor (``tensorwise``) or one per row
+    (``rowwise``: finer, more accurate, usually slower). weights stay in their own precision, so
     state dicts, checkpoints and exports are unchanged); returns how many were swapped."""
+    if recipe not in FLOAT8_RECIPES:
+        raise UserError(f"parallel.float8_recipe must be one of {', '.join(FLOAT8_RECIPES)}, got {recipe!r}")
     float8 = _import_torchao_float8()
     swapped = []
 
@@ -256,8 +262,10 @@ def apply_float8(model: nn.Module, emulate: bool = False) -> int:
             swapped.append(fqn)
         return ok
 
-    float8.convert_to_float8_training(model, config=float8.Float8LinearConfig(emulate=emulate),
-                                      module_filter_fn=keep)
+    import dataclasses
+
+    config = dataclasses.replace(float8.Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
+    float8.convert_to_float8_training(model, config=config, module_filter_fn=keep)
     return len(swapped)
 
 
@@ -340,7 +348,7 @@ def apply_fsdp(model: nn.Module, info: DistInfo, mixed_precision: str, reshard_a
 def parallelize(model: nn.Module, info: DistInfo, mode: str = "none", compile: bool = False,
                 activation_checkpointing: bool | str = False, mixed_precision: str = "fp32",
                 reshard_after_forward: bool = True, float8: bool = False,
-                float8_emulate: bool = False) -> nn.Module:
+                float8_emulate: bool = False, float8_recipe: str = "tensorwise") -> nn.Module:
     """Apply float8 linears (``float8``, checked by ``check_float8``), tensor parallelism
     (``info.tp`` > 1), activation checkpointing, compilation and data parallelism to ``model``
     (on its device).
@@ -365,7 +373,7 @@ def parallelize(model: nn.Module, info: DistInfo, mode: str = "none", compile: b
             backend = "nccl" if info.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if float8:
-        apply_float8(model, emulate=float8_emulate)
+        apply_float8(model, emulate=float8_emulate, recipe=float8_recipe)
     mesh = None
     if info.tp > 1:
         if mode == "ddp" or info.world_size % info.tp or not dist.is_initialized():

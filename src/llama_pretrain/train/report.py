@@ -106,7 +106,8 @@ class Reporter:
         from torchao.float8.float8_linear import Float8Linear
 
         n = sum(isinstance(m, Float8Linear) for m in self.trainer.model.modules())
-        return f" with float8 matmuls in {n} linear layers" + (" (emulated)" if p.float8_emulate else "")
+        return (f" with float8 matmuls ({p.float8_recipe}) in {n} linear layers"
+                + (" (emulated)" if p.float8_emulate else ""))
 
     # -- per step ------------------------------------------------------------------------------
     def record(self, result) -> dict[str, Any]:
