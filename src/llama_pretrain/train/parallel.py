@@ -249,7 +249,7 @@ FLOAT8_RECIPES = ("tensorwise", "rowwise")
 def apply_float8(model: nn.Module, emulate: bool = False, recipe: str = "tensorwise") -> int:
     """Swap the eligible linears for torchao's ``Float8Linear`` (dynamic scales for inputs, weights
     and gradients, recomputed each step: one per tensor (``tensorwise``) or one per row
-    (``rowwise``: finer, more accurate, usually slower). weights stay in their own precision, so
+    (``rowwise``: finer, more accurate, usually slower)); weights stay in their own precision, so
     state dicts, checkpoints and exports are unchanged); returns how many were swapped."""
     if recipe not in FLOAT8_RECIPES:
         raise UserError(f"parallel.float8_recipe must be one of {', '.join(FLOAT8_RECIPES)}, got {recipe!r}")
