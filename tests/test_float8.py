@@ -45,6 +45,12 @@ def _loss_and_grads(model: Transformer, rows: torch.Tensor) -> tuple[float, dict
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _relative_error(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    flat = torch.cat([grads[n].flatten() for n in ref])
+    want = torch.cat([g.flatten() for g in ref.values()])
+    return ((flat - want).norm() / want.norm()).item()
+
+
 def test_the_blocks_linears_swap_and_the_rounding_is_applied():
     ref, f8 = _model(), _model()
     keys = sorted(f8.state_dict())
@@ -57,7 +63,8 @@ def test_the_blocks_linears_swap_and_the_rounding_is_applied():
     assert sorted(f8.state_dict()) == keys  # checkpoints and exports see the same names
     rows = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(1))
     (l_ref, g_ref), (l_f8, g_f8) = _loss_and_grads(ref, rows), _loss_and_grads(f8, rows)
-    assert l_f8 != l_ref and abs(l_f8 - l_ref) < 0.02 * l_ref  # rounded, but close
+    assert l_f8 != l_ref and abs(l_f8 - l_ref) < 2e-3  # rounded, but close
+    assert 0.01 < _relative_error(g_f8, g_ref) < 0.1  # float8's 3 mantissa bits: a few % per gradient
     for name, g in g_ref.items():
         cos = torch.nn.functional.cosine_similarity(g.flatten(), g_f8[name].flatten(), dim=0)
         assert cos > 0.98, (name, cos.item())
@@ -65,15 +72,25 @@ def test_the_blocks_linears_swap_and_the_rounding_is_applied():
     assert "layers.0.feed_forward.w2.weight" in differs  # the backward goes through float8 too
 
 
+def test_rowwise_scales_give_more_accurate_gradients_than_tensorwise():
+    rows = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(2))
+    _, ref = _loss_and_grads(_model(), rows)
+    errors = {}
+    for recipe in ("tensorwise", "rowwise"):
+        model = _model()
+        assert apply_float8(model, emulate=True, recipe=recipe) == 14
+        errors[recipe] = _relative_error(_loss_and_grads(model, rows)[1], ref)
+    assert errors["rowwise"] < 0.9 * errors["tensorwise"], errors  # measured 0.035 vs 0.046
+
+
 def test_dims_not_a_multiple_of_16_stay_high_precision():
-    cfg = ModelConfig.from_preset("llama2-debug", dim=72, n_heads=4, n_kv_heads=2)  # head_dim 18
+    cfg = ModelConfig.from_preset("llama2-debug", multiple_of=4)  # FFN 172: w1 w2 w3 cannot take float8
+    assert cfg.hidden_dim == 172
     model = Transformer(cfg)
-    n = apply_float8(model, emulate=True)
-    kept = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-            and not isinstance(m, Float8Linear) and name.startswith("layers.")]
-    assert n + len(kept) == 14 and all(
-        m.in_features % 16 or m.out_features % 16 for name, m in model.named_modules() if name in kept)
-    assert kept  # 72 is not a multiple of 16
+    assert apply_float8(model, emulate=True) == 4 * 2  # the attention projections only
+    for name, m in model.named_modules():
+        if name.startswith("layers.") and isinstance(m, torch.nn.Linear):
+            assert isinstance(m, Float8Linear) == ("attention" in name), name
 
 
 def _train(data: Path, run: Path, *extra: str) -> int:
@@ -101,7 +118,7 @@ def test_train_with_float8_tracks_high_precision_and_exports_plain_weights(datas
     out = captured.out + captured.err
     assert "with float8 matmuls (tensorwise) in 14 linear layers (emulated)" in out
     hp, f8 = _losses(tmp_path / "hp"), _losses(tmp_path / "f8")
-    assert hp[0] != f8[0] and abs(hp[0] - f8[0]) < 0.02
+    assert hp[0] != f8[0] and abs(hp[0] - f8[0]) < 2e-3
     assert f8[-1] < f8[0] - 0.2  # it learns
     assert max(abs(a - b) for a, b in zip(hp, f8)) < 0.1, (hp, f8)
     final = load_file(str(tmp_path / "f8" / "final" / "model.safetensors"))
@@ -123,8 +140,8 @@ def test_float8_under_fsdp_equals_one_process(dataset, tmp_path):
                   "-m", "llama_pretrain"] if nproc else [sys.executable, "-m", "llama_pretrain"]
         return launch + ["train", "--run-dir", str(run), f"--data.path={dataset}", "--model.preset=llama2-debug",
                          "--training.seq_len=32", "--training.micro_batch_size=2",
-                         "--training.global_batch_tokens=256", "--training.max_steps=3",
-                         "--schedule.warmup_steps=100", "--optimizer.lr=1e-2", "--training.eval_every_steps=0",
+                         "--training.global_batch_tokens=256", "--training.max_steps=4",
+                         "--schedule.warmup_steps=2", "--optimizer.lr=1e-2", "--training.eval_every_steps=0",
                          "--checkpoint.every_steps=0", "--logging.progress=false", "--logging.peak_flops=1e11",
                          "--logging.tensorboard=off", "--parallel.mixed_precision=fp32",
                          "--training.device=cpu", *F8] + (["--parallel.mode=fsdp"] if nproc else [])
@@ -135,20 +152,37 @@ def test_float8_under_fsdp_equals_one_process(dataset, tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         assert "with float8 matmuls (tensorwise) in 14 linear layers (emulated)" in r.stdout + r.stderr
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert len(one) == len(two) == 3
+    assert len(one) == len(two) == 4 and one[-1] < one[0] - 0.1  # the weights moved
     for a, b in zip(one, two):
-        assert a == pytest.approx(b, abs=1e-3), (one, two)
+        assert a == pytest.approx(b, abs=2e-3), (one, two)
+    norms = [[json.loads(line)["grad_norm"] for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+             for n in ("one", "two")]
+    for a, b in zip(*norms):
+        assert a == pytest.approx(b, rel=2e-2), norms
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--parallel.float8=true"], "parallel.float8 needs a CUDA GPU with float8 tensor cores"),
     (["--parallel.float8=maybe"], "parallel.float8"),
+    (["--parallel.float8_emulate=true"], "only apply with parallel.float8=true"),
+    (["--parallel.float8_recipe=rowwise"], "only apply with parallel.float8=true"),
+    ([*F8, "--training.seq_len=20", "--training.global_batch_tokens=320"], "a multiple of 16"),
 ])
 def test_float8_where_it_cannot_run_is_one_line(dataset, tmp_path, capsys, extra, message):
     rc = _train(dataset, tmp_path / "r", *extra)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_error_without_a_float8_gpu_is_one_line_in_a_fresh_process(dataset, tmp_path):
+    # torchao is imported for the first time here (the tests above import it in-process)
+    r = subprocess.run([sys.executable, "-m", "llama_pretrain", "train", "--run-dir", str(tmp_path / "r"),
+                        f"--data.path={dataset}", "--model.preset=llama2-debug", "--training.seq_len=32",
+                        "--training.device=cpu", "--parallel.float8=true"], capture_output=True, text=True,
+                       timeout=120, env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "needs a CUDA GPU with float8 tensor cores" in r.stderr
 
 
 def test_check_float8_refuses_tp_and_a_missing_torchao(monkeypatch):

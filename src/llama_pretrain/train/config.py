@@ -145,7 +145,8 @@ class ParallelSection:
     """float8 matmuls in the blocks' linear layers (torchao's float8 training, dynamic tensor-wise
     scales; the output head and the weights keep their precision, so checkpoints are unchanged).
     Needs torchao and a GPU of compute capability 8.9+ (H100, H200, L40S, RTX 4090); pays with
-    parallel.compile on large models. Not with parallel.tp > 1."""
+    parallel.compile on large models. Not with parallel.tp > 1; micro_batch_size x seq_len must be a
+    multiple of 16."""
     float8_recipe: str = setting("tensorwise", one_of("tensorwise", "rowwise"))
     """With parallel.float8: tensorwise (one scale per tensor, fastest) or rowwise (one per row of
     each operand: more accurate, for runs whose loss drifts with tensorwise)."""

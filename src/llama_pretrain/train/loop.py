@@ -125,7 +125,8 @@ def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock:
     check_layout(p.mode, p.tp, model_cfg.n_heads, model_cfg.kv_heads, cfg.seq_len, info.world_size,
                  info.distributed, p.compile, p.activation_checkpointing)
     info.tp = p.tp
-    check_float8(p.float8, p.float8_emulate, info.device, p.tp)
+    check_float8(p.float8, p.float8_emulate, info.device, p.tp, p.float8_recipe,
+                 t.micro_batch_size * cfg.seq_len)
     accum = cfg.accumulation_steps(info.world_size)
     if not cfg.data.path:
         raise UserError("data.path is not set: point it at a prepared dataset (llama-pretrain data prepare)")

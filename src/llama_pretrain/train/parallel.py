@@ -169,6 +169,7 @@ def _saved_ops() -> set:
              ("aten", "_scaled_dot_product_flash_attention_for_cpu"),
              ("aten", "_scaled_dot_product_efficient_attention"),
              ("aten", "_scaled_dot_product_cudnn_attention"),
+             ("aten", "_scaled_mm"),  # float8 matmuls (parallel.float8)
              ("_c10d_functional", "reduce_scatter_tensor")]
     found = set()
     for ns, name in names:
@@ -191,10 +192,19 @@ def _selective_policy(ctx, op, *args, **kwargs):
 FLOAT8_MIN_CAPABILITY = (8, 9)
 
 
-def check_float8(enabled: bool, emulate: bool, device: torch.device, tp: int) -> None:
-    """One-line UserErrors for ``parallel.float8`` where it cannot run (before anything is built)."""
+def check_float8(enabled: bool, emulate: bool, device: torch.device, tp: int, recipe: str = "tensorwise",
+                 micro_batch_tokens: int = 16) -> None:
+    """One-line UserErrors for ``parallel.float8`` where it cannot run, and for float8 settings
+    that would do nothing without it (before anything is built)."""
     if not enabled:
+        if emulate or recipe != "tensorwise":
+            raise UserError("parallel.float8_emulate and parallel.float8_recipe only apply with "
+                            "parallel.float8=true")
         return
+    if micro_batch_tokens % 16:
+        # the weight gradient's float8 matmul runs over the micro-batch's tokens (the inner dim)
+        raise UserError(f"parallel.float8 needs training.micro_batch_size x training.seq_len to be a multiple "
+                        f"of 16 (float8 matmuls take inner sizes in 16s); it is {micro_batch_tokens}")
     if tp > 1:
         raise UserError(f"parallel.float8 with parallel.tp={tp} is not supported (float8 needs its own "
                         f"tensor-parallel plan); use parallel.tp=1 with FSDP")
@@ -373,6 +383,8 @@ def parallelize(model: nn.Module, info: DistInfo, mode: str = "none", compile: b
             backend = "nccl" if info.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if float8:
+        if info.tp > 1:
+            raise UserError(f"parallel.float8 with parallel.tp={info.tp} is not supported")
         apply_float8(model, emulate=float8_emulate, recipe=float8_recipe)
     mesh = None
     if info.tp > 1:
