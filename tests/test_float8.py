@@ -167,6 +167,10 @@ def test_float8_under_fsdp_equals_one_process(dataset, tmp_path):
     (["--parallel.float8_emulate=true"], "only apply with parallel.float8=true"),
     (["--parallel.float8_recipe=rowwise"], "only apply with parallel.float8=true"),
     ([*F8, "--training.seq_len=20", "--training.global_batch_tokens=320"], "a multiple of 16"),
+    (["--parallel.float8_all_gather=true"], "only apply with parallel.float8=true"),
+    ([*F8, "--parallel.float8_all_gather=true"], "needs parallel.mode=fsdp"),
+    ([*F8, "--parallel.float8_all_gather=true", "--parallel.mode=fsdp", "--parallel.float8_recipe=rowwise"],
+     "float8_recipe=tensorwise"),
 ])
 def test_float8_where_it_cannot_run_is_one_line(dataset, tmp_path, capsys, extra, message):
     rc = _train(dataset, tmp_path / "r", *extra)
@@ -224,3 +228,59 @@ def test_rowwise_recipe_rounds_differently_and_tracks_high_precision(dataset, tm
     assert _train(dataset, tmp_path / "bad", *F8, "--parallel.float8_recipe=blockwise") == 2
     err = capsys.readouterr().err.strip()
     assert "parallel.float8_recipe" in err and len(err.splitlines()) == 1, err
+
+
+def _torchrun_float8(dataset: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "llama_pretrain", "train", "--run-dir", str(run), f"--data.path={dataset}",
+           "--model.preset=llama2-debug", "--training.seq_len=32", "--training.micro_batch_size=2",
+           "--training.global_batch_tokens=256", "--training.max_steps=4", "--schedule.warmup_steps=2",
+           "--optimizer.lr=1e-2", "--training.eval_every_steps=0", "--checkpoint.every_steps=2",
+           "--logging.progress=false", "--logging.peak_flops=1e11", "--logging.tensorboard=off",
+           "--parallel.mixed_precision=fp32", "--training.device=cpu", "--parallel.mode=fsdp", *F8, *extra]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_float8_all_gather_gives_the_same_run_and_resumes(dataset, tmp_path):
+    # float8 all-gathers cast each weight with the scale of the whole weight (its amax reduced over
+    # the shards), which is what casting the gathered weight does: the same rounding, the same run.
+    import shutil
+
+    from llama_pretrain.interop import load_model
+
+    plain = _torchrun_float8(dataset, tmp_path / "plain")
+    ag = _torchrun_float8(dataset, tmp_path / "ag", "--parallel.float8_all_gather=true")
+    assert "float8 weight all-gathers" in ag.stdout + ag.stderr
+    assert "all-gathers" not in plain.stdout + plain.stderr
+    want = _losses(tmp_path / "plain")
+    assert len(want) == 4 and want[-1] < want[0] - 0.1
+    for a, b in zip(want, _losses(tmp_path / "ag"), strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+    model = load_model(tmp_path / "ag" / "final")  # plain fp32 weights
+    assert all(p.dtype == torch.float32 and type(p.data) is torch.Tensor for p in model.parameters())
+    # resume from the step-2 checkpoint (written with float8-cast weights in the FSDP shards)
+    shutil.rmtree(tmp_path / "ag" / "checkpoints" / "step-0000004")
+    _torchrun_float8(dataset, tmp_path / "ag", "--parallel.float8_all_gather=true")
+    for a, b in zip(want, _losses(tmp_path / "ag"), strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_float8_all_gather_really_gathers_float8():
+    # In a process group of one (parallelize's own for mode=fsdp without torchrun): the sharded
+    # weights are torchao's float8-cast wrappers, which FSDP all-gathers as float8 bytes.
+    code = """
+import torch
+from llama_pretrain.config import ModelConfig
+from llama_pretrain.model import Transformer
+from llama_pretrain.train.parallel import DistInfo, parallelize
+for ag in (False, True):
+    m = parallelize(Transformer(ModelConfig.from_preset("llama2-debug")), DistInfo(), mode="fsdp", float8=True,
+                    float8_emulate=True, float8_all_gather=ag)
+    print(type(m.layers["0"].attention.wq.weight.to_local()).__name__)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["Tensor", "WeightWithDynamicFloat8CastTensor"], r.stdout

@@ -150,6 +150,10 @@ class ParallelSection:
     float8_recipe: str = setting("tensorwise", one_of("tensorwise", "rowwise"))
     """With parallel.float8: tensorwise (one scale per tensor, fastest) or rowwise (one per row of
     each operand: more accurate, for runs whose loss drifts with tensorwise)."""
+    float8_all_gather: bool = False
+    """With parallel.float8 (tensorwise) and parallel.mode=fsdp: all-gather the weight shards in
+    float8 instead of the compute precision (half of bf16's bytes), with every weight's scale
+    computed in one all-reduce after each optimizer step."""
     float8_emulate: bool = False
     """With parallel.float8: the same float8 rounding without float8 hardware (the matmuls run in
     high precision; slower than no float8): for CPU runs and tests."""

@@ -49,7 +49,7 @@ from .guards import NonFiniteGuard, SpikeDetector
 from .init_from import check_tokenizer, load_weights
 from .optim import Schedule, build_optimizer, continue_schedule, planned_schedule, saved_schedule, set_lr
 from .parallel import (DistInfo, all_reduce_max, all_reduce_mean, barrier, check_float8, check_layout, gather_object,
-                       grad_sync, init_distributed, parallelize)
+                       grad_sync, init_distributed, parallelize, precompute_float8_scales)
 from .preemption import Preempted, StopSignals
 from .report import Reporter, say
 from .runlock import RunLock
@@ -126,7 +126,7 @@ def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock:
                  info.distributed, p.compile, p.activation_checkpointing)
     info.tp = p.tp
     check_float8(p.float8, p.float8_emulate, info.device, p.tp, p.float8_recipe,
-                 t.micro_batch_size * cfg.seq_len)
+                 t.micro_batch_size * cfg.seq_len, p.float8_all_gather, p.mode)
     accum = cfg.accumulation_steps(info.world_size)
     if not cfg.data.path:
         raise UserError("data.path is not set: point it at a prepared dataset (llama-pretrain data prepare)")
@@ -261,7 +261,7 @@ class Trainer:
                                  activation_checkpointing=p.activation_checkpointing,
                                  mixed_precision=precision, reshard_after_forward=p.reshard_after_forward,
                                  float8=p.float8, float8_emulate=p.float8_emulate,
-                                 float8_recipe=p.float8_recipe)
+                                 float8_recipe=p.float8_recipe, float8_all_gather=p.float8_all_gather)
         o = cfg.optimizer
         self.optimizer = build_optimizer(self.model, cfg.peak_lr, (o.beta1, o.beta2), o.eps, o.weight_decay,
                                          o.decay_embeddings, o.implementation)
@@ -345,6 +345,8 @@ class Trainer:
         if not skipped:  # every rank agrees to skip, or none does
             clip_gradients_(self.params, grad_norm, self.cfg.optimizer.grad_clip)
             self.optimizer.step()
+            if self.cfg.parallel.float8_all_gather:
+                precompute_float8_scales(self.model)
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens_seen += t.global_batch_tokens

@@ -193,14 +193,17 @@ FLOAT8_MIN_CAPABILITY = (8, 9)
 
 
 def check_float8(enabled: bool, emulate: bool, device: torch.device, tp: int, recipe: str = "tensorwise",
-                 micro_batch_tokens: int = 16) -> None:
+                 micro_batch_tokens: int = 16, all_gather: bool = False, mode: str = "none") -> None:
     """One-line UserErrors for ``parallel.float8`` where it cannot run, and for float8 settings
     that would do nothing without it (before anything is built)."""
     if not enabled:
-        if emulate or recipe != "tensorwise":
-            raise UserError("parallel.float8_emulate and parallel.float8_recipe only apply with "
-                            "parallel.float8=true")
+        if emulate or recipe != "tensorwise" or all_gather:
+            raise UserError("parallel.float8_emulate, parallel.float8_recipe and parallel.float8_all_gather "
+                            "only apply with parallel.float8=true")
         return
+    if all_gather and (recipe != "tensorwise" or mode != "fsdp"):
+        raise UserError(f"parallel.float8_all_gather needs parallel.mode=fsdp and parallel.float8_recipe="
+                        f"tensorwise (one scale per weight); this run has mode {mode}, recipe {recipe}")
     if micro_batch_tokens % 16:
         # the weight gradient's float8 matmul runs over the micro-batch's tokens (the inner dim)
         raise UserError(f"parallel.float8 needs training.micro_batch_size x training.seq_len to be a multiple "
@@ -256,11 +259,13 @@ def float8_eligible(module: nn.Module, fqn: str) -> bool:
 FLOAT8_RECIPES = ("tensorwise", "rowwise")
 
 
-def apply_float8(model: nn.Module, emulate: bool = False, recipe: str = "tensorwise") -> int:
+def apply_float8(model: nn.Module, emulate: bool = False, recipe: str = "tensorwise", all_gather: bool = False) -> int:
     """Swap the eligible linears for torchao's ``Float8Linear`` (dynamic scales for inputs, weights
     and gradients, recomputed each step: one per tensor (``tensorwise``) or one per row
     (``rowwise``: finer, more accurate, usually slower)); weights stay in their own precision, so
-    state dicts, checkpoints and exports are unchanged); returns how many were swapped."""
+    state dicts, checkpoints and exports are unchanged); returns how many were swapped. With
+    ``all_gather`` (tensorwise, under FSDP2) the weight shards are all-gathered in float8, cast
+    with scales ``precompute_float8_scales`` computes for every weight at once after each step."""
     if recipe not in FLOAT8_RECIPES:
         raise UserError(f"parallel.float8_recipe must be one of {', '.join(FLOAT8_RECIPES)}, got {recipe!r}")
     float8 = _import_torchao_float8()
@@ -274,9 +279,16 @@ def apply_float8(model: nn.Module, emulate: bool = False, recipe: str = "tensorw
 
     import dataclasses
 
-    config = dataclasses.replace(float8.Float8LinearConfig.from_recipe_name(recipe), emulate=emulate)
+    config = dataclasses.replace(float8.Float8LinearConfig.from_recipe_name(recipe), emulate=emulate,
+                                 enable_fsdp_float8_all_gather=all_gather)
     float8.convert_to_float8_training(model, config=config, module_filter_fn=keep)
     return len(swapped)
+
+
+def precompute_float8_scales(model: nn.Module) -> None:
+    """The float8 scales of every FSDP-sharded weight in one all-reduce of their amaxes (after the
+    optimizer step, for the next step's float8 all-gathers)."""
+    _import_torchao_float8().precompute_float8_dynamic_scale_for_fsdp(model)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -358,7 +370,8 @@ def apply_fsdp(model: nn.Module, info: DistInfo, mixed_precision: str, reshard_a
 def parallelize(model: nn.Module, info: DistInfo, mode: str = "none", compile: bool = False,
                 activation_checkpointing: bool | str = False, mixed_precision: str = "fp32",
                 reshard_after_forward: bool = True, float8: bool = False,
-                float8_emulate: bool = False, float8_recipe: str = "tensorwise") -> nn.Module:
+                float8_emulate: bool = False, float8_recipe: str = "tensorwise",
+                float8_all_gather: bool = False) -> nn.Module:
     """Apply float8 linears (``float8``, checked by ``check_float8``), tensor parallelism
     (``info.tp`` > 1), activation checkpointing, compilation and data parallelism to ``model``
     (on its device).
@@ -385,7 +398,7 @@ def parallelize(model: nn.Module, info: DistInfo, mode: str = "none", compile: b
     if float8:
         if info.tp > 1:
             raise UserError(f"parallel.float8 with parallel.tp={info.tp} is not supported")
-        apply_float8(model, emulate=float8_emulate, recipe=float8_recipe)
+        apply_float8(model, emulate=float8_emulate, recipe=float8_recipe, all_gather=float8_all_gather)
     mesh = None
     if info.tp > 1:
         if mode == "ddp" or info.world_size % info.tp or not dist.is_initialized():

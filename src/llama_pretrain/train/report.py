@@ -107,7 +107,8 @@ class Reporter:
 
         n = sum(isinstance(m, Float8Linear) for m in self.trainer.model.modules())
         return (f" with float8 matmuls ({p.float8_recipe}) in {n} linear layers"
-                + (" (emulated)" if p.float8_emulate else ""))
+                + (" (emulated)" if p.float8_emulate else "")
+                + (" and float8 weight all-gathers" if p.float8_all_gather else ""))
 
     # -- per step ------------------------------------------------------------------------------
     def record(self, result) -> dict[str, Any]:
