@@ -131,11 +131,11 @@ def test_train_with_float8_tracks_high_precision_and_exports_plain_weights(datas
     assert len(_losses(tmp_path / "f8")) == 8
 
 
-def test_float8_under_fsdp_equals_one_process(dataset, tmp_path):
+def test_float8_under_fsdp_and_ddp_equals_one_process(dataset, tmp_path):
     # Each rank scales its own micro-batch, as one process scales each accumulated micro-batch, so
     # two FSDP ranks follow one process with accumulation to float8's noise (the ranks' rows group
     # into micro-batches differently, and the activation scales are per micro-batch).
-    def cmd(nproc: int, run: Path) -> list[str]:
+    def cmd(nproc: int, run: Path, mode: str = "fsdp") -> list[str]:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                   "-m", "llama_pretrain"] if nproc else [sys.executable, "-m", "llama_pretrain"]
         return launch + ["train", "--run-dir", str(run), f"--data.path={dataset}", "--model.preset=llama2-debug",
@@ -144,21 +144,24 @@ def test_float8_under_fsdp_equals_one_process(dataset, tmp_path):
                          "--schedule.warmup_steps=2", "--optimizer.lr=1e-2", "--training.eval_every_steps=0",
                          "--checkpoint.every_steps=0", "--logging.progress=false", "--logging.peak_flops=1e11",
                          "--logging.tensorboard=off", "--parallel.mixed_precision=fp32",
-                         "--training.device=cpu", *F8] + (["--parallel.mode=fsdp"] if nproc else [])
+                         "--training.device=cpu", *F8] + ([f"--parallel.mode={mode}"] if nproc else [])
 
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for n, run in ((0, tmp_path / "one"), (2, tmp_path / "two")):
-        r = subprocess.run(cmd(n, run), env=env, capture_output=True, text=True, timeout=300)
+    for n, run, mode in ((0, tmp_path / "one", ""), (2, tmp_path / "two", "fsdp"), (2, tmp_path / "ddp", "ddp")):
+        r = subprocess.run(cmd(n, run, mode), env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         assert "with float8 matmuls (tensorwise) in 14 linear layers (emulated)" in r.stdout + r.stderr
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
-    assert len(one) == len(two) == 4 and one[-1] < one[0] - 0.1  # the weights moved
-    for a, b in zip(one, two):
-        assert a == pytest.approx(b, abs=2e-3), (one, two)
-    norms = [[json.loads(line)["grad_norm"] for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
-             for n in ("one", "two")]
-    for a, b in zip(*norms):
-        assert a == pytest.approx(b, rel=2e-2), norms
+    one = _losses(tmp_path / "one")
+    assert len(one) == 4 and one[-1] < one[0] - 0.1  # the weights moved
+
+    def norms(run: str) -> list[float]:
+        return [json.loads(line)["grad_norm"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    for run in ("two", "ddp"):  # FSDP2 and DDP
+        for a, b in zip(one, _losses(tmp_path / run), strict=True):
+            assert a == pytest.approx(b, abs=2e-3), (run, one)
+        for a, b in zip(norms("one"), norms(run), strict=True):
+            assert a == pytest.approx(b, rel=2e-2), run
 
 
 @pytest.mark.parametrize("extra, message", [
