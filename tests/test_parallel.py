@@ -244,3 +244,13 @@ def test_bad_device_is_a_user_error(device):
 
     with pytest.raises(UserError, match="training.device"):
         resolve_device(device, 0, flag="training.device")
+
+
+def test_a_config_error_under_torchrun_is_said_once(data, tmp_path):
+    # Every rank reads the same flags and config: rank 0 alone reports what is wrong with them.
+    r = subprocess.run(_cmd(2, data, tmp_path / "r", "--training.max_steps=abc"), env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if "llama-pretrain train: error:" in ln]
+    assert len(lines) == 1 and "training.max_steps" in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / "r").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import UserError
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except UserError as e:
-        print(f"llama-pretrain {args.command}: error: {e}", file=sys.stderr)
+        if not (e.alike_on_every_rank and os.environ.get("RANK", "0") != "0"):  # said once, by rank 0
+            print(f"llama-pretrain {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llama-pretrain {args.command}: interrupted", file=sys.stderr)

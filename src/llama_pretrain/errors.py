@@ -7,4 +7,15 @@ else and keep their traceback.
 
 
 class UserError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
+    """A problem with the user's input, reported as one line without a traceback.
+
+    ``alike_on_every_rank``: the error follows from the command line and config alone (read the
+    same by every rank under torchrun), so only rank 0 reports it instead of every rank."""
+
+    alike_on_every_rank = False
+
+
+def alike_on_every_rank(error: UserError) -> UserError:
+    """``error``, marked as one every torchrun rank raises identically (see ``UserError``)."""
+    error.alike_on_every_rank = True
+    return error

@@ -136,7 +136,7 @@ def report_preempted(stop) -> int:
 
 
 def _run(args) -> int:
-    from ..errors import UserError
+    from ..errors import UserError, alike_on_every_rank
 
     overrides = overrides_from_args(args)
     if (args.out or args.force) and not args.export_checkpoint:
@@ -157,7 +157,10 @@ def _run(args) -> int:
     from ..train.loop import train
     from ..train.summary import print_summary
 
-    cfg = load_run_config(args.config, overrides)
+    try:
+        cfg = load_run_config(args.config, overrides)
+    except UserError as e:  # the same on every rank under torchrun: rank 0 says it
+        raise alike_on_every_rank(e) from None
     if args.print_config:
         sys.stdout.write(cfg.to_toml())
         return 0
