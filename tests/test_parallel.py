@@ -254,3 +254,10 @@ def test_a_config_error_under_torchrun_is_said_once(data, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if "llama-pretrain train: error:" in ln]
     assert len(lines) == 1 and "training.max_steps" in lines[0], r.stderr[-2000:]
     assert not (tmp_path / "r").exists()
+
+
+def test_a_mistyped_flag_under_torchrun_is_said_once(data, tmp_path):
+    r = subprocess.run(_cmd(2, data, tmp_path / "r", "--training.maxsteps=5"), env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count("did you mean --training.max_steps?") == 1, r.stderr[-2000:]

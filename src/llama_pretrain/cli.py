@@ -22,10 +22,20 @@ COMMAND_MODULES = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that under torchrun only rank 0 prints a usage error (every rank parses the
+    same command line); the others exit with the same code silently. Subcommands inherit it."""
+
+    def error(self, message: str):
+        if os.environ.get("RANK", "0") != "0":
+            self.exit(2)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llama-pretrain",
         description="The Llama 2 pretraining pipeline: tokenizer, data, training, evaluation, "
                     "compute and carbon. Run `llama-pretrain train` with no arguments for the "
