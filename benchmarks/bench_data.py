@@ -167,6 +167,7 @@ def main() -> None:
 
 def cli_scaling(tmp: Path, tok: Path, pairs: int) -> None:
     """``data prepare`` as a user runs it: one fresh process per run, wall clock from start to exit."""
+    import shutil
     import subprocess
 
     def once(workers: int) -> float:
@@ -177,7 +178,7 @@ def cli_scaling(tmp: Path, tok: Path, pairs: int) -> None:
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         dt = time.perf_counter() - t0
-        subprocess.run(["rm", "-rf", str(out)], check=True)
+        shutil.rmtree(out)
         return dt
 
     ratios = []

@@ -6,6 +6,7 @@ and exports are unchanged, FSDP, and the errors where float8 cannot run."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,14 +94,29 @@ def test_dims_not_a_multiple_of_16_stay_high_precision():
             assert isinstance(m, Float8Linear) == ("attention" in name), name
 
 
+def _args(data: Path, run: Path, *extra: str) -> list[str]:
+    """`train` on llama2-debug, fp32 on CPU, 4 steps, no checkpoints; later flags override these."""
+    return ["train", "--run-dir", str(run), f"--data.path={data}", "--model.preset=llama2-debug",
+            "--training.seq_len=32", "--training.micro_batch_size=2", "--training.global_batch_tokens=256",
+            "--training.max_steps=4", "--schedule.warmup_steps=2", "--optimizer.lr=1e-2",
+            "--training.eval_every_steps=0", "--checkpoint.every_steps=0", "--logging.progress=false",
+            "--logging.peak_flops=1e11", "--logging.tensorboard=off", "--parallel.mixed_precision=fp32",
+            "--training.device=cpu", *extra]
+
+
 def _train(data: Path, run: Path, *extra: str) -> int:
-    return cli_main(["train", "--run-dir", str(run), f"--data.path={data}", "--model.preset=llama2-debug",
-                     "--training.seq_len=32", "--training.micro_batch_size=2",
-                     "--training.global_batch_tokens=256", "--training.max_steps=6",
-                     "--schedule.warmup_steps=2", "--optimizer.lr=1e-2", "--training.eval_every_steps=0",
-                     "--checkpoint.every_steps=3", "--logging.progress=false", "--logging.peak_flops=1e11",
-                     "--logging.tensorboard=off", "--parallel.mixed_precision=fp32",
-                     "--training.device=cpu", *extra])
+    """In this process: 6 steps, a checkpoint every 3."""
+    return cli_main(_args(data, run, "--training.max_steps=6", "--checkpoint.every_steps=3", *extra))
+
+
+def _launch(nproc: int, data: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
+    """In a fresh process (nproc 0) or under torchrun with nproc ranks; it must succeed."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+              "-m", "llama_pretrain"] if nproc else [sys.executable, "-m", "llama_pretrain"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run(launch + _args(data, run, *extra), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 def _losses(run: Path) -> list[float]:
@@ -135,21 +151,9 @@ def test_float8_under_fsdp_and_ddp_equals_one_process(dataset, tmp_path):
     # Each rank scales its own micro-batch, as one process scales each accumulated micro-batch, so
     # two FSDP ranks follow one process with accumulation to float8's noise (the ranks' rows group
     # into micro-batches differently, and the activation scales are per micro-batch).
-    def cmd(nproc: int, run: Path, mode: str = "fsdp") -> list[str]:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                  "-m", "llama_pretrain"] if nproc else [sys.executable, "-m", "llama_pretrain"]
-        return launch + ["train", "--run-dir", str(run), f"--data.path={dataset}", "--model.preset=llama2-debug",
-                         "--training.seq_len=32", "--training.micro_batch_size=2",
-                         "--training.global_batch_tokens=256", "--training.max_steps=4",
-                         "--schedule.warmup_steps=2", "--optimizer.lr=1e-2", "--training.eval_every_steps=0",
-                         "--checkpoint.every_steps=0", "--logging.progress=false", "--logging.peak_flops=1e11",
-                         "--logging.tensorboard=off", "--parallel.mixed_precision=fp32",
-                         "--training.device=cpu", *F8] + ([f"--parallel.mode={mode}"] if nproc else [])
-
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for n, run, mode in ((0, tmp_path / "one", ""), (2, tmp_path / "two", "fsdp"), (2, tmp_path / "ddp", "ddp")):
-        r = subprocess.run(cmd(n, run, mode), env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
+    for n, run, mode in ((0, tmp_path / "one", []), (2, tmp_path / "two", ["--parallel.mode=fsdp"]),
+                         (2, tmp_path / "ddp", ["--parallel.mode=ddp"])):
+        r = _launch(n, dataset, run, *F8, *mode)
         assert "with float8 matmuls (tensorwise) in 14 linear layers (emulated)" in r.stdout + r.stderr
     one = _losses(tmp_path / "one")
     assert len(one) == 4 and one[-1] < one[0] - 0.1  # the weights moved
@@ -187,7 +191,7 @@ def test_the_error_without_a_float8_gpu_is_one_line_in_a_fresh_process(dataset, 
     r = subprocess.run([sys.executable, "-m", "llama_pretrain", "train", "--run-dir", str(tmp_path / "r"),
                         f"--data.path={dataset}", "--model.preset=llama2-debug", "--training.seq_len=32",
                         "--training.device=cpu", "--parallel.float8=true"], capture_output=True, text=True,
-                       timeout=120, env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
+                       timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "needs a CUDA GPU with float8 tensor cores" in r.stderr
 
@@ -234,17 +238,8 @@ def test_rowwise_recipe_rounds_differently_and_tracks_high_precision(dataset, tm
 
 
 def _torchrun_float8(dataset: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "llama_pretrain", "train", "--run-dir", str(run), f"--data.path={dataset}",
-           "--model.preset=llama2-debug", "--training.seq_len=32", "--training.micro_batch_size=2",
-           "--training.global_batch_tokens=256", "--training.max_steps=4", "--schedule.warmup_steps=2",
-           "--optimizer.lr=1e-2", "--training.eval_every_steps=0", "--checkpoint.every_steps=2",
-           "--logging.progress=false", "--logging.peak_flops=1e11", "--logging.tensorboard=off",
-           "--parallel.mixed_precision=fp32", "--training.device=cpu", "--parallel.mode=fsdp", *F8, *extra]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    """2 FSDP ranks, float8 emulated, a checkpoint every 2 steps."""
+    return _launch(2, dataset, run, "--checkpoint.every_steps=2", "--parallel.mode=fsdp", *F8, *extra)
 
 
 def test_float8_all_gather_gives_the_same_run_and_resumes(dataset, tmp_path):

@@ -22,12 +22,17 @@ COMMAND_MODULES = [
 ]
 
 
+def _another_rank() -> bool:
+    """Under torchrun, a rank other than 0 (which stays quiet about errors every rank shares)."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, except that under torchrun only rank 0 prints a usage error (every rank parses the
     same command line); the others exit with the same code silently. Subcommands inherit it."""
 
     def error(self, message: str):
-        if os.environ.get("RANK", "0") != "0":
+        if _another_rank():
             self.exit(2)
         super().error(message)
 
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except UserError as e:
-        if not (e.alike_on_every_rank and os.environ.get("RANK", "0") != "0"):  # said once, by rank 0
+        if not (e.alike_on_every_rank and _another_rank()):  # said once, by rank 0
             print(f"llama-pretrain {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -123,6 +123,10 @@ class LoggingSection:
     """The W&B team or user; empty: W&B's default."""
 
 
+FLOAT8_RECIPES = ("tensorwise", "rowwise")
+"""torchao's float8 recipes ``parallel.float8_recipe`` offers (rowwise_with_gw_hp fails emulated)."""
+
+
 @dataclass
 class ParallelSection:
     mode: str = setting("none", one_of("none", "ddp", "fsdp"))
@@ -147,7 +151,7 @@ class ParallelSection:
     Needs torchao and a GPU of compute capability 8.9+ (H100, H200, L40S, RTX 4090); pays with
     parallel.compile on large models. Not with parallel.tp > 1; micro_batch_size x seq_len must be a
     multiple of 16."""
-    float8_recipe: str = setting("tensorwise", one_of("tensorwise", "rowwise"))
+    float8_recipe: str = setting("tensorwise", one_of(*FLOAT8_RECIPES))
     """With parallel.float8: tensorwise (one scale per tensor, fastest) or rowwise (one per row of
     each operand: more accurate, for runs whose loss drifts with tensorwise)."""
     float8_all_gather: bool = False

@@ -3,8 +3,8 @@
 ``init_distributed`` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...)
 and joins the process group (NCCL on GPU, gloo on CPU); without it, training is one process.
 ``parallelize`` applies, in order: float8 linears (``parallel.float8``, torchao), tensor
-parallelism (``parallel.tp`` > 1), activation checkpointing per block, ``torch.compile`` per block, then DDP or FSDP2 (``fully_shard`` per
-transformer block, then the root).
+parallelism (``parallel.tp`` > 1), activation checkpointing per block, ``torch.compile`` per
+block, then DDP or FSDP2 (``fully_shard`` per transformer block, then the root).
 
 Tensor parallelism uses a 2-D DeviceMesh ``(dp, tp)``: ranks ``r`` with the same ``r // tp`` form
 one tensor-parallel group (consecutive ranks, i.e. one node's GPUs), and FSDP shards over the
@@ -34,6 +34,7 @@ from torch import nn
 
 from ..devices import resolve_device
 from ..errors import UserError
+from .config import FLOAT8_RECIPES
 
 MODES = ("none", "ddp", "fsdp")
 
@@ -254,9 +255,6 @@ def float8_eligible(module: nn.Module, fqn: str) -> bool:
     head stays in the compute precision: its vocabulary-wide logits feed the loss directly."""
     return (fqn.startswith("layers.") and isinstance(module, nn.Linear)
             and module.in_features % 16 == 0 and module.out_features % 16 == 0)
-
-
-FLOAT8_RECIPES = ("tensorwise", "rowwise")
 
 
 def apply_float8(model: nn.Module, emulate: bool = False, recipe: str = "tensorwise", all_gather: bool = False) -> int:
