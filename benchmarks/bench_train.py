@@ -78,8 +78,8 @@ def trainer_step(args, precision: str, stack):
     import tempfile
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from train_data import make_dataset
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_loop_check import make_dataset  # random-token shards
 
     from llama_pretrain.train.config import load_run_config
     from llama_pretrain.train.loop import Trainer, preflight
@@ -88,7 +88,7 @@ def trainer_step(args, precision: str, stack):
 
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_train_")))
     tokens = args.batch * args.seq
-    data = make_dataset(tmp / "data", vocab_size=32000, train_tokens=tokens * (args.steps + 3), val_tokens=4096)
+    data = make_dataset(tmp / "data", 32000, tokens * (args.steps + 3))
     cfg = load_run_config(None, [f"{k}={v}" for k, v in {
         "model.preset": "llama2-small", "data.path": str(data), "training.seq_len": args.seq,
         "training.micro_batch_size": args.batch, "training.global_batch_tokens": tokens,
