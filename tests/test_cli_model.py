@@ -72,3 +72,24 @@ def test_config_file_that_is_not_an_object_is_a_user_error(tmp_path, capsys, nam
     assert main(["model", "info", "--config", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["model", "info", "--preset", "llama2-7b", "--no-such-flag"], "unrecognized arguments"),
+    (["plan", "--model", "no-such-model"], "error:"),
+])
+def test_another_rank_waits_for_rank0_then_reports_if_still_running(args, needle, monkeypatch, capsys):
+    # Under torchrun, a rank other than 0 waits for torchrun to stop it (rank 0 reports the shared
+    # error); a rank that is never stopped (rank 0 did not fail) reports it after the grace.
+    import llama_pretrain.cli as cli
+
+    waits = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    assert code == 2
+    assert waits == [cli.RANK0_GRACE_S]
+    assert needle in capsys.readouterr().err

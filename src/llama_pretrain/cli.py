@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import sys
+import time
 
 from .errors import UserError
 
@@ -22,18 +23,32 @@ COMMAND_MODULES = [
 ]
 
 
+# How long a rank other than 0 waits for torchrun to stop it after an error every rank shares.
+RANK0_GRACE_S = 10.0
+
+
 def _another_rank() -> bool:
     """Under torchrun, a rank other than 0 (which stays quiet about errors every rank shares)."""
     return os.environ.get("RANK", "0") != "0"
 
 
+def _leave_it_to_rank0() -> None:
+    """On a rank other than 0, an error every rank meets alike: wait for rank 0 to report it.
+
+    Exiting at once would be a race: torchrun stops the whole job when the first rank exits, and
+    could kill rank 0 before it prints. Rank 0 exits 2 moments later and torchrun then stops this
+    process, normally well within the grace; if nothing stops it (rank 0 did not fail: its inputs
+    differ), the caller reports the error itself after all."""
+    time.sleep(RANK0_GRACE_S)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, except that under torchrun only rank 0 prints a usage error (every rank parses the
-    same command line); the others exit with the same code silently. Subcommands inherit it."""
+    same command line); the others wait to be stopped. Subcommands inherit it."""
 
     def error(self, message: str):
         if _another_rank():
-            self.exit(2)
+            _leave_it_to_rank0()
         super().error(message)
 
 
@@ -62,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except UserError as e:
-        if not (e.alike_on_every_rank and _another_rank()):  # said once, by rank 0
-            print(f"llama-pretrain {args.command}: error: {e}", file=sys.stderr)
+        if e.alike_on_every_rank and _another_rank():  # said once, by rank 0
+            _leave_it_to_rank0()
+        print(f"llama-pretrain {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llama-pretrain {args.command}: interrupted", file=sys.stderr)
