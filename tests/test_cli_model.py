@@ -76,9 +76,10 @@ def test_config_file_that_is_not_an_object_is_a_user_error(tmp_path, capsys, nam
 
 @pytest.mark.parametrize("args, needle", [
     (["model", "info", "--preset", "llama2-7b", "--no-such-flag"], "unrecognized arguments"),
-    (["plan", "--model", "no-such-model"], "error:"),
+    (["train", "--training.max_steps=abc"], "--training.max_steps must be an integer"),
 ])
-def test_another_rank_waits_for_rank0_then_reports_if_still_running(args, needle, monkeypatch, capsys):
+def test_another_rank_waits_for_rank0_then_reports_if_still_running(args, needle, monkeypatch, capsys,
+                                                                    tmp_path):
     # Under torchrun, a rank other than 0 waits for torchrun to stop it (rank 0 reports the shared
     # error); a rank that is never stopped (rank 0 did not fail) reports it after the grace.
     import llama_pretrain.cli as cli
@@ -86,6 +87,7 @@ def test_another_rank_waits_for_rank0_then_reports_if_still_running(args, needle
     waits = []
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.chdir(tmp_path)
     try:
         code = main(args)
     except SystemExit as e:
@@ -93,3 +95,4 @@ def test_another_rank_waits_for_rank0_then_reports_if_still_running(args, needle
     assert code == 2
     assert waits == [cli.RANK0_GRACE_S]
     assert needle in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
