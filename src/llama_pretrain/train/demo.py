@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import UserError, alike_on_every_rank
+
 
 # Mirrors configs/demo.toml (a test keeps the two equal). The budget is sized for ~5 minutes of
 # training on 2 CPU cores.
@@ -88,7 +90,10 @@ def run_demo(run_dir: Path, overrides: list[str] | None = None, print_config: bo
     has_data = any(o.startswith("data.path=") for o in overrides)
     if not has_data:
         overrides.insert(0, f"data.path={run_dir / 'data'}")
-    cfg = load_run_config(None, overrides, base=DEMO_CONFIG)
+    try:
+        cfg = load_run_config(None, overrides, base=DEMO_CONFIG)
+    except UserError as e:  # the same on every rank under torchrun: rank 0 says it
+        raise alike_on_every_rank(e) from None
     if print_config:
         sys.stdout.write(cfg.to_toml())
         return 0
