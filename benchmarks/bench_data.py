@@ -10,6 +10,9 @@ out some of the noise of a shared machine. The pipeline numbers include reading 
 work files, the sequential dedup/write phase and process start-up, so they are end-to-end
 wall-clock figures.
 
+``--uneven`` makes the last file as big as all the others together (real corpora are rarely
+split evenly): the 2-worker speed-up then depends on the pool starting that file first.
+
 ``--cli-pairs N`` then runs ``llama-pretrain data prepare`` itself (a fresh process per run, as a
 user starts it, start-up included) with ``--workers 1`` and ``--workers 2`` alternately N times,
 and prints each pair's speed-up with the load average at its start.
@@ -82,6 +85,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs per row; the fastest counts")
     ap.add_argument("--vocab", choices=("small", "varied"), default="small",
                     help="small: ~110 distinct words; varied: Zipf over 50,000 words (realistic)")
+    ap.add_argument("--uneven", action="store_true",
+                    help="the last file holds as many documents as all the others together")
     ap.add_argument("--cli-pairs", type=int, default=0,
                     help="also time the CLI (fresh processes), 1 then 2 workers, this many times")
     args = ap.parse_args()
@@ -97,8 +102,11 @@ def main() -> None:
     rng = random.Random(0)
     texts = []
     make = document_for(args.vocab)
-    for i in range(args.files):
-        docs = [make(rng) for _ in range(args.docs)]
+    counts = [args.docs] * args.files
+    if args.uneven:
+        counts[-1] = args.docs * (args.files - 1)
+    for i, count in enumerate(counts):
+        docs = [make(rng) for _ in range(count)]
         texts += docs
         (tmp / f"in{i:02d}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     tok = tmp / "tok.model"
@@ -106,7 +114,7 @@ def main() -> None:
     mb = sum(map(len, texts)) / 1e6
     distinct = len({w for t in texts for w in t.split()})
     print(f"corpus ({args.vocab}): {len(texts):,} documents, {mb:.1f} MB of text, {args.files} files, "
-          f"{distinct:,} distinct words; tokenizer vocab 1000")
+          f"{distinct:,} distinct words; tokenizer vocab 1000" + ("; the last file is half the corpus" if args.uneven else ""))
 
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     rows = []

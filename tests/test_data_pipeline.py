@@ -197,6 +197,27 @@ def _corpus(d: Path, files: int, docs: int, seed: int = 5) -> Path:
     return d
 
 
+def test_a_pool_starts_the_biggest_files_first_and_the_output_is_unchanged(tmp_path, tok):
+    from llama_pretrain.data.prepare import largest_first, plan_units
+    from llama_pretrain.data.sources import DataConfig, SourceConfig
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = random.Random(3)
+    for i, docs in enumerate([3, 40, 3, 12, 40]):  # the big files are not first in path order
+        write_jsonl(src / f"part{i}.jsonl", [{"text": prose(rng)} for _ in range(docs)])
+    cfg = DataConfig([SourceConfig("web", [str(src)])])
+    jobs = plan_units(cfg, tmp_path / "out", "sha", tokenizer_path=str(tok))
+    sizes = [job["size"] for _, job in jobs]
+    order = largest_first(jobs)
+    assert sorted(order) == list(range(5)) and order[0] in (1, 4) and order[-1] in (0, 2)
+    assert [sizes[i] for i in order] == sorted(sizes, reverse=True)
+    common = ["--input", src, "--tokenizer", tok, "--quiet"]
+    assert run("prepare", *common, "--out", tmp_path / "w1") == 0
+    assert run("prepare", *common, "--out", tmp_path / "w3", "--workers", "3") == 0
+    assert files_bytes(tmp_path / "w1") == files_bytes(tmp_path / "w3")
+
+
 def test_workers_tasks_and_merge_are_byte_identical(tmp_path, tok):
     src = _corpus(tmp_path / "in", 6, 15)
     common = ["--input", src, "--tokenizer", tok, "--quiet", "--val-fraction", "0.05"]

@@ -273,8 +273,15 @@ def plan_units(cfg: DataConfig, out: Path, tokenizer_sha: str, num_tasks: int = 
                                "strict": strict})  # a --strict rerun must re-read what a lax run kept
             jobs.append((ref, {"path": str(path), "dir": str(ref.dir), "stages": stages,
                                "text_field": src.text_field, "url_field": src.url_field,
-                               "tokenizer": tokenizer_path, "fingerprint": fp, "strict": strict}))
+                               "tokenizer": tokenizer_path, "fingerprint": fp, "strict": strict,
+                               "size": s.st_size}))
     return jobs
+
+
+def largest_first(jobs: list[tuple[UnitRef, dict]]) -> list[int]:
+    """The order to hand ``jobs`` to a pool in: biggest file first (ties in job order), so that a
+    big file is not the last one started while the other workers sit idle."""
+    return sorted(range(len(jobs)), key=lambda i: -jobs[i][1]["size"])
 
 
 def _terminal(progress: bool) -> bool:
@@ -313,7 +320,7 @@ def run_units(jobs: list[tuple[UnitRef, dict]], workers: int = 1,
 
             with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
                                      mp_context=mp.get_context("spawn")) as ex:
-                futures = {ex.submit(process_unit, job): i for i, (_, job) in enumerate(jobs)}
+                futures = {ex.submit(process_unit, jobs[i][1]): i for i in largest_first(jobs)}
                 try:
                     for f in as_completed(futures):
                         done(futures[f], f.result())
