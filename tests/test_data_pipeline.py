@@ -218,6 +218,37 @@ def test_a_pool_starts_the_biggest_files_first_and_the_output_is_unchanged(tmp_p
     assert files_bytes(tmp_path / "w1") == files_bytes(tmp_path / "w3")
 
 
+@pytest.mark.parametrize("before, method", [
+    ("", "fork"),
+    ("import threading; threading.Thread(target=threading.Event().wait, daemon=True).start()", "spawn"),
+    ("import torch", "spawn"),
+])
+def test_the_pool_forks_only_where_it_is_safe(before, method):
+    # fork: workers start at once and need no __main__ guard; spawn when another thread is alive
+    # (it could hold a lock the child then waits on) or torch's thread pools are loaded.
+    code = f"{before}\nfrom llama_pretrain.data.prepare import _pool_context\nprint(_pool_context().get_start_method())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [method]
+
+
+def test_a_script_without_a_main_guard_prepares_with_workers(tmp_path, tok):
+    # Spawned workers would re-run such a script; forked ones do not.
+    src = _corpus(tmp_path / "in", 3, 10)
+    script = tmp_path / "prep.py"
+    script.write_text(
+        "from llama_pretrain.data.prepare import prepare\n"
+        "from llama_pretrain.data.sources import DataConfig, SourceConfig\n"
+        f"m = prepare(DataConfig([SourceConfig('web', [{str(src)!r}])]), {str(tok)!r}, {str(tmp_path / 'out')!r},"
+        " workers=2, progress=False)\n"
+        "print('kept', m['total']['documents_kept'])\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("kept") == 1 and int(r.stdout.split()[-1]) > 0
+    assert run("prepare", "--input", src, "--tokenizer", tok, "--quiet", "--out", tmp_path / "w1") == 0
+    assert files_bytes(tmp_path / "out") == files_bytes(tmp_path / "w1")
+
+
 def test_workers_tasks_and_merge_are_byte_identical(tmp_path, tok):
     src = _corpus(tmp_path / "in", 6, 15)
     common = ["--input", src, "--tokenizer", tok, "--quiet", "--val-fraction", "0.05"]

@@ -289,47 +289,67 @@ def _terminal(progress: bool) -> bool:
     return progress and sys.stderr.isatty()
 
 
+def _pool_context():
+    """fork where it is safe, else spawn. A forked worker starts at once with this process's
+    imports (a spawned one spends ~0.3 s on an interpreter, numpy and the pipeline's modules, which
+    on 2 cores was most of what kept 2 workers from 2x one) and needs no ``__main__`` guard in a
+    calling script. It is not safe with other threads alive (one may hold a lock the child then
+    waits on forever) or after torch is imported (its thread pools do not survive a fork)."""
+    import multiprocessing as mp
+    import threading
+
+    if "fork" in mp.get_all_start_methods() and threading.active_count() == 1 and "torch" not in sys.modules:
+        return mp.get_context("fork")
+    return mp.get_context("spawn")
+
+
+class _UnitProgress:
+    """Collects phase 1's results in job order and shows them on a progress bar (on a terminal)."""
+
+    def __init__(self, total: int, progress: bool):
+        from tqdm import tqdm
+
+        self.results: list[tuple[Stats, bool] | None] = [None] * total
+        self.t0 = time.perf_counter()
+        self.docs = self.toks = 0
+        self.bar = tqdm(total=total, unit="file", desc="prepare", disable=not _terminal(progress),
+                        file=sys.stderr, dynamic_ncols=True)
+
+    def done(self, i: int, result: tuple[Stats, bool]) -> None:
+        self.results[i] = result
+        stats, reused = result
+        self.docs += stats.documents_in
+        self.toks += stats.tokens
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.bar.set_postfix_str(f"{self.docs / dt:,.0f} docs/s, {self.toks / dt:,.0f} tok/s"
+                                 + (" (reused)" if reused else ""), refresh=False)
+        self.bar.update(1)
+
+
 def run_units(jobs: list[tuple[UnitRef, dict]], workers: int = 1,
               progress: bool = True) -> list[tuple[Stats, bool]]:
     """Phase 1 over ``jobs`` (in ``workers`` processes); returns ``process_unit``'s results in job order."""
-    from tqdm import tqdm
-
-    results: list[tuple[Stats, bool] | None] = [None] * len(jobs)
-    t0 = time.perf_counter()
-    docs = toks = 0
-    bar = tqdm(total=len(jobs), unit="file", desc="prepare", disable=not _terminal(progress), file=sys.stderr,
-               dynamic_ncols=True)
-
-    def done(i: int, result: tuple[Stats, bool]) -> None:
-        nonlocal docs, toks
-        results[i] = result
-        stats, reused = result
-        docs += stats.documents_in
-        toks += stats.tokens
-        dt = max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix_str(f"{docs / dt:,.0f} docs/s, {toks / dt:,.0f} tok/s"
-                            + (" (reused)" if reused else ""), refresh=False)
-        bar.update(1)
-
-    try:
-        if workers <= 1 or len(jobs) <= 1:
+    if workers <= 1 or len(jobs) <= 1:
+        track = _UnitProgress(len(jobs), progress)
+        try:
             for i, (_, job) in enumerate(jobs):
-                done(i, process_unit(job))
-        else:
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
-                                     mp_context=mp.get_context("spawn")) as ex:
-                futures = {ex.submit(process_unit, jobs[i][1]): i for i in largest_first(jobs)}
-                try:
-                    for f in as_completed(futures):
-                        done(futures[f], f.result())
-                except BaseException:
-                    ex.shutdown(wait=True, cancel_futures=True)
-                    raise
-    finally:
-        bar.close()
-    return results  # type: ignore[return-value]
+                track.done(i, process_unit(job))
+        finally:
+            track.bar.close()
+        return track.results  # type: ignore[return-value]
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_pool_context()) as ex:
+        # Submitted (so forked) before the bar exists: tqdm starts a monitor thread with its first bar.
+        futures = {ex.submit(process_unit, jobs[i][1]): i for i in largest_first(jobs)}
+        track = _UnitProgress(len(jobs), progress)
+        try:
+            for f in as_completed(futures):
+                track.done(futures[f], f.result())
+        except BaseException:
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            track.bar.close()
+    return track.results  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------
