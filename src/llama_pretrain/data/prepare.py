@@ -294,11 +294,12 @@ def _pool_context():
     imports (a spawned one spends ~0.3 s on an interpreter, numpy and the pipeline's modules, which
     on 2 cores was most of what kept 2 workers from 2x one) and needs no ``__main__`` guard in a
     calling script. It is not safe with other threads alive (one may hold a lock the child then
-    waits on forever) or after torch is imported (its thread pools do not survive a fork)."""
+    waits on forever), after torch is imported (its thread pools do not survive a fork), or on
+    macOS (whose system libraries may crash in a forked child; Python spawns there by default)."""
     import multiprocessing as mp
     import threading
 
-    if "fork" in mp.get_all_start_methods() and threading.active_count() == 1 and "torch" not in sys.modules:
+    if sys.platform.startswith("linux") and threading.active_count() == 1 and "torch" not in sys.modules:
         return mp.get_context("fork")
     return mp.get_context("spawn")
 
