@@ -291,9 +291,8 @@ def _terminal(progress: bool) -> bool:
 
 def _pool_context():
     """fork where it is safe, else spawn. A forked worker starts at once with this process's
-    imports (a spawned one spends ~0.3 s on an interpreter, numpy and the pipeline's modules, which
-    on 2 cores was most of what kept 2 workers from 2x one) and needs no ``__main__`` guard in a
-    calling script. It is not safe with other threads alive (one may hold a lock the child then
+    imports (a spawned one spends ~0.2 s on an interpreter, numpy and the pipeline's modules before
+    its first file: BENCHMARKS.md, data) and needs no ``__main__`` guard in a calling script. It is not safe with other threads alive (one may hold a lock the child then
     waits on forever), after torch is imported (its thread pools do not survive a fork), or on
     macOS (whose system libraries may crash in a forked child; Python spawns there by default)."""
     import multiprocessing as mp
