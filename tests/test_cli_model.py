@@ -78,21 +78,44 @@ def test_config_file_that_is_not_an_object_is_a_user_error(tmp_path, capsys, nam
     (["model", "info", "--preset", "llama2-7b", "--no-such-flag"], "unrecognized arguments"),
     (["train", "--training.max_steps=abc"], "--training.max_steps must be an integer"),
 ])
-def test_another_rank_waits_for_rank0_then_reports_if_still_running(args, needle, monkeypatch, capsys,
-                                                                    tmp_path):
-    # Under torchrun, a rank other than 0 waits for torchrun to stop it (rank 0 reports the shared
-    # error); a rank that is never stopped (rank 0 did not fail) reports it after the grace.
+@pytest.mark.parametrize("env, waits, says", [
+    # torchrun, rank 0's node: wait for torchrun to stop us after rank 0 reports; if it never does
+    # (rank 0 did not fail), report it here after all
+    ({"RANK": "1", "TORCHELASTIC_RUN_ID": "r", "GROUP_RANK": "0"}, True, True),
+    ({"RANK": "0", "TORCHELASTIC_RUN_ID": "r", "GROUP_RANK": "0"}, False, True),  # rank 0 says it at once
+    ({"RANK": "9", "TORCHELASTIC_RUN_ID": "r", "GROUP_RANK": "1"}, False, False),  # another node: quiet
+    ({"RANK": "1"}, False, False),  # another launcher: nothing ties this rank to rank 0; quiet
+])
+def test_a_shared_error_is_said_by_rank0(args, needle, env, waits, says, monkeypatch, capsys, tmp_path):
     import llama_pretrain.cli as cli
 
-    waits = []
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    slept = []
+    for k in ("RANK", "TORCHELASTIC_RUN_ID", "GROUP_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
     monkeypatch.chdir(tmp_path)
     try:
         code = main(args)
     except SystemExit as e:
         code = e.code
     assert code == 2
-    assert waits == [cli.RANK0_GRACE_S]
-    assert needle in capsys.readouterr().err
+    assert slept == ([cli.RANK0_GRACE_S] if waits else [])
+    err = capsys.readouterr().err
+    assert (needle in err) == says, err
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_ctrl_c_while_waiting_for_rank0_is_a_quiet_130(monkeypatch, capsys):
+    import llama_pretrain.cli as cli
+
+    def interrupted(_):
+        raise KeyboardInterrupt
+    for k, v in {"RANK": "1", "TORCHELASTIC_RUN_ID": "r", "GROUP_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(cli.time, "sleep", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["model", "info", "--no-such-flag"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err == ""

@@ -32,23 +32,32 @@ def _another_rank() -> bool:
     return os.environ.get("RANK", "0") != "0"
 
 
-def _leave_it_to_rank0() -> None:
-    """On a rank other than 0, an error every rank meets alike: wait for rank 0 to report it.
+def _leave_it_to_rank0() -> bool:
+    """On a rank other than 0, an error every rank meets alike: let rank 0 report it. True when this
+    rank should report it anyway.
 
-    Exiting at once would be a race: torchrun stops the whole job when the first rank exits, and
-    could kill rank 0 before it prints. Rank 0 exits 2 moments later and torchrun then stops this
-    process, normally well within the grace; if nothing stops it (rank 0 did not fail: its inputs
-    differ), the caller reports the error itself after all."""
-    time.sleep(RANK0_GRACE_S)
+    Exiting at once races on rank 0's node: its torchrun agent stops every local worker when the
+    first one exits, and could kill rank 0 before it prints. So there a rank waits; rank 0 exits 2
+    moments later and torchrun stops this process, normally well within the grace. If nothing
+    stops it (rank 0 did not fail: its inputs differ), it reports the error after all. Elsewhere
+    (other nodes, launchers other than torchrun) no agent ties this rank to rank 0: exit quietly."""
+    on_rank0_node = "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("GROUP_RANK", "0") == "0"
+    if not on_rank0_node:
+        return False
+    try:
+        time.sleep(RANK0_GRACE_S)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    return True
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, except that under torchrun only rank 0 prints a usage error (every rank parses the
-    same command line); the others wait to be stopped. Subcommands inherit it."""
+    same command line); see ``_leave_it_to_rank0``. Subcommands inherit it."""
 
     def error(self, message: str):
-        if _another_rank():
-            _leave_it_to_rank0()
+        if _another_rank() and not _leave_it_to_rank0():
+            self.exit(2)
         super().error(message)
 
 
@@ -77,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except UserError as e:
-        if e.alike_on_every_rank and _another_rank():  # said once, by rank 0
-            _leave_it_to_rank0()
-        print(f"llama-pretrain {args.command}: error: {e}", file=sys.stderr)
+        if not (e.alike_on_every_rank and _another_rank()) or _leave_it_to_rank0():  # once, by rank 0
+            print(f"llama-pretrain {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"llama-pretrain {args.command}: interrupted", file=sys.stderr)
