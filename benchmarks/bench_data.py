@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--cli-pairs", type=int, default=0,
                     help="also time the CLI (fresh processes), 1 then 2 workers, this many times")
     args = ap.parse_args()
+    if args.uneven and args.files < 2:
+        ap.error("--uneven needs --files 2 or more")
     load_before = os.getloadavg()
 
     import sentencepiece as spm

@@ -197,8 +197,8 @@ def _corpus(d: Path, files: int, docs: int, seed: int = 5) -> Path:
     return d
 
 
-def test_a_pool_starts_the_biggest_files_first_and_the_output_is_unchanged(tmp_path, tok):
-    from llama_pretrain.data.prepare import largest_first, plan_units
+def test_a_pool_starts_the_biggest_files_first_and_the_output_is_unchanged(tmp_path, tok, monkeypatch):
+    import llama_pretrain.data.prepare as prep
     from llama_pretrain.data.sources import DataConfig, SourceConfig
 
     src = tmp_path / "in"
@@ -207,21 +207,38 @@ def test_a_pool_starts_the_biggest_files_first_and_the_output_is_unchanged(tmp_p
     for i, docs in enumerate([3, 40, 3, 12, 40]):  # the big files are not first in path order
         write_jsonl(src / f"part{i}.jsonl", [{"text": prose(rng)} for _ in range(docs)])
     cfg = DataConfig([SourceConfig("web", [str(src)])])
-    jobs = plan_units(cfg, tmp_path / "out", "sha", tokenizer_path=str(tok))
-    sizes = [job["size"] for _, job in jobs]
-    order = largest_first(jobs)
-    assert sorted(order) == list(range(5)) and order[0] in (1, 4) and order[-1] in (0, 2)
-    assert [sizes[i] for i in order] == sorted(sizes, reverse=True)
+    sizes = {p.name: p.stat().st_size for p in src.iterdir()}
+    submitted = []
+
+    class Spy(prep.ProcessPoolExecutor):
+        def submit(self, fn, job, *args):
+            submitted.append(Path(job["path"]).name)
+            return super().submit(fn, job, *args)
+
+    monkeypatch.setattr(prep, "ProcessPoolExecutor", Spy)
+    prep.prepare(cfg, tok, tmp_path / "spied", workers=2, progress=False)
+    assert sorted(submitted) == sorted(sizes)
+    assert [sizes[n] for n in submitted] == sorted(sizes.values(), reverse=True)
+    assert submitted[0] in ("part1.jsonl", "part4.jsonl") and submitted[-1] in ("part0.jsonl", "part2.jsonl")
+    # The CLI's pool forks its workers (no torch in that process): the same bytes as one worker.
     common = ["--input", src, "--tokenizer", tok, "--quiet"]
     assert run("prepare", *common, "--out", tmp_path / "w1") == 0
-    assert run("prepare", *common, "--out", tmp_path / "w3", "--workers", "3") == 0
-    assert files_bytes(tmp_path / "w1") == files_bytes(tmp_path / "w3")
+    r = subprocess.run([sys.executable, "-m", "llama_pretrain", "data", "prepare", *map(str, common),
+                        "--out", str(tmp_path / "w3"), "--workers", "3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert files_bytes(tmp_path / "w1") == files_bytes(tmp_path / "w3") == files_bytes(tmp_path / "spied")
 
 
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the pool forks on Linux only")
+
+
+@linux_only
 @pytest.mark.parametrize("before, method", [
     ("", "fork"),
     ("import threading; threading.Thread(target=threading.Event().wait, daemon=True).start()", "spawn"),
     ("import torch", "spawn"),
+    # our progress bars start no tqdm monitor thread, shown or not
+    ("from llama_pretrain.data.prepare import _bar; _bar(True, total=2).close(); _bar(False).close()", "fork"),
 ])
 def test_the_pool_forks_only_where_it_is_safe(before, method):
     # fork: workers start at once and need no __main__ guard; spawn when another thread is alive
@@ -232,21 +249,23 @@ def test_the_pool_forks_only_where_it_is_safe(before, method):
     assert r.stdout.split() == [method]
 
 
+@linux_only
 def test_a_script_without_a_main_guard_prepares_with_workers(tmp_path, tok):
-    # Spawned workers would re-run such a script; forked ones do not.
+    # Spawned workers would re-run such a script; forked ones do not, for a second pool too.
     src = _corpus(tmp_path / "in", 3, 10)
     script = tmp_path / "prep.py"
     script.write_text(
         "from llama_pretrain.data.prepare import prepare\n"
         "from llama_pretrain.data.sources import DataConfig, SourceConfig\n"
-        f"m = prepare(DataConfig([SourceConfig('web', [{str(src)!r}])]), {str(tok)!r}, {str(tmp_path / 'out')!r},"
+        f"for out in ('out', 'again'):\n"
+        f"    m = prepare(DataConfig([SourceConfig('web', [{str(src)!r}])]), {str(tok)!r}, {str(tmp_path)!r} + '/' + out,"
         " workers=2, progress=False)\n"
-        "print('kept', m['total']['documents_kept'])\n")
+        "    print('kept', m['total']['documents_kept'])\n")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.count("kept") == 1 and int(r.stdout.split()[-1]) > 0
+    assert r.stdout.count("kept") == 2 and int(r.stdout.split()[-1]) > 0
     assert run("prepare", "--input", src, "--tokenizer", tok, "--quiet", "--out", tmp_path / "w1") == 0
-    assert files_bytes(tmp_path / "out") == files_bytes(tmp_path / "w1")
+    assert files_bytes(tmp_path / "out") == files_bytes(tmp_path / "again") == files_bytes(tmp_path / "w1")
 
 
 def test_workers_tasks_and_merge_are_byte_identical(tmp_path, tok):
@@ -332,6 +351,46 @@ def test_kill_and_rerun_resumes_to_identical_output(tmp_path, tok):
     assert m["_reused_units"] == done_before
     assert files_bytes(out) == files_bytes(tmp_path / "clean")
     assert (out / "manifest.json").read_bytes() == (tmp_path / "clean" / "manifest.json").read_bytes()
+
+
+# Run in the interrupted subprocess: ``data prepare`` whose units each take ~0.5 s (forked workers
+# inherit the slow reader).
+_SLOW_UNITS = """
+import sys, time
+import llama_pretrain.data.prepare as p
+from llama_pretrain.cli import main
+real = p.iter_records
+def slow(path, *args):
+    for rec in real(path, *args):
+        time.sleep(0.05)
+        yield rec
+p.iter_records = slow
+sys.exit(main(["data", "prepare", *sys.argv[1:]]))
+"""
+
+
+@linux_only
+def test_ctrl_c_stops_every_worker_without_finishing_queued_files(tmp_path, tok):
+    # Ctrl-C signals the whole process group: the workers drop their files in progress and skip
+    # the ones already queued to them, instead of finishing those first.
+    src = _corpus(tmp_path / "in", 12, 9, seed=4)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_UNITS, "--input", str(src), "--tokenizer", str(tok),
+                             "--out", str(out), "--workers", "2"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    units = out / "_work" / "units" / "input"
+    deadline = time.time() + 60
+    while not list(units.glob("0*/stats.json")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    done_at_signal = len(list(units.glob("0*/stats.json")))
+    assert proc.poll() is None and done_at_signal >= 1
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["llama-pretrain data: interrupted"], err
+    done = len(list(units.glob("0*/stats.json")))
+    assert done - done_at_signal <= 1 and done < 12  # at most one finishing as the signal came
+    assert not list(units.glob(".*tmp-*")) and not (out / "manifest.json").exists()
 
 
 # -- built-in corpus -----------------------------------------------------------------------------------

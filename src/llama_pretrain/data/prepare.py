@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from ..errors import UserError
 from ..fsutil import atomic_dir, atomic_file, fsync_dir, reporting_full_disk, tree_bytes
@@ -90,9 +92,37 @@ def _cached(key: str, make):
     return _worker_cache[key]
 
 
+_interrupted = False  # a pool worker that got Ctrl-C (see _init_worker)
+_in_unit = False
+
+
+def _init_worker() -> None:
+    """In each pool worker: Ctrl-C (which the terminal sends to the whole process group) stops the
+    file in progress and makes the worker skip the ones already queued to it, rather than finish
+    them first; between files it only takes note (an exception there would kill the worker)."""
+    def on_sigint(signum, frame):
+        global _interrupted
+        _interrupted = True
+        if _in_unit:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+
 def process_unit(job: dict) -> tuple[Stats, bool]:
     """Run phase 1 on one file (in a worker process); returns the unit's stats and whether they
     were reused from an earlier run."""
+    global _in_unit
+    if _interrupted:
+        raise KeyboardInterrupt
+    _in_unit = True
+    try:
+        return _process_unit(job)
+    finally:
+        _in_unit = False
+
+
+def _process_unit(job: dict) -> tuple[Stats, bool]:
     from ..tokenizer import Tokenizer
 
     out = Path(job["dir"])
@@ -289,12 +319,25 @@ def _terminal(progress: bool) -> bool:
     return progress and sys.stderr.isatty()
 
 
+class _Bar(tqdm):
+    """tqdm without its monitor thread, which its first bar starts (shown or not) and which would
+    make every later pool of this process spawn rather than fork (``_pool_context``)."""
+
+    monitor_interval = 0
+
+
+def _bar(progress: bool, **kwargs) -> tqdm:
+    return _Bar(disable=not _terminal(progress), file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
 def _pool_context():
     """fork where it is safe, else spawn. A forked worker starts at once with this process's
     imports (a spawned one spends ~0.2 s on an interpreter, numpy and the pipeline's modules before
-    its first file: BENCHMARKS.md, data) and needs no ``__main__`` guard in a calling script. It is not safe with other threads alive (one may hold a lock the child then
-    waits on forever), after torch is imported (its thread pools do not survive a fork), or on
-    macOS (whose system libraries may crash in a forked child; Python spawns there by default)."""
+    its first file: BENCHMARKS.md, data) and needs no ``__main__`` guard in a calling script. Not
+    with another Python thread alive (it may hold a lock the child then waits on forever; native
+    threads such as numpy's BLAS pool handle a fork themselves), after torch is imported (its
+    thread pools do not survive a fork), or on macOS (whose system libraries may crash in a forked
+    child; Python spawns there by default)."""
     import multiprocessing as mp
     import threading
 
@@ -307,13 +350,10 @@ class _UnitProgress:
     """Collects phase 1's results in job order and shows them on a progress bar (on a terminal)."""
 
     def __init__(self, total: int, progress: bool):
-        from tqdm import tqdm
-
         self.results: list[tuple[Stats, bool] | None] = [None] * total
         self.t0 = time.perf_counter()
         self.docs = self.toks = 0
-        self.bar = tqdm(total=total, unit="file", desc="prepare", disable=not _terminal(progress),
-                        file=sys.stderr, dynamic_ncols=True)
+        self.bar = _bar(progress, total=total, unit="file", desc="prepare")
 
     def done(self, i: int, result: tuple[Stats, bool]) -> None:
         self.results[i] = result
@@ -337,8 +377,8 @@ def run_units(jobs: list[tuple[UnitRef, dict]], workers: int = 1,
         finally:
             track.bar.close()
         return track.results  # type: ignore[return-value]
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_pool_context()) as ex:
-        # Submitted (so forked) before the bar exists: tqdm starts a monitor thread with its first bar.
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_pool_context(),
+                             initializer=_init_worker) as ex:
         futures = {ex.submit(process_unit, jobs[i][1]): i for i in largest_first(jobs)}
         track = _UnitProgress(len(jobs), progress)
         try:
@@ -434,13 +474,10 @@ def _swap_in(staging: Path, out: Path) -> None:
 def _dedup(cfg: DataConfig, units: list[UnitRef], unit_stats: list[Stats], progress: bool) -> list[_Kept]:
     """Exact, then near dedup over all documents in global order: the first occurrence wins. Each
     duplicate moves from kept to dropped in (a copy of) its unit's stats."""
-    from tqdm import tqdm
-
     nd = cfg.stages.near_dedup
     near = NearDedup(nd.bands, nd.rows, nd.seed) if nd.enabled else None
     exact_seen: set[int] | None = set() if cfg.stages.exact_dedup.enabled else None
-    bar = tqdm(total=sum(st.documents_kept for st in unit_stats), unit="doc", desc="dedup",
-               disable=not _terminal(progress), file=sys.stderr, dynamic_ncols=True)
+    bar = _bar(progress, total=sum(st.documents_kept for st in unit_stats), unit="doc", desc="dedup")
     kept = []
     for ref, st in zip(units, unit_stats):
         kept.append(_dedup_unit(ref, copy.deepcopy(st), exact_seen, near, nd.bands * nd.rows))
@@ -540,15 +577,12 @@ def _write(cfg: DataConfig, out: Path, dtype: str, kept: list[_Kept], train: lis
            progress: bool) -> dict[str, list[dict]]:
     """The shard files, validation (each document once) then training (``train``, from ``_mix``);
     returns each split's shard list."""
-    from tqdm import tqdm
-
     for split in ("train", "val"):
         if (out / split).exists():
             shutil.rmtree(out / split)
         (out / split).mkdir(parents=True)
     writers = {sp: ShardWriter(out, sp, dtype, cfg.shard_tokens) for sp in ("train", "val")}
-    bar = tqdm(total=None, unit="tok", unit_scale=True, desc="write", disable=not _terminal(progress), file=sys.stderr,
-               dynamic_ncols=True)
+    bar = _bar(progress, total=None, unit="tok", unit_scale=True, desc="write")
     try:
         for k in kept:
             if k.val.any():
