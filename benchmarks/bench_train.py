@@ -18,15 +18,18 @@ same way. Every ratio is against eager transformers; the compilation (warm-up st
 step) is printed apart. ``--profile`` first prints the top non-matmul ops of one eager step of ours.
 ``--trainer`` times the trainer itself (``Trainer.train_step``: its loader, non-finite guard,
 global-norm clip and schedule around the same model step, on a synthetic dataset) in place of
-the bare model step.
+the bare model step. ``--isolated N`` runs the two sides of ``--trainer`` in separate fresh
+processes instead (transformers, then the trainer, N rounds): no model's memory churn can slow the
+other's step, as a user runs one of them.
 
     python benchmarks/bench_train.py [--steps 4] [--batch 4] [--seq 512] [--precision both]
-        [--compile none|ours|both] [--profile] [--trainer]
+        [--compile none|ours|both] [--profile] [--trainer] [--isolated N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -141,6 +144,9 @@ def _compare(precision: str, args, cfg, peak: float, fpt: float, stack) -> float
     models = {"transformers": theirs} if args.trainer else {"llama-pretrain": ours, "transformers": theirs}
     if args.trainer:
         del ours
+    if args.side == "trainer":  # --isolated: only the trainer's model alive in this process
+        models = {}
+        del theirs
     # Compiled rows are copies of the same weights, so their first loss must equal the eager one.
     if args.compile in ("ours", "both"):
         models["llama-pretrain compiled"] = copy.deepcopy(ours)
@@ -154,7 +160,7 @@ def _compare(precision: str, args, cfg, peak: float, fpt: float, stack) -> float
             steps[name] = make_step(m, m, precision)  # the trainer's loss entry point
         else:
             steps[name] = make_step(m, lambda x, y, m=m: hf_loss(m(input_ids=x).logits, y), precision)
-    if args.trainer:
+    if args.trainer and args.side != "transformers":
         steps["llama-pretrain Trainer.train_step"] = trainer_step(args, precision, stack)
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen)
@@ -172,6 +178,11 @@ def _compare(precision: str, args, cfg, peak: float, fpt: float, stack) -> float
             else:
                 first[name], warm[name] = loss, time.perf_counter() - t0
     tokens = args.batch * args.seq
+    if args.side != "both":  # one side of --isolated: its medians for the parent process
+        name, = times
+        print("RESULT " + json.dumps({"name": name, "step_s": statistics.median(times[name]),
+                                      "cpu_s": statistics.median(cpu[name]), "first_loss": first[name]}))
+        return 0.0
     rates = {}
     print(f"[{precision}] MFU against the measured {precision} matmul peak {peak / 1e9:.0f} GFLOP/s")
     for name in times:
@@ -300,9 +311,17 @@ def main() -> None:
                     help="time the trainer's own Trainer.train_step (its loader, guards and schedule; "
                          "eager, the default parallel settings) on a synthetic dataset instead of the "
                          "bare model step")
+    ap.add_argument("--isolated", type=int, default=0, metavar="N",
+                    help="with --trainer: each side in its own fresh process, N rounds, alternating")
+    ap.add_argument("--side", choices=["both", "transformers", "trainer"], default="both",
+                    help=argparse.SUPPRESS)  # one side of --isolated
     args = ap.parse_args()
     if args.trainer and args.compile != "none":
         ap.error("--trainer times the eager trainer; drop --compile (or run them separately)")
+    if (args.isolated or args.side != "both") and not (args.trainer and args.precision != "both"):
+        ap.error("--isolated needs --trainer and one --precision")
+    if args.isolated:
+        return isolated(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.parts:
@@ -324,6 +343,30 @@ def main() -> None:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         peak = measure_matmul_peak("cpu", 1024, dtype)
         compare(precision, args, cfg, peak, fpt)
+
+
+def isolated(args) -> None:
+    """--isolated: transformers' step and the trainer's, each in a fresh process, alternating."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, __file__, "--trainer", "--precision", args.precision, "--steps", str(args.steps),
+            "--batch", str(args.batch), "--seq", str(args.seq)] + (["--threads", str(args.threads)] if args.threads else [])
+    ratios, cpu_ratios = [], []
+    for r in range(args.isolated):
+        res = {}
+        for side in ("transformers", "trainer"):
+            out = subprocess.run(base + ["--side", side], capture_output=True, text=True, check=True).stdout
+            res[side] = json.loads(next(ln for ln in out.splitlines() if ln.startswith("RESULT "))[7:])
+        t, o = res["transformers"], res["trainer"]
+        ratios.append(t["step_s"] / o["step_s"])
+        cpu_ratios.append(t["cpu_s"] / o["cpu_s"])
+        print(f"round {r + 1}: transformers {t['step_s']:.2f} s/step (CPU {t['cpu_s']:.2f} s), trainer "
+              f"{o['step_s']:.2f} s/step (CPU {o['cpu_s']:.2f} s): {ratios[-1]:.2f}x (CPU {cpu_ratios[-1]:.2f}x); "
+              f"first losses {t['first_loss']:.6f} / {o['first_loss']:.6f}; load average {os.getloadavg()[0]:.2f}")
+    print(f"[{args.precision}, separate processes] trainer / transformers: {min(ratios):.2f}-{max(ratios):.2f}x "
+          f"(median {statistics.median(ratios):.2f}x; by CPU time {statistics.median(cpu_ratios):.2f}x) "
+          f"over {args.isolated} rounds of {args.steps} timed steps")
 
 
 if __name__ == "__main__":
