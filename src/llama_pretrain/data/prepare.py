@@ -99,7 +99,11 @@ _in_unit = False
 def _init_worker() -> None:
     """In each pool worker: Ctrl-C (which the terminal sends to the whole process group) stops the
     file in progress and makes the worker skip the ones already queued to it, rather than finish
-    them first; between files it only takes note (an exception there would kill the worker)."""
+    them first; between files it only takes note (an exception there would kill the worker).
+    A SIGINT ignored by the caller (a job started in the background) stays ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return
+
     def on_sigint(signum, frame):
         global _interrupted
         _interrupted = True
