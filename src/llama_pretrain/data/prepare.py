@@ -359,6 +359,12 @@ class _UnitProgress:
         self.docs = self.toks = 0
         self.bar = _bar(progress, total=total, unit="file", desc="prepare")
 
+    def __enter__(self) -> _UnitProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
     def done(self, i: int, result: tuple[Stats, bool]) -> None:
         self.results[i] = result
         stats, reused = result
@@ -373,14 +379,21 @@ class _UnitProgress:
 def run_units(jobs: list[tuple[UnitRef, dict]], workers: int = 1,
               progress: bool = True) -> list[tuple[Stats, bool]]:
     """Phase 1 over ``jobs`` (in ``workers`` processes); returns ``process_unit``'s results in job order."""
-    if workers <= 1 or len(jobs) <= 1:
-        track = _UnitProgress(len(jobs), progress)
-        try:
+    with _UnitProgress(len(jobs), progress) as track:
+        if workers <= 1 or len(jobs) <= 1:
             for i, (_, job) in enumerate(jobs):
                 track.done(i, process_unit(job))
-        finally:
-            track.bar.close()
-        return track.results  # type: ignore[return-value]
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_pool_context(),
+                                     initializer=_init_worker) as ex:
+                futures = {ex.submit(process_unit, jobs[i][1]): i for i in largest_first(jobs)}
+                try:
+                    for f in as_completed(futures):
+                        track.done(futures[f], f.result())
+                except BaseException:
+                    ex.shutdown(wait=True, cancel_futures=True)
+                    raise
+    return track.results  # type: ignore[return-value]
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_pool_context(),
                              initializer=_init_worker) as ex:
         futures = {ex.submit(process_unit, jobs[i][1]): i for i in largest_first(jobs)}
