@@ -148,12 +148,19 @@ def test_train_with_float8_tracks_high_precision_and_exports_plain_weights(datas
 
 
 def test_float8_under_fsdp_and_ddp_equals_one_process(dataset, tmp_path):
-    # Each rank scales its own micro-batch, as one process scales each accumulated micro-batch, so
-    # two FSDP ranks follow one process with accumulation to float8's noise (the ranks' rows group
-    # into micro-batches differently, and the activation scales are per micro-batch).
+    # One row per micro-batch, so that one process and each rank scale the same activations: the
+    # loader interleaves rows over ranks (rank r takes rows r, r + 2, ...), so with two rows per
+    # micro-batch one process scales rows (0, 1) together where rank 0 scales (0, 2), and float8's
+    # per-micro-batch scales then differ by design. Measured that way, FSDP and DDP drifted 2.1e-3
+    # from one process by step 4 on an AMD EPYC, as much as float8 itself moves the loss from high
+    # precision (2.8e-3). With one row, what is left is the order in which the ranks' gradients
+    # are summed (4.8e-7 apart in high precision), which float8's rounding amplifies: step 1 is
+    # equal and step 4 1.2e-4 apart (AMD EPYC, 2026-12-06), against 4.6e-3 between float8 and high
+    # precision in the same set-up; the tolerance keeps an 8x margin and stays below the latter.
+    one_row = "--training.micro_batch_size=1"
     for n, run, mode in ((0, tmp_path / "one", []), (2, tmp_path / "two", ["--parallel.mode=fsdp"]),
                          (2, tmp_path / "ddp", ["--parallel.mode=ddp"])):
-        r = _launch(n, dataset, run, *F8, *mode)
+        r = _launch(n, dataset, run, *F8, one_row, *mode)
         assert "with float8 matmuls (tensorwise) in 14 linear layers (emulated)" in r.stdout + r.stderr
     one = _losses(tmp_path / "one")
     assert len(one) == 4 and one[-1] < one[0] - 0.1  # the weights moved
@@ -162,10 +169,12 @@ def test_float8_under_fsdp_and_ddp_equals_one_process(dataset, tmp_path):
         return [json.loads(line)["grad_norm"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     for run in ("two", "ddp"):  # FSDP2 and DDP
-        for a, b in zip(one, _losses(tmp_path / run), strict=True):
-            assert a == pytest.approx(b, abs=2e-3), (run, one)
+        losses = _losses(tmp_path / run)
+        assert losses[0] == pytest.approx(one[0], abs=1e-6), run  # the same weights, scales and rows
+        for a, b in zip(one, losses, strict=True):
+            assert a == pytest.approx(b, abs=1e-3), (run, one, losses)
         for a, b in zip(norms("one"), norms(run), strict=True):
-            assert a == pytest.approx(b, rel=2e-2), run
+            assert a == pytest.approx(b, rel=2e-2), run  # measured 1.4e-3 at step 4
 
 
 @pytest.mark.parametrize("extra, message", [
