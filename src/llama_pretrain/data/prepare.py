@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from ..config import parse_json
 from ..errors import UserError
 from ..fsutil import atomic_dir, atomic_file, fsync_dir, reporting_full_disk, tree_bytes
 from . import drops
@@ -155,7 +156,7 @@ def _reusable_stats(path: Path, fingerprint: str) -> Stats | None:
     if not path.is_file():
         return None
     try:
-        old = json.loads(path.read_text())
+        old = parse_json(path.read_text())
     except ValueError:
         return None
     return Stats.from_unit_dict(old) if old.get("fingerprint") == fingerprint else None
@@ -163,7 +164,7 @@ def _reusable_stats(path: Path, fingerprint: str) -> Stats | None:
 
 def read_unit_stats(dir: Path) -> Stats:
     """A finished unit's stats (``OSError`` / ``ValueError`` / ``KeyError`` if missing or damaged)."""
-    return Stats.from_unit_dict(json.loads((dir / "stats.json").read_text()))
+    return Stats.from_unit_dict(parse_json((dir / "stats.json").read_text()))
 
 
 def _clean(rec: Record, stages: _DocStages, stats: Stats, strict: bool) -> str | None:

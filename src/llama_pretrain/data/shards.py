@@ -16,12 +16,12 @@ under a temporary name and renamed when complete, so a file under its final name
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
+from ..config import parse_json
 from ..errors import UserError
 from ..fsutil import atomic_file, sha256_file
 
@@ -47,7 +47,7 @@ def read_manifest(dir: str | Path) -> dict[str, Any]:
         raise UserError(f"{dir} is not a prepared dataset (no {MANIFEST}); "
                         f"create one with `llama-pretrain data prepare`")
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
+        m = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from pathlib import Path
 
+from ..config import parse_json
 from ..errors import UserError
 from . import metrics as M
 from .tasks import GROUPS, TASKS
@@ -29,7 +29,7 @@ def load_samples_file(path: str | Path) -> dict[str, list[str]]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = parse_json(line)
         except ValueError as e:
             raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
         if not isinstance(rec, dict) or "task_id" not in rec or "completion" not in rec:

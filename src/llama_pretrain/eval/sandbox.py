@@ -74,13 +74,35 @@ def isolation() -> list[str]:
     return ["mountns(read-only, tmpfs workdir)", "netns", "pidns(fresh /proc)", who, *common]
 
 
+def why_not_isolated() -> str | None:
+    """Why generated code cannot be isolated here; None when it can."""
+    if namespace_prefix():
+        return None
+    if not shutil.which("unshare"):
+        return "`unshare` (util-linux) is not on PATH"
+    return ("the kernel refuses the namespaces of `unshare --mount --net --pid` (a container without "
+            "CAP_SYS_ADMIN or user namespaces?)")
+
+
 def require_isolation(allow_unsandboxed: bool = False) -> None:
-    """Refuses to go on where generated code could not be isolated, unless the user said so."""
-    if not namespace_prefix() and not allow_unsandboxed:
-        raise UserError("cannot isolate generated code here: the kernel refuses the namespaces of "
-                        "`unshare --mount --net --pid` (a container without CAP_SYS_ADMIN or user "
-                        "namespaces?); pass --allow-unsandboxed to run it with rlimits and an audit "
-                        "hook only, which do not stop file writes, deletes or new processes")
+    """Refuses to go on where generated code could not be isolated, unless the user said so; then
+    warns once on stderr that it runs unsandboxed."""
+    why = why_not_isolated()
+    if why is None:
+        return
+    if not allow_unsandboxed:
+        raise UserError(f"cannot isolate generated code here: {why}; pass --allow-unsandboxed to run it "
+                        f"with rlimits and an audit hook only, which do not stop file writes, deletes or "
+                        f"new processes")
+    _warn_unsandboxed(why)
+
+
+@lru_cache(maxsize=None)
+def _warn_unsandboxed(why: str) -> None:
+    """One line per process (require_isolation is asked again for every program)."""
+    print(f"warning: generated code runs UNSANDBOXED (--allow-unsandboxed; {why}): it can write and "
+          f"delete your files and start processes; only rlimits, an audit hook and a timeout apply",
+          file=sys.stderr)
 
 
 def run_program(program: str, timeout: float = 10.0, memory_mb: int = 1024,

@@ -84,7 +84,7 @@ def run_demo(run_dir: Path, overrides: list[str] | None = None, print_config: bo
              sample_tokens: int = 48, max_docs: int | None = None) -> int:
     from .summary import print_summary
     from .config import load_run_config
-    from .loop import train
+    from .loop import refuse_model_dir, train
 
     overrides = list(overrides or [])
     has_data = any(o.startswith("data.path=") for o in overrides)
@@ -99,6 +99,7 @@ def run_demo(run_dir: Path, overrides: list[str] | None = None, print_config: bo
         return 0
     from .parallel import barrier, init_distributed
 
+    refuse_model_dir(run_dir)  # before the demo data is written into it
     t0 = time.perf_counter()
     info = init_distributed(cfg.training.device)  # under torchrun: rank 0 prepares, the others wait
     if not has_data and info.is_main:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import read_toml
+from ..config import parse_json, read_toml
 from ..config_fields import NON_NEGATIVE, POSITIVE, coerce
 from ..errors import UserError
 from .config import RunConfig, load_run_config
@@ -140,7 +140,7 @@ def ensure_data(ladder: Ladder, run_dir: Path) -> None:
 
 def _dataset_vocab(data_dir: Path) -> int | None:
     try:
-        return int(json.loads((data_dir / "manifest.json").read_text())["tokenizer"]["vocab_size"])
+        return int(parse_json((data_dir / "manifest.json").read_text())["tokenizer"]["vocab_size"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -153,7 +153,7 @@ def is_finished(member: Member) -> bool:
 
     d = member.run_dir
     try:
-        recorded = json.loads((d / "run.json").read_text())["config"]
+        recorded = parse_json((d / "run.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
     ckpts = list_checkpoints(d / "checkpoints")

@@ -24,7 +24,6 @@ dropped from ``metrics.jsonl`` so every step appears once.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 
 from ..compute.flops import flops_per_token
-from ..config import ModelConfig
+from ..config import ModelConfig, parse_json
 from ..data.loader import TokenLoader
 from ..data.shards import check_token_ids, dataset_tokenizer, read_manifest
 from ..errors import UserError
@@ -132,6 +131,7 @@ def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock:
         raise UserError("data.path is not set: point it at a prepared dataset (llama-pretrain data prepare)")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} is a file, not a directory")
+    refuse_model_dir(run_dir)
     # Split by data-parallel group: the tp ranks of one group read the same rows.
     loader = TokenLoader(cfg.data.path, "train", t.micro_batch_size, cfg.seq_len, t.seed, info.dp_rank, info.dp_size)
     if cfg.logging.wandb:
@@ -160,6 +160,24 @@ def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock:
     return plan
 
 
+# What a model or checkpoint dir holds at its top level and a run dir never does.
+MODEL_FILES = ("config.json", "params.json", "model.safetensors", "model.safetensors.index.json",
+               "pytorch_model.bin", ckpt_files.STATE_FILE, ".metadata")
+
+
+def refuse_model_dir(run_dir: Path) -> None:
+    """A model or checkpoint dir (RUN/final, a Hugging Face or Meta dir, RUN/checkpoints or one of
+    its step-N) is not a run dir: training into it would mix a run's files into the model's."""
+    if not run_dir.is_dir() or (run_dir / "run.json").is_file() or (run_dir / "checkpoints").is_dir():
+        return  # a new run dir, or a run dir already
+    found = next((n for n in MODEL_FILES if (run_dir / n).exists()), None)
+    found = found or next((p.name for p in sorted(run_dir.glob("consolidated.*.pth"))), None)
+    found = found or next((p.name for p in sorted(run_dir.glob("step-*")) if p.is_dir()), None)
+    if found:
+        raise UserError(f"--run-dir {run_dir} holds {found}: it is a model or checkpoint directory, not a "
+                        f"run dir; use another --run-dir (a new or empty one, or an earlier run's)")
+
+
 def run_identity(model_cfg: ModelConfig, loader: TokenLoader) -> dict[str, Any]:
     """What makes two runs 'the same run' for resuming: the model and the training data."""
     return {"model": model_cfg.to_dict(),
@@ -182,7 +200,7 @@ def check_run_dir(plan: Plan) -> None:
     if not run_file.is_file():
         return
     try:
-        previous = json.loads(run_file.read_text())["identity"]
+        previous = parse_json(run_file.read_text())["identity"]
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{run_file} is unreadable; use another --run-dir") from None
     diff = identity_diff(previous, plan.identity)

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ..config import parse_json
+
 
 def measure_matmul_peak(device: torch.device | str = "cpu", n: int = 1024, dtype=torch.float32,
                         repeats: int = 5) -> float:
@@ -191,7 +193,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rec = json.loads(line)
+            rec = parse_json(line)
         except ValueError:
             continue  # a line cut by a crash
         if isinstance(rec, dict) and rec.get("step", 0) <= last_step:
@@ -204,7 +206,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     out = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
-            rec = json.loads(line)
+            rec = parse_json(line)
         except ValueError:
             continue
         if isinstance(rec, dict):

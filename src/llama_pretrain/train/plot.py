@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
+from ..config import parse_json
 from ..errors import UserError
 
 
@@ -15,7 +15,7 @@ def run_label(run_dir: Path) -> str:
     from ..config import ModelConfig
 
     try:
-        run = json.loads((run_dir / "run.json").read_text())
+        run = parse_json((run_dir / "run.json").read_text())
         cfg = ModelConfig.from_dict(run["identity"]["model"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError):
         return run_dir.name  # no (or a damaged) run.json: the plot still works

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import parse_json
 from ..fsutil import atomic_file
 from . import metrics
 from .state import FORMAT
@@ -50,7 +51,7 @@ class Reporter:
         (a configured peak still wins)."""
         t = self.trainer
         try:
-            before = json.loads((self.run_dir / "run.json").read_text())
+            before = parse_json((self.run_dir / "run.json").read_text())
             peak, source, precision = float(before["peak_flops"]), str(before["peak_source"]), before["precision"]
         except (OSError, ValueError, KeyError, TypeError):
             return
@@ -81,7 +82,7 @@ class Reporter:
     def _previous_run(self) -> dict[str, Any]:
         """run.json as the last process of this run left it; empty when there is none."""
         try:
-            before = json.loads((self.run_dir / "run.json").read_text())
+            before = parse_json((self.run_dir / "run.json").read_text())
         except (OSError, ValueError):
             return {}
         return before if isinstance(before, dict) else {}
