@@ -495,8 +495,11 @@ def test_final_export_loads_and_plot(dataset, tmp_path):
     (keep / "notes.txt").write_text("mine")
     assert cli_main(["train", "--export-checkpoint", ckpt, "--out", str(keep)]) == 2
     assert (keep / "notes.txt").read_text() == "mine" and not (keep / "model.safetensors").exists()
-    assert cli_main(["train", "--export-checkpoint", ckpt, "--out", str(keep), "--force"]) == 0
-    assert (keep / "model.safetensors").is_file()
+    # --force replaces an earlier export only, never a directory holding the user's files
+    assert cli_main(["train", "--export-checkpoint", ckpt, "--out", str(keep), "--force"]) == 2
+    assert (keep / "notes.txt").read_text() == "mine" and not (keep / "model.safetensors").exists()
+    assert cli_main(["train", "--export-checkpoint", ckpt, "--out", str(out), "--force"]) == 0
+    assert (out / "model.safetensors").is_file()
     png = tmp_path / "fig5.png"
     assert cli_main(["plot", str(run), str(run), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .errors import UserError
 
@@ -115,25 +117,154 @@ def _seal_tree(tmp: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+# ---------------------------------------------------------------------------------------------
+# Output directories: a command replaces only what it recognises as its own earlier output
+
+
+@dataclass(frozen=True)
+class Owned:
+    """The files a command writes into an output directory, and the JSON file that marks such a
+    directory as its output (``is_ours`` tests the marker's object). A directory holding anything
+    else, or no marker, is not the command's to replace."""
+
+    what: str                           # the command, for messages
+    names: frozenset[str]
+    marker: str
+    is_ours: Callable[[dict], bool]
+
+    def foreign(self, d: Path) -> str | None:
+        """The first entry of ``d`` the command did not write (a description), or None."""
+        entries = sorted(os.listdir(d))
+        for name in entries:
+            bad = foreign_file(d / name, name in self.names)
+            if bad:
+                return bad
+        if entries and not self._marked(d / self.marker):
+            return self.marker if self.marker in entries else entries[0]
+        return None
+
+    def _marked(self, path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(data, dict) and bool(self.is_ours(data))
+
+
+def foreign_file(path: Path, known: bool) -> str | None:
+    """None for a regular file of a known name, else what ``path`` is (a symlink is never ours; of
+    a directory, the first file in it)."""
+    if path.is_symlink():
+        return f"{path.name} (a symbolic link)"
+    if known and path.is_file():
+        return None
+    inner = sorted(os.listdir(path)) if path.is_dir() else []
+    return f"{path.name}/{foreign_file(path / inner[0], False)}" if inner else path.name
+
+
+def refusal(out: Path, bad: str, what: str, force_flag: bool = False) -> UserError:
+    hint = f" (--force replaces only {what}'s own output)" if force_flag else ""
+    return UserError(f"refusing to write {out}: it holds {bad}, which {what} did not write{hint}; "
+                     "move it away or give another --out")
+
+
+def _refuse_unreplaceable(out: Path) -> None:
+    """A directory that is renamed and replaced as a whole can be none of these."""
+    try:
+        where, cwd, home = out.resolve(), Path.cwd(), Path.home()
+    except (OSError, RuntimeError) as e:  # a symlink loop, a removed cwd, no home
+        raise UserError(f"--out {out}: cannot resolve it ({e})") from None
+    what = ("the root directory" if where == where.parent else "your home directory" if where == home
+            else "the current directory" if where == cwd else "a parent of the current directory"
+            if where in cwd.parents else "no directory of its own" if out.name in ("", ".", "..") else None)
+    if what:
+        raise UserError(f"--out {out} is {what}; give a new or empty directory")
+
+
+def check_output_dir(out: str | Path, foreign: Callable[[Path], str | None], what: str,
+                     force: bool | None = None, whole: bool = True) -> Path:
+    """Refuse, before any work, an ``--out`` directory the command could not write without removing
+    what it did not write: a symlink, a non-directory, one holding a ``foreign`` entry (or, with
+    ``whole``, ``/``, ``.``, home). ``force=False``: refuse its own earlier output too."""
+    out = Path(out)
+    if out.is_symlink():
+        dangling = "" if out.exists() else " (dangling)"
+        raise UserError(f"--out {out} is a symbolic link{dangling}; give a real directory")
+    if whole:
+        _refuse_unreplaceable(out)
+    if not out.exists():
+        parent = out.absolute().parent
+        while not os.path.lexists(parent):
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UserError(f"--out {out}: {parent} is not a directory")
+        return out
+    if not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    try:
+        bad = foreign(out) if any(out.iterdir()) else None
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot read it ({e.strerror})") from None
+    if bad is not None:
+        raise refusal(out, bad, what, force is not None)
+    if force is False and any(out.iterdir()):
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    return out
+
+
+def _check_replaceable(final: Path, owned: Owned | None) -> None:
+    """A ``UserError`` unless ``final`` is missing, an empty directory or ``owned`` output."""
+    if not os.path.lexists(final):
+        return
+    if final.is_symlink() or not final.is_dir():
+        raise UserError(f"refusing to replace {final}: it is not a directory")
+    entries = sorted(os.listdir(final))
+    bad = owned.foreign(final) if owned else (entries[0] if entries else None)
+    if bad is not None:
+        raise refusal(final, bad, owned.what if owned else "this command")
+
+
+def _replace_dir(tmp: Path, final: Path, owned: Owned | None) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` must be ``owned`` output (or empty): it is
+    moved aside, put back if the rename fails, and only its known files are removed."""
+    if not os.path.lexists(final):
+        os.rename(tmp, final)
+        return
+    _check_replaceable(final, owned)
+    aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    old = aside / final.name
+    try:
+        os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            os.rename(old, final)  # the previous output stays where it was
+            raise
+    except BaseException:
+        aside.rmdir()
+        raise
+    for f in os.listdir(old):  # checked above: each is a regular file the command wrote
+        if owned and f in owned.names:
+            (old / f).unlink()
+    with contextlib.suppress(OSError):  # not empty only if something appeared meanwhile: keep it
+        old.rmdir()
+        aside.rmdir()
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success fsync its files and rename it to ``final``."""
+def atomic_dir(final: str | Path, owned: Owned | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success fsync its files and rename it to ``final``.
+    An existing ``final`` is replaced only when it is empty or ``owned`` output (else ``UserError``)."""
     final = Path(final)
+    _refuse_unreplaceable(final)
+    _check_replaceable(final, owned)  # before any work; again when replacing
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
         _seal_tree(tmp)
-        if final.exists():
-            if not overwrite:
-                raise FileExistsError(final)
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        _replace_dir(tmp, final, owned)
         fsync_dir(final.parent)
     except BaseException as exc:
         written = tree_bytes(tmp)

@@ -48,13 +48,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     gg.set_defaults(func=run_export_gguf)
 
 
-def check_out(out: str, force: bool) -> Path:
-    from ..errors import UserError
+def check_out(out: str, force: bool, fmt: str = "native") -> Path:
+    """``--out`` for a checkpoint (``fmt`` native) or HF dir, refused before any work unless it is
+    new, empty, or (with ``force``) exactly that format's earlier output."""
+    from ..fsutil import check_output_dir
+    from ..interop import hf, native
 
-    path = Path(out)
-    if path.exists() and not force and (not path.is_dir() or any(path.iterdir())):
-        raise UserError(f"{path} already exists; pass --force to replace it")
-    return path
+    owned = native.OUTPUT if fmt == "native" else hf.OUTPUT
+    return check_output_dir(out, owned.foreign, owned.what, force=force)
 
 
 def run_import(args) -> int:
@@ -72,7 +73,7 @@ def run_export(args) -> int:
     from ..devices import parse_dtype
     from ..interop import find_tokenizer, load_checkpoint, save_hf
 
-    out = check_out(args.out, args.force)
+    out = check_out(args.out, args.force, "hf")
     cfg, state, _ = load_checkpoint(args.ckpt_dir)
     if args.tokenizer:  # check it before anything is written
         from ..errors import UserError

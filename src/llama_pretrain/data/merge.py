@@ -20,7 +20,7 @@ from .sources import data_config_from_dict
 def merge(parts: list[str | Path], out: str | Path, progress: bool = True) -> dict:
     if not parts:
         raise UserError("no part directories given")
-    out = check_out_dir(out)
+    out = check_out_dir(out, "data merge")
     manifests = [(Path(p), read_manifest(p)) for p in parts]
     first_dir, first = manifests[0]
     for d, m in manifests:

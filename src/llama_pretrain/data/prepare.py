@@ -28,6 +28,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -42,7 +43,8 @@ from tqdm import tqdm
 
 from ..config import parse_json
 from ..errors import UserError
-from ..fsutil import atomic_dir, atomic_file, fsync_dir, reporting_full_disk, tree_bytes
+from ..fsutil import (Owned, atomic_dir, atomic_file, check_output_dir, foreign_file, fsync_dir, refusal,
+                      reporting_full_disk, tree_bytes)
 from . import drops
 from .dedup import MinHasher, NearDedup, exact_key
 from .drops import Stats
@@ -138,7 +140,7 @@ def _process_unit(job: dict) -> tuple[Stats, bool]:
     tok = _cached("tok:" + job["tokenizer"], lambda: Tokenizer(job["tokenizer"]))
     enc = _cached("enc:" + job["tokenizer"], lambda: WordCacheEncoder(tok))  # its cache outlives units
     stats = Stats(files=1)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, UNIT_FILES) as tmp:
         with _UnitFiles(tmp, enc, stages.hasher, stats) as files:
             for rec in iter_records(Path(job["path"]), job["text_field"], job["url_field"]):
                 stats.documents_in += 1
@@ -467,10 +469,13 @@ def _staged(out: Path):
     """A dir for the new splits and manifest, swapped into ``out`` when the block succeeds. On a
     failure (a full disk: ``DiskFull``) it is removed and the previous dataset stays whole."""
     staging = out / STAGING
-    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run (checked to be ours)
     try:
         with reporting_full_disk(out, lambda: tree_bytes(staging)):
             yield staging
+        bad = dataset_foreign(out)  # something put into train/ or val/ while the shards were written
+        if bad is not None:
+            raise refusal(out, bad, "data prepare")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -657,12 +662,67 @@ def tokenizer_info(tokenizer_path: str | Path) -> dict:
             "bos_id": tok.bos_id, "eos_id": tok.eos_id}
 
 
-def check_out_dir(out: str | Path) -> Path:
-    """``out`` as a Path; a ``UserError`` if it exists and is not a directory."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    return out
+def check_out_dir(out: str | Path, what: str = "data prepare") -> Path:
+    """``out`` as a Path, refused (``UserError``) before any work unless it is new, empty or holds
+    only what data prepare / merge write there (``dataset_foreign``)."""
+    return check_output_dir(out, dataset_foreign, what, whole=False)
+
+
+# What data prepare and merge write into --out (regexes for names: None a file, a dict a directory
+# laid out so, an Owned a directory of those files); only this is ever replaced or removed there.
+UNIT_FILES = Owned("data prepare", frozenset([*(f"{n}.bin" for n in _UnitFiles.NAMES), "stats.json"]),
+                   "stats.json", lambda st: "fingerprint" in st)
+_SHARDS = {r"\d{5,}\.(bin|idx)": None}
+_STAGING = {re.escape(MANIFEST): None, rf"\.{re.escape(MANIFEST)}\.tmp-\w+": None,
+            "train|val": {**_SHARDS, r"\.\d{5,}\.(bin|idx)\.tmp-\w+": None}}
+_WORK = {"units": {".+": {r"\d{6,}": UNIT_FILES,  # a unit; and one a killed run left half-written:
+                          r"\.\d{6,}\.tmp-\w+": {"|".join(map(re.escape, UNIT_FILES.names)): None}}}}
+
+
+def dataset_foreign(out: Path) -> str | None:
+    """The first entry under ``out`` (a path relative to it) that data prepare did not write: not
+    one of its names, a symlink, or a shard its ``manifest.json`` does not list (with no manifest of
+    ours, ``train/`` and ``val/`` are ours only when empty)."""
+    listed = _listed_shards(out / MANIFEST)
+    top: dict[str, Any] = {re.escape(STAGING): _STAGING, WORK: _WORK, "train|val": {}}
+    if listed is not None:
+        top.update({re.escape(MANIFEST): None, **{sp: {re.escape(n): None for n in names}
+                                                  for sp, names in listed.items()}})
+        del top["train|val"]
+    return _foreign(out, top)
+
+
+def _foreign(d: Path, layout: dict[str, Any]) -> str | None:
+    for p in sorted(d.iterdir()):
+        keys = [k for k in layout if re.fullmatch(k, p.name)]
+        sub = layout[keys[0]] if keys else None
+        if not keys or sub is None or p.is_symlink() or not p.is_dir():
+            bad = foreign_file(p, bool(keys) and sub is None)
+        else:
+            inner = sub.foreign(p) if isinstance(sub, Owned) else _foreign(p, sub)
+            bad = inner and f"{p.name}/{inner}"
+        if bad:
+            return bad
+    return None
+
+
+def _listed_shards(path: Path) -> dict[str, set[str]] | None:
+    """Per split, the file names a data prepare manifest lists; None if ``path`` is not one."""
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+        if m.get("format") != FORMAT:
+            return None
+        listed: dict[str, set[str]] = {"train": set(), "val": set()}
+        for split, names in listed.items():
+            for shard in m["splits"][split]["shards"]:
+                for f in (shard["file"], shard["index"]):
+                    head, _, name = f.partition("/")
+                    if head != split:
+                        return None
+                    names.add(name)
+        return listed
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        return None
 
 
 def prepare(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, workers: int = 1,

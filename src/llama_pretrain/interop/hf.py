@@ -16,7 +16,7 @@ import torch
 
 from ..config import ModelConfig, read_json_object
 from ..errors import UserError
-from ..fsutil import atomic_dir
+from ..fsutil import Owned, atomic_dir
 from .checks import check_shapes, check_tensors, model_config
 
 _LAYER_MAP = {  # ours (inside layers.N.) -> HF (inside model.layers.N.)
@@ -230,7 +230,7 @@ def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path,
     if dtype is not None:
         hf_state = {k: v.to(dtype) for k, v in hf_state.items()}
     sample = next(iter(hf_state.values()))
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, OUTPUT) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in hf_state.items()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, sample.dtype), indent=2) + "\n")
@@ -239,6 +239,18 @@ def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path,
         if tokenizer_model is not None:
             write_hf_tokenizer(tokenizer_model, tmp)
     return out
+
+
+def _is_our_hf_config(cfg: dict) -> bool:
+    """config.json as save_hf writes it: a Llama config with no key hf_config_dict lacks."""
+    return (cfg.get("architectures") == ["LlamaForCausalLM"] and cfg.get("model_type") == "llama"
+            and set(cfg) <= set(hf_config_dict(ModelConfig())))
+
+
+# What save_hf writes: a directory holding only these files, its config.json ours, it may replace.
+OUTPUT = Owned("export-hf", frozenset({"model.safetensors", "config.json", "generation_config.json",
+                                       "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                                       "special_tokens_map.json"}), "config.json", _is_our_hf_config)
 
 
 def write_hf_tokenizer(tokenizer_model: str | Path, out_dir: Path) -> None:

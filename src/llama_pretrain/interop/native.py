@@ -15,13 +15,17 @@ import torch
 
 from ..config import NON_MODEL_KEYS, ModelConfig, read_json_object
 from ..errors import UserError
-from ..fsutil import atomic_dir
+from ..fsutil import Owned, atomic_dir
 from .checks import check_shapes, model_config
 
 FORMAT = "llama-pretrain"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
+
+# What save_native writes: a directory holding only these files, its config.json ours, it may replace.
+OUTPUT = Owned("llama-pretrain", frozenset({WEIGHTS, CONFIG, TOKENIZER}), CONFIG,
+               lambda cfg: cfg.get("format") == FORMAT)
 
 
 def is_native_dir(path: Path) -> bool:
@@ -40,7 +44,7 @@ def save_native(state_dict: dict[str, torch.Tensor], config: ModelConfig, out: s
     from safetensors.torch import save_file
 
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, OUTPUT) as tmp:
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "model": config.to_dict(), **(extra or {})}
