@@ -65,9 +65,11 @@ def child(row: str, args) -> dict:
         if row.endswith("plain ops (before)"):
             _plain_ops()
         if "ckpt" in row:
-            from llama_pretrain.train.parallel import apply_activation_checkpointing
+            from llama_pretrain.train.config import ParallelConfig
+            from llama_pretrain.train.distributed import DistInfo
+            from llama_pretrain.train.parallelize import apply_activation_checkpointing
 
-            apply_activation_checkpointing(model, row.split()[1])
+            apply_activation_checkpointing(model, ParallelConfig(activation_checkpointing=row.split()[1]), DistInfo())
         # The rows marked "(before)" compute the logits, then the chunked loss (as before the fusion).
         loss_of = (lambda x, y: model(x, y, chunked_loss=True)) if row.endswith("(before)") else model
         step = make_step(model, loss_of, "fp32")

@@ -86,7 +86,7 @@ def trainer_step(args, precision: str, stack):
 
     from llama_pretrain.train.config import load_run_config
     from llama_pretrain.train.loop import Trainer, preflight
-    from llama_pretrain.train.parallel import DistInfo
+    from llama_pretrain.train.distributed import DistInfo
     from llama_pretrain.train.runlock import RunLock
 
     tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_train_")))
@@ -113,10 +113,12 @@ def compile_blocks(model) -> None:
     """Compile each block in place: for ours the trainer's ``parallel.compile=true``
     (``apply_compile``), for transformers its decoder layers the same way. Compilation itself
     happens lazily, in the first (warm-up) step, which is timed separately."""
-    from llama_pretrain.train.parallel import apply_compile
+    from llama_pretrain.train.config import ParallelConfig
+    from llama_pretrain.train.distributed import DistInfo
+    from llama_pretrain.train.parallelize import apply_compile
 
     if hasattr(model, "layers"):
-        apply_compile(model)
+        apply_compile(model, ParallelConfig(compile=True), DistInfo())
     else:
         for layer in model.model.layers:
             layer.compile(fullgraph=False)

@@ -355,7 +355,9 @@ def part_d_memory(args) -> dict:
     from gpu_train import ac_modes
     from llama_pretrain.config import ModelConfig
     from llama_pretrain.model import Transformer
-    from llama_pretrain.train.parallel import DistInfo, parallelize
+    from llama_pretrain.train.config import ParallelConfig
+    from llama_pretrain.train.distributed import DistInfo
+    from llama_pretrain.train.parallelize import parallelize
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -380,7 +382,8 @@ def part_d_memory(args) -> dict:
                 model = Transformer(cfg).to(dev)
                 if ac != "none":
                     from gpu_train import ac_argument
-                    model = parallelize(model, DistInfo(device=dev), activation_checkpointing=ac_argument(ac))
+                    model = parallelize(model, ParallelConfig(activation_checkpointing=ac_argument(ac)),
+                                        DistInfo(device=dev))
 
                 def run(model=model):
                     with amp:

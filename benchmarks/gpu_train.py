@@ -30,13 +30,13 @@ import time
 def ac_modes() -> tuple[str, ...]:
     """The activation-checkpointing modes ``parallelize`` accepts in this tree (``selective`` once
     it exists; a plain bool parameter would silently read any string as ``full``)."""
-    from llama_pretrain.train import parallel
+    from llama_pretrain.train import parallelize
 
-    return ("none", "full", "selective") if "selective" in inspect.getsource(parallel) else ("none", "full")
+    return ("none", "full", "selective") if "selective" in inspect.getsource(parallelize) else ("none", "full")
 
 
 def ac_argument(mode: str):
-    """What ``parallelize(activation_checkpointing=...)`` takes for ``mode``."""
+    """What ``ParallelConfig(activation_checkpointing=...)`` takes for ``mode``."""
     if mode not in ac_modes():
         raise SystemExit(f"activation checkpointing {mode!r} is not offered by parallelize here")
     return {"none": False, "full": True}.get(mode, mode)  # the bools keep today's meaning
@@ -48,7 +48,9 @@ def run_one(args) -> dict:
     from llama_pretrain.compute.flops import flops_per_token, param_counts
     from llama_pretrain.compute.gpus import peak_flops_for_device
     from llama_pretrain.config import ModelConfig
-    from llama_pretrain.train.parallel import apply_float8, init_distributed, parallelize
+    from llama_pretrain.train.config import ParallelConfig
+    from llama_pretrain.train.distributed import init_distributed
+    from llama_pretrain.train.parallelize import apply_float8, parallelize
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -74,9 +76,10 @@ def run_one(args) -> dict:
         model = Transformer(cfg)
     model.to_empty(device=info.device)
     model.init_weights()
-    float8_layers = apply_float8(model, emulate=not cuda) if args.float8 else 0  # parallel.float8's own
-    model = parallelize(model, info, mode=args.mode, compile=args.compile,
-                        activation_checkpointing=ac_argument(args.ac), mixed_precision="bf16")
+    float8 = ParallelConfig(float8=True, float8_emulate=not cuda)
+    float8_layers = apply_float8(model, float8, info) if args.float8 else 0  # parallel.float8's own
+    model = parallelize(model, ParallelConfig(mode=args.mode, compile=args.compile, mixed_precision="bf16",
+                                              activation_checkpointing=ac_argument(args.ac)), info)
     def make_opt(fused: bool):
         kind = {"fused": True} if fused else {"foreach": True}
         return torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-5,

@@ -21,7 +21,9 @@ from llama_pretrain.cli import main as cli_main
 from llama_pretrain.config import ModelConfig
 from llama_pretrain.errors import UserError
 from llama_pretrain.model import Transformer
-from llama_pretrain.train.parallel import apply_float8, check_float8
+from llama_pretrain.train.config import ParallelConfig, RunConfig
+from llama_pretrain.train.distributed import DistInfo
+from llama_pretrain.train.parallelize import apply_float8, check_parallel
 
 torchao_float8 = pytest.importorskip("torchao.float8", reason="torchao is part of the test install")
 from torchao.float8.float8_linear import Float8Linear  # noqa: E402
@@ -37,6 +39,11 @@ def dataset(tmp_path_factory) -> Path:
 def _model(seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(ModelConfig.from_preset("llama2-debug"))
+
+
+def _float8(**settings) -> ParallelConfig:
+    """parallel.float8 on, emulated, with these other settings."""
+    return ParallelConfig(float8=True, float8_emulate=True, **settings)
 
 
 def _loss_and_grads(model: Transformer, rows: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
@@ -55,7 +62,7 @@ def _relative_error(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]
 def test_the_blocks_linears_swap_and_the_rounding_is_applied():
     ref, f8 = _model(), _model()
     keys = sorted(f8.state_dict())
-    assert apply_float8(f8, emulate=True) == 7 * 2  # wq wk wv wo w1 w2 w3 in each of 2 blocks
+    assert apply_float8(f8, _float8(), DistInfo()) == 7 * 2  # wq wk wv wo w1 w2 w3 in each of 2 blocks
     swapped = {n for n, m in f8.named_modules() if isinstance(m, Float8Linear)}
     assert swapped == {f"layers.{i}.{p}" for i in range(2) for p in (
         "attention.wq", "attention.wk", "attention.wv", "attention.wo",
@@ -79,7 +86,7 @@ def test_rowwise_scales_give_more_accurate_gradients_than_tensorwise():
     errors = {}
     for recipe in ("tensorwise", "rowwise"):
         model = _model()
-        assert apply_float8(model, emulate=True, recipe=recipe) == 14
+        assert apply_float8(model, _float8(float8_recipe=recipe), DistInfo()) == 14
         errors[recipe] = _relative_error(_loss_and_grads(model, rows)[1], ref)
     assert errors["rowwise"] < 0.9 * errors["tensorwise"], errors  # measured 0.035 vs 0.046
 
@@ -88,7 +95,7 @@ def test_dims_not_a_multiple_of_16_stay_high_precision():
     cfg = ModelConfig.from_preset("llama2-debug", multiple_of=4)  # FFN 172: w1 w2 w3 cannot take float8
     assert cfg.hidden_dim == 172
     model = Transformer(cfg)
-    assert apply_float8(model, emulate=True) == 4 * 2  # the attention projections only
+    assert apply_float8(model, _float8(), DistInfo()) == 4 * 2  # the attention projections only
     for name, m in model.named_modules():
         if name.startswith("layers.") and isinstance(m, torch.nn.Linear):
             assert isinstance(m, Float8Linear) == ("attention" in name), name
@@ -205,7 +212,16 @@ def test_the_error_without_a_float8_gpu_is_one_line_in_a_fresh_process(dataset, 
     assert "needs a CUDA GPU with float8 tensor cores" in r.stderr
 
 
-def test_check_float8_refuses_tp_and_a_missing_torchao(monkeypatch):
+def check_float8(enabled: bool, emulate: bool, device: torch.device, tp: int) -> None:
+    """``check_parallel`` with these float8 settings on tp ranks (a layout that passes: mode none,
+    one tensor-parallel group, 4 heads, 32 tokens per micro-batch)."""
+    cfg = RunConfig(parallel=ParallelConfig(tp=tp, float8=enabled, float8_emulate=emulate))
+    cfg.training.seq_len = 32
+    model_cfg = ModelConfig.from_preset("llama2-debug", n_kv_heads=4)
+    check_parallel(cfg, DistInfo(world_size=tp, device=device, launched=tp > 1), model_cfg)
+
+
+def test_check_parallel_refuses_float8_with_tp_and_a_missing_torchao(monkeypatch):
     check_float8(False, False, torch.device("cpu"), 4)  # off: nothing to check
     check_float8(True, True, torch.device("cpu"), 1)  # emulated: fine on CPU
     with pytest.raises(UserError, match="parallel.tp=2 is not supported"):
@@ -282,10 +298,12 @@ def test_float8_all_gather_really_gathers_float8():
 import torch
 from llama_pretrain.config import ModelConfig
 from llama_pretrain.model import Transformer
-from llama_pretrain.train.parallel import DistInfo, parallelize
+from llama_pretrain.train.config import ParallelConfig
+from llama_pretrain.train.distributed import DistInfo
+from llama_pretrain.train.parallelize import parallelize
 for ag in (False, True):
-    m = parallelize(Transformer(ModelConfig.from_preset("llama2-debug")), DistInfo(), mode="fsdp", float8=True,
-                    float8_emulate=True, float8_all_gather=ag)
+    p = ParallelConfig(mode="fsdp", float8=True, float8_emulate=True, float8_all_gather=ag)
+    m = parallelize(Transformer(ModelConfig.from_preset("llama2-debug")), p, DistInfo())
     print(type(m.layers["0"].attention.wq.weight.to_local()).__name__)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

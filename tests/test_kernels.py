@@ -97,13 +97,15 @@ def test_loss_and_gradients_match_transformers():
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_checkpointing_keeps_loss_and_gradients(mode):
-    from llama_pretrain.train.parallel import apply_activation_checkpointing
+    from llama_pretrain.train.config import ParallelConfig
+    from llama_pretrain.train.distributed import DistInfo
+    from llama_pretrain.train.parallelize import apply_activation_checkpointing
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**CFG))
     tokens = torch.randint(0, 257, (2, 65))
     loss, grads = _loss_and_grads(model, tokens)
-    apply_activation_checkpointing(model, mode)
+    apply_activation_checkpointing(model, ParallelConfig(activation_checkpointing=mode), DistInfo())
     loss2, grads2 = _loss_and_grads(model, tokens)
     assert loss2.item() == loss.item()
     for name, g in grads.items():
@@ -172,7 +174,9 @@ def test_rmsnorm_with_sequence_sharded_dtensor_takes_plain_ops():
 def test_fsdp2_bf16_mixed_precision_with_selective_checkpointing(monkeypatch):
     # One process, a gloo group of one: FSDP2 casts the parameters to bf16 for compute, so the
     # Functions see bf16 inputs and weights; the loss and gradients stay those of the plain ops.
-    from llama_pretrain.train.parallel import DistInfo, parallelize
+    from llama_pretrain.train.config import ParallelConfig
+    from llama_pretrain.train.distributed import DistInfo
+    from llama_pretrain.train.parallelize import parallelize
 
     def run(plain):
         torch.manual_seed(0)
@@ -180,8 +184,9 @@ def test_fsdp2_bf16_mixed_precision_with_selective_checkpointing(monkeypatch):
         with monkeypatch.context() as m:
             if plain:
                 _plain(m)
-            model = parallelize(model, DistInfo(), mode="fsdp", mixed_precision="bf16",
-                                activation_checkpointing="none" if plain else "selective")
+            model = parallelize(model, ParallelConfig(mode="fsdp", mixed_precision="bf16",
+                                                      activation_checkpointing="none" if plain else "selective"),
+                                DistInfo())
             loss = model(tokens[:, :-1], tokens[:, 1:])
             loss.backward()
         return loss.item(), {n: p.grad.full_tensor() for n, p in model.named_parameters()}
@@ -330,13 +335,16 @@ def test_model_head_with_hooks_or_no_targets_takes_the_module():
 def test_fsdp2_bf16_fused_loss_matches_logits_path():
     # FSDP2 on the root unshards the head's weight (bf16 under the param policy) for the root's
     # forward; the fused path reads it there and its gradient reaches FSDP's reduce-scatter.
-    from llama_pretrain.train.parallel import DistInfo, parallelize
+    from llama_pretrain.train.config import ParallelConfig
+    from llama_pretrain.train.distributed import DistInfo
+    from llama_pretrain.train.parallelize import parallelize
 
     tokens = torch.randint(0, 257, (2, 65), generator=torch.Generator().manual_seed(1))
 
     def run(**kw):
         torch.manual_seed(0)
-        model = parallelize(Transformer(ModelConfig(**CFG)), DistInfo(), mode="fsdp", mixed_precision="bf16")
+        model = parallelize(Transformer(ModelConfig(**CFG)), ParallelConfig(mode="fsdp", mixed_precision="bf16"),
+                            DistInfo())
         loss = model(tokens[:, :-1], tokens[:, 1:], **kw)
         loss.backward()
         return loss.item(), {n: p.grad.full_tensor() for n, p in model.named_parameters()}

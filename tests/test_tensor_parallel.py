@@ -145,6 +145,21 @@ def test_dp2_tp2_checkpoint_exports_in_one_process(reference, dp2_tp2, tmp_path)
 
 
 # -- layouts that cannot work: one-line errors, before anything is built -------------------------
+def check_layout(mode: str, tp: int, n_heads: int, n_kv_heads: int, seq_len: int, world_size: int,
+                 launched: bool, compile: bool = False, activation_checkpointing: bool | str = False) -> None:
+    """``check_parallel`` on a run config, a process and a model with these settings."""
+    from llama_pretrain.config import ModelConfig
+    from llama_pretrain.train.config import ParallelConfig, RunConfig
+    from llama_pretrain.train.distributed import DistInfo
+    from llama_pretrain.train.parallelize import check_parallel
+
+    cfg = RunConfig(parallel=ParallelConfig(mode=mode, tp=tp, compile=compile,
+                                            activation_checkpointing=activation_checkpointing))
+    cfg.training.seq_len = seq_len
+    model_cfg = ModelConfig.from_preset("llama2-debug", n_heads=n_heads, n_kv_heads=n_kv_heads)
+    check_parallel(cfg, DistInfo(world_size=world_size, launched=launched), model_cfg)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(mode="ddp", tp=2), "parallel.mode=ddp cannot be combined with parallel.tp=2"),
     (dict(tp=3), "parallel.tp=3 does not divide model.n_heads=4"),
@@ -157,7 +172,6 @@ def test_dp2_tp2_checkpoint_exports_in_one_process(reference, dp2_tp2, tmp_path)
 ])
 def test_bad_layout_is_a_one_line_error(kwargs, message):
     from llama_pretrain import UserError
-    from llama_pretrain.train.parallel import check_layout
 
     args = dict(mode="fsdp", tp=2, n_heads=4, n_kv_heads=2, seq_len=32,
                 world_size=4, launched=True)
@@ -168,8 +182,6 @@ def test_bad_layout_is_a_one_line_error(kwargs, message):
 
 
 def test_good_layouts_pass():
-    from llama_pretrain.train.parallel import check_layout
-
     check_layout("fsdp", 2, 4, 2, 32, 4, True)
     check_layout("none", 2, 4, 2, 32, 2, True)
     check_layout("ddp", 1, 4, 2, 33, 3, False)  # tp 1: nothing to check

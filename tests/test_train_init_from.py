@@ -19,7 +19,7 @@ from llama_pretrain.data.loader import TokenLoader
 from llama_pretrain.errors import UserError
 from llama_pretrain.train.config import load_run_config
 from llama_pretrain.train.loop import train
-from llama_pretrain.train.parallel import shutdown_distributed
+from llama_pretrain.train.distributed import shutdown_distributed
 
 VOCAB = 256
 RUN = {"training.max_steps": 4, "training.seq_len": 32, "training.micro_batch_size": 2,

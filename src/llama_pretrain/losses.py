@@ -71,7 +71,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     """Mean cross-entropy in fp32 (at least); ``chunked=None`` picks the faster path that keeps no
     fp32 copy of low-precision logits: chunked on CPU and for bf16/fp16 logits, else PyTorch's.
 
-    Logits that are a DTensor sharded on the vocabulary (tensor parallelism, train/parallel.py) go
+    Logits that are a DTensor sharded on the vocabulary (tensor parallelism, train/parallelize.py) go
     through PyTorch's vocabulary-parallel loss (``loss_parallel``: a max, a sum-exp and the target
     logit reduced over the shards, never the full rows); the result is the replicated plain scalar,
     whatever ``chunked`` says. Its backward must run under ``loss_parallel_context`` too."""
@@ -91,7 +91,7 @@ except ImportError:  # a torch built without distributed support
 
 
 def is_dtensor(t) -> bool:
-    """A DTensor (tensor parallelism, train/parallel.py): the plain-tensor kernels here and in
+    """A DTensor (tensor parallelism, train/parallelize.py): the plain-tensor kernels here and in
     model.py step aside for the ops whose sharding rules DTensor knows."""
     return isinstance(t, DTensor)
 

@@ -11,7 +11,7 @@ with no mask tensor, while generation and evaluation add per-row ``positions``, 
 and a ``KVCache`` (``generate.py``, ``eval/harness.py``).
 
 Parallelism, compilation, activation checkpointing and mixed precision are applied from outside
-(``train/parallel.py``); nothing here knows about them, except that DTensor inputs (sequence
+(``train/parallelize.py``); nothing here knows about them, except that DTensor inputs (sequence
 parallelism) take the plain-ops RMSNorm and SwiGLU instead of the autograd Functions below.
 
 Lean backward: RMSNorm keeps only its input and the fp32 reciprocal RMS (``_RMSNormFn``), SwiGLU
@@ -192,7 +192,7 @@ class Attention(nn.Module):
                 cache: BlockKV | None = None) -> torch.Tensor:
         """``mask`` is ``attention_mask``'s: None means causal over ``x`` (a single query: every key)."""
         B, T, _ = x.shape
-        # Head counts come from the projections' outputs: under tensor parallelism (train/parallel.py)
+        # Head counts come from the projections' outputs: under tensor parallelism (train/parallelize.py)
         # each rank holds n_heads/tp query heads and n_kv_heads/tp KV heads, with the same GQA ratio.
         q = self.wq(x).view(B, T, -1, self.head_dim)
         k = self.wk(x).view(B, T, -1, self.head_dim)

@@ -106,7 +106,7 @@ def overrides_from_args(args) -> list[str]:
 
 
 def run(args) -> int:
-    from ..train.parallel import shutdown_distributed
+    from ..train.distributed import shutdown_distributed
     from ..train.preemption import Preempted
 
     try:

@@ -59,7 +59,7 @@ Everything is per GPU for ``micro_batch`` sequences of ``seq_len`` tokens. Alloc
 fragmentation, CUDA context (~0.5 GiB, not seen by ``max_memory_allocated``), NCCL buffers and
 optimizer temporaries are not modelled.
 
-Tensor parallelism (``tp`` > 1, dp = world / tp; the trainer's layout in ``train/parallel.py``):
+Tensor parallelism (``tp`` > 1, dp = world / tp; the trainer's layout in ``train/parallelize.py``):
 every matrix is split over the tp ranks of a node (``wq wk wv w1 w3`` by output features,
 ``wo w2`` by input features, embedding and head by vocabulary) and FSDP shards the local pieces
 over dp, so model states are ``P_tp / dp`` with ``P_tp = (P - norms) / tp + norms``: the RMSNorm

@@ -27,7 +27,7 @@ from ..errors import UserError
 from ..fsutil import fsync_dir, sha256_file
 from ..interop.training_checkpoint import (STATE_FILE, SUMS_FILE, list_checkpoints, payload_files,
                                             quiet_single_process, safe_reader, step_dir_name)
-from .parallel import barrier, gather_object
+from .distributed import barrier, gather_object
 from .report import say
 
 

@@ -128,7 +128,9 @@ FLOAT8_RECIPES = ("tensorwise", "rowwise")
 
 
 @dataclass
-class ParallelSection:
+class ParallelConfig:
+    """The [parallel] section: how training is spread over devices, applied and checked in one
+    place (``train/parallelize.py``)."""
     mode: str = setting("none", one_of("none", "ddp", "fsdp"))
     """none, ddp or fsdp (under torchrun)."""
     compile: bool = False
@@ -183,7 +185,7 @@ class EvalSection:
 SECTIONS: dict[str, type] = {
     "data": DataSection, "optimizer": OptimizerSection, "schedule": ScheduleSection,
     "training": TrainingSection, "checkpoint": CheckpointSection, "logging": LoggingSection,
-    "parallel": ParallelSection, "eval": EvalSection,
+    "parallel": ParallelConfig, "eval": EvalSection,
 }
 
 
@@ -197,7 +199,7 @@ class RunConfig:
     training: TrainingSection = field(default_factory=TrainingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
-    parallel: ParallelSection = field(default_factory=ParallelSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalSection = field(default_factory=EvalSection)
     _model: ModelConfig | None = field(default=None, init=False, repr=False, compare=False)
     _model_keys: set[str] = field(default_factory=set, init=False, repr=False, compare=False)

@@ -97,7 +97,7 @@ def run_demo(run_dir: Path, overrides: list[str] | None = None, print_config: bo
     if print_config:
         sys.stdout.write(cfg.to_toml())
         return 0
-    from .parallel import barrier, init_distributed
+    from .distributed import barrier, init_distributed
 
     refuse_model_dir(run_dir)  # before the demo data is written into it
     t0 = time.perf_counter()

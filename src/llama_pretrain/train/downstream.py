@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .parallel import barrier
+from .distributed import barrier
+from .parallelize import sharded
 
 BATCH_SIZE = 16  # `llama-pretrain eval`'s default, so the last step's score matches it exactly
 
@@ -26,8 +27,7 @@ class Downstream:
 
     def __init__(self, cfg, task_ids: list[str], tokenizer_model: Path | None, info):
         self.section, self.task_ids, self.info = cfg.eval, task_ids, info
-        self.max_steps, self.mode = cfg.training.max_steps, cfg.parallel.mode
-        self.tp = cfg.parallel.tp
+        self.max_steps = cfg.training.max_steps
         self.model_cfg, self.tokenizer_model = cfg.model_config(), tokenizer_model
         self.primary: dict[str, str] = {}
 
@@ -55,7 +55,7 @@ class Downstream:
     def _weights_for_rank0(self, model: torch.nn.Module) -> torch.nn.Module | None:
         """The Transformer rank 0 scores: DDP's replica, or under FSDP or tensor parallelism a copy of
         the gathered weights (every rank takes part in the gather)."""
-        if self.mode != "fsdp" and self.tp == 1:
+        if not sharded(model):
             return getattr(model, "module", model) if self.info.is_main else None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -165,7 +165,7 @@ def run_ladder(ladder: Ladder, run_dir: Path, say=print) -> dict[str, Any]:
     """Train (or reuse) every member, then write ladder.json and figure5.png; returns ladder.json
     (under torchrun: every rank trains, rank 0 reports and the others return {})."""
     from .loop import train
-    from .parallel import barrier, init_distributed
+    from .distributed import barrier, init_distributed
     from .plot import plot_runs
 
     info = init_distributed(ladder.members[0].cfg.training.device)

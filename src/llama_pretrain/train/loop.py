@@ -24,6 +24,7 @@ dropped from ``metrics.jsonl`` so every step appears once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -43,12 +44,12 @@ from ..model import Transformer
 from . import metrics
 from .checkpoint import restore_checkpoint, save_checkpoint
 from .config import RunConfig
+from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, gather_object, init_distributed
 from .downstream import Downstream, check_eval_data
 from .guards import NonFiniteGuard, SpikeDetector
 from .init_from import check_tokenizer, load_weights
 from .optim import Schedule, build_optimizer, continue_schedule, planned_schedule, saved_schedule, set_lr
-from .parallel import (DistInfo, all_reduce_max, all_reduce_mean, barrier, check_float8, check_layout, gather_object,
-                       grad_sync, init_distributed, parallelize, precompute_float8_scales)
+from .parallelize import check_parallel, eager_no_grad, grad_sync, parallelize, precompute_float8_scales
 from .preemption import Preempted, StopSignals
 from .report import Reporter, say
 from .runlock import RunLock
@@ -119,13 +120,9 @@ class Plan:
 def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock: RunLock) -> Plan:
     """Every check before anything is written (the run dir's lock first: another job's checkpoints
     are not read while it writes them); a ``UserError`` names the first problem."""
-    t, p = cfg.training, cfg.parallel
+    t = cfg.training
     model_cfg = cfg.model_config()
-    check_layout(p.mode, p.tp, model_cfg.n_heads, model_cfg.kv_heads, cfg.seq_len, info.world_size,
-                 info.distributed, p.compile, p.activation_checkpointing)
-    info.tp = p.tp
-    check_float8(p.float8, p.float8_emulate, info.device, p.tp, p.float8_recipe,
-                 t.micro_batch_size * cfg.seq_len, p.float8_all_gather, p.mode)
+    check_parallel(cfg, info, model_cfg)
     accum = cfg.accumulation_steps(info.world_size)
     if not cfg.data.path:
         raise UserError("data.path is not set: point it at a prepared dataset (llama-pretrain data prepare)")
@@ -274,12 +271,8 @@ class Trainer:
         if plan.init_from:  # before parallelize, so DDP broadcasts and FSDP shards these weights
             fmt = load_weights(model, plan.init_from, plan.model_cfg)
             say(f"starting from {plan.init_from} ({fmt} weights) with a fresh optimizer and schedule", info.is_main)
-        p = cfg.parallel
-        self.model = parallelize(model, info, p.mode, compile=p.compile,
-                                 activation_checkpointing=p.activation_checkpointing,
-                                 mixed_precision=precision, reshard_after_forward=p.reshard_after_forward,
-                                 float8=p.float8, float8_emulate=p.float8_emulate,
-                                 float8_recipe=p.float8_recipe, float8_all_gather=p.float8_all_gather)
+        self.parallel = dataclasses.replace(cfg.parallel, mixed_precision=precision)
+        self.model = parallelize(model, self.parallel, info)
         o = cfg.optimizer
         self.optimizer = build_optimizer(self.model, cfg.peak_lr, (o.beta1, o.beta2), o.eps, o.weight_decay,
                                          o.decay_embeddings, o.implementation)
@@ -363,8 +356,7 @@ class Trainer:
         if not skipped:  # every rank agrees to skip, or none does
             clip_gradients_(self.params, grad_norm, self.cfg.optimizer.grad_clip)
             self.optimizer.step()
-            if self.cfg.parallel.float8_all_gather:
-                precompute_float8_scales(self.model)
+            precompute_float8_scales(self.model, self.parallel)
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.tokens_seen += t.global_batch_tokens
@@ -389,20 +381,13 @@ class Trainer:
                           t.seed, self.info.dp_rank, self.info.dp_size)
         self.model.eval()
         total = torch.zeros((), device=self.info.device)
-        with self._eager_if_tensor_parallel():
+        with eager_no_grad(self.parallel, self.info):
             for _ in range(t.eval_batches):
                 batch = next(val).to(self.info.device)
                 total += self.loss(batch[:, :-1], batch[:, 1:], chunked=False).float()
         self.model.train()
         loss = all_reduce_mean(total / t.eval_batches)
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
-
-    def _eager_if_tensor_parallel(self):
-        """Compiled blocks of DTensors run eagerly for a no-grad pass: on torch 2.13 their no-grad
-        graph failed ("'Tensor' object has no attribute 'elem'")."""
-        if self.tensor_parallel and self.cfg.parallel.compile:
-            return torch.compiler.set_stance("force_eager")
-        return contextlib.nullcontext()
 
     def checkpoint_due(self) -> bool:
         every, step = self.cfg.checkpoint.every_steps, self.state.step

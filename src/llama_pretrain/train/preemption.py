@@ -16,7 +16,7 @@ import signal
 import threading
 from pathlib import Path
 
-from .parallel import all_reduce_max
+from .distributed import all_reduce_max
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 

@@ -101,15 +101,9 @@ class Reporter:
             f"({self.peak_source})")
 
     def _float8(self) -> str:
-        p = self.trainer.cfg.parallel
-        if not p.float8:
-            return ""
-        from torchao.float8.float8_linear import Float8Linear
+        from .parallelize import float8_summary
 
-        n = sum(isinstance(m, Float8Linear) for m in self.trainer.model.modules())
-        return (f" with float8 matmuls ({p.float8_recipe}) in {n} linear layers"
-                + (" (emulated)" if p.float8_emulate else "")
-                + (" and float8 weight all-gathers" if p.float8_all_gather else ""))
+        return float8_summary(self.trainer.model, self.trainer.parallel)
 
     # -- per step ------------------------------------------------------------------------------
     def record(self, result) -> dict[str, Any]:

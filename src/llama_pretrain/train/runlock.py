@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..config import parse_json
 from ..errors import UserError
-from .parallel import DistInfo, gather_object
+from .distributed import DistInfo, gather_object
 from .report import say
 
 LOCK_FILE = ".lock"

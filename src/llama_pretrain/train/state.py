@@ -17,7 +17,7 @@ import torch
 
 from ..data.loader import TokenLoader
 from .guards import NonFiniteGuard, SpikeDetector
-from .parallel import gather_object
+from .distributed import gather_object
 
 FORMAT = "llama-pretrain-trainer/1"
 
