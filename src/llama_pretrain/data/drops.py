@@ -22,8 +22,9 @@ INVALID_UTF8 = "invalid_utf8"
 MALFORMED_JSON = "malformed_json"
 MISSING_TEXT_FIELD = "missing_text_field"
 TEXT_NOT_A_STRING = "text_not_a_string"
+TOO_LONG = "too_long"  # a record over ``limits.MAX_RECORD_BYTES``
 BAD_INPUT = frozenset({UNREADABLE_FILE, EMPTY_FILE, BINARY_FILE, CORRUPT_FILE, BINARY_DATA, INVALID_UTF8,
-                       MALFORMED_JSON, MISSING_TEXT_FIELD, TEXT_NOT_A_STRING})
+                       MALFORMED_JSON, MISSING_TEXT_FIELD, TEXT_NOT_A_STRING, TOO_LONG})
 
 # Per-document stages of phase 1 (``prepare``).
 EMPTY_TEXT = "empty_text"

@@ -12,6 +12,9 @@ script, a binary) are not documents; name them, or glob them (``DIR/**/*.py``), 
 
 Bad records never raise: ``iter_records`` yields them with a drop reason and a ``file:line``
 location so the pipeline can count them (``--strict`` turns the first one into a ``UserError``).
+A record over ``limits.MAX_RECORD_BYTES`` is one of them (``too_long``), found without being read
+whole. Only regular files are read: a FIFO, device or socket found by a walk or a glob is refused
+like a named one, and ``**`` enters each directory once, however many links lead back to it.
 The one exception is a file in which *no* record has the configured text field: that is a
 configuration mistake, reported as a ``UserError`` naming the file and the fields it does have.
 """
@@ -22,6 +25,7 @@ import glob
 import gzip
 import json
 import os
+import stat
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +33,7 @@ from typing import Any, Iterator
 
 from ..config_fields import at_least, between, check, coerce, setting, update
 from ..errors import UserError
-from . import drops
+from . import drops, limits
 
 # ---------------------------------------------------------------------------------------------
 # Files
@@ -54,9 +58,9 @@ def expand_paths(patterns: list[str] | str) -> list[Path]:
             found = _walk(p)
         elif glob.has_magic(pat):
             found = []
-            for m in sorted(glob.glob(pat, recursive=True)):
+            for m in _glob(pat):
                 mp = Path(m)
-                found.extend(_walk(mp) if mp.is_dir() else [mp] if mp.is_file() else [])
+                found.extend(_walk(mp) if mp.is_dir() else [mp] if mp.exists() else [])
         elif p.exists():
             raise UserError(f"input path {pat} is not a regular file or a directory (a device, FIFO or socket)")
         else:
@@ -67,8 +71,66 @@ def expand_paths(patterns: list[str] | str) -> list[Path]:
         if not found:
             raise UserError(f"input {pat} matches no files")
         for f in found:
+            _check_regular(f, pat)
             seen.setdefault(f, None)
     return list(seen)
+
+
+def _check_regular(f: Path, pat: str) -> None:
+    """Refuse what a walk or a glob found that is not a regular file: a FIFO blocks its reader
+    and a device (a ``*.txt`` link to ``/dev/zero``) never ends. Checked without opening it."""
+    try:
+        mode = os.stat(f).st_mode
+    except OSError as e:
+        raise UserError(f"cannot read {f}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"input {f} (found by {pat}) is not a regular file (a device, FIFO or socket); "
+                        f"remove it, or name the files to read")
+
+
+def _glob(pat: str) -> list[str]:
+    """``glob.glob(pat, recursive=True)``, sorted, except that ``**`` enters each directory once
+    (by device and inode): glob follows a link back up (``ln -s . loop``) at every level, and
+    two such links make that exponential."""
+    parts = pat.split(os.sep)
+    if "**" not in parts:
+        return sorted(glob.glob(pat))
+    i = parts.index("**")
+    head, tail = os.sep.join(parts[:i]) or (os.sep if i else ""), parts[i + 1:]
+    out = set()
+    for base in (glob.glob(head) if glob.has_magic(head) else [head]):
+        if base and not os.path.isdir(base):
+            continue
+        for rel in _tree(base, files=not tail):
+            path = os.path.join(base, rel)
+            if tail:
+                out.update(_glob(os.path.join(glob.escape(path), *tail)))
+            elif path:
+                out.add(path)
+    return sorted(out)
+
+
+def _tree(base: str, files: bool) -> Iterator[str]:
+    """The non-hidden directories under ``base`` as paths relative to it (``""``: itself), each
+    entered once, the first way it is reached; with ``files``, their other entries too."""
+    seen: set[tuple[int, int]] = set()
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        d = os.path.join(base, rel) or os.curdir
+        try:
+            st = os.stat(d)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(d) as it:
+                entries = sorted((e.name, e.is_dir()) for e in it if not e.name.startswith("."))
+        except OSError:
+            continue
+        yield rel
+        if files:
+            yield from (os.path.join(rel, name) for name, is_dir in entries if not is_dir)
+        stack.extend(os.path.join(rel, name) for name, is_dir in reversed(entries) if is_dir)
 
 
 # File names a reader knows, so a directory walk reads them (and nothing else).
@@ -320,6 +382,13 @@ def iter_texts(source: SourceConfig) -> Iterator[str]:
 
 
 def iter_records(path: Path, text_field: str = "text", url_field: str | None = None) -> Iterator[Record]:
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        regular = False
+    if not regular:  # expand_paths refuses these; this is for one that replaced a file since
+        yield Record.bad(str(path), drops.UNREADABLE_FILE)
+        return
     kind = file_kind(path)
     if kind == "parquet":
         yield from _iter_parquet(path, text_field, url_field)
@@ -331,9 +400,12 @@ def iter_records(path: Path, text_field: str = "text", url_field: str | None = N
 
 def _read_text_file(path: Path) -> Record:
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as fh:
+            data = fh.read(limits.MAX_RECORD_BYTES + 1)
     except OSError:
         return Record.bad(str(path), drops.UNREADABLE_FILE)
+    if len(data) > limits.MAX_RECORD_BYTES:
+        return Record.bad(str(path), drops.TOO_LONG)
     if not data.strip():
         return Record.bad(str(path), drops.EMPTY_FILE)
     if b"\x00" in data[:65536]:
@@ -357,7 +429,11 @@ def _iter_jsonl(path: Path, text_field: str, url_field: str | None, gz: bool) ->
     with fh:
         lineno = 0
         try:
-            for lineno, raw in enumerate(fh, 1):
+            for lineno, raw in enumerate(limits.bounded_lines(fh, limits.MAX_RECORD_BYTES), 1):
+                if raw is None:
+                    empty = False
+                    yield Record.bad(f"{path}:{lineno}", drops.TOO_LONG)
+                    continue
                 if not raw.strip():
                     continue
                 empty = False
@@ -372,7 +448,7 @@ def _iter_jsonl(path: Path, text_field: str, url_field: str | None, gz: bool) ->
                     continue
                 try:
                     obj = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):  # nested thousands deep: malformed, too
                     yield Record.bad(loc, drops.MALFORMED_JSON)
                     continue
                 if not isinstance(obj, dict):
@@ -413,26 +489,77 @@ def _iter_parquet(path: Path, text_field: str, url_field: str | None) -> Iterato
         else:
             yield Record.bad(str(path), drops.CORRUPT_FILE)
         return
-    names = pf.schema_arrow.names
-    if text_field not in names:
-        raise UserError(f"{path}: no column {text_field!r}; columns: {', '.join(names) or 'none'}")
-    cols = [text_field] + ([url_field] if url_field and url_field in names else [])
-    row = 0
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        raise UserError(f"{path}: no column {text_field!r}; columns: {', '.join(schema.names) or 'none'}")
     if pf.metadata.num_rows == 0:
         yield Record.bad(str(path), drops.EMPTY_FILE)
         return
+    read_text = _readable(schema.field(text_field).type)
+    url = url_field and url_field in schema.names and limits.is_string_type(schema.field(url_field).type)
+    cols = [text_field] + ([url_field] if url else [])
+    row = 0
     try:
-        for batch in pf.iter_batches(batch_size=1024, columns=cols):
-            texts = batch.column(0).to_pylist()
-            urls = batch.column(1).to_pylist() if len(cols) > 1 else [None] * len(texts)
-            for text, url in zip(texts, urls):
-                row += 1
-                loc = f"{path}:row {row}"
-                if text is None:
-                    yield Record.bad(loc, drops.MISSING_TEXT_FIELD)
-                elif not isinstance(text, str):
-                    yield Record.bad(loc, drops.TEXT_NOT_A_STRING)
-                else:
-                    yield Record(text, url if isinstance(url, str) else None, loc)
+        with open(path, "rb") as fh:
+            for g in range(pf.metadata.num_row_groups):
+                for rec in _row_group_records(pf, fh, g, cols, read_text, str(path), row):
+                    row += 1
+                    yield rec
     except Exception:
         yield Record.bad(f"{path}:row {row + 1}", drops.CORRUPT_FILE)
+
+
+def _readable(t) -> bool:
+    """Whether a text column is read: strings (measured before they are decoded) and fixed-width
+    values (for their nulls). Binary or nested values may decode to anything, from a few bytes,
+    and are not texts whatever they hold."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return limits.is_string_type(t) or pa.types.is_null(t) or pa.types.is_primitive(t)
+
+
+def _row_group_records(pf, fh, g: int, cols: list[str], read_text: bool, path: str,
+                       row: int) -> Iterator[Record]:
+    """The records of row group ``g`` (rows from ``row + 1``), in batches whose decoded size its
+    metadata and dictionary page headers bound; a row group whose rows average more than the
+    record limit is not read at all."""
+    meta = pf.metadata.row_group(g)
+    rows = meta.num_rows
+    size = limits.declared_bytes(meta, pf.metadata.schema, cols)
+    if not read_text or limits.mean_row_over_limit(rows, size):
+        reason = drops.TOO_LONG if read_text else drops.TEXT_NOT_A_STRING
+        yield from (Record.bad(f"{path}:row {i}", reason) for i in range(row + 1, row + rows + 1))
+        return
+    dictionary = limits.dictionary_bytes(fh, meta, pf.metadata.schema, cols)
+    for batch in pf.iter_batches(batch_size=limits.rows_per_batch(rows, size, dictionary), row_groups=[g],
+                                 columns=cols):
+        yield from _batch_records(batch, path, row)
+        row += batch.num_rows
+
+
+def _batch_records(batch, path: str, row: int) -> Iterator[Record]:
+    """A batch's records: text (and URL) lengths first, so a row over the limit is dropped
+    before it becomes a Python string."""
+    text = batch.column(0)
+    url = batch.column(1) if batch.num_columns > 1 else None
+    sizes = limits.string_lengths(text)
+    if sizes is None:  # numbers or nulls
+        for i, null in enumerate(text.is_null().to_numpy(zero_copy_only=False), row + 1):
+            yield Record.bad(f"{path}:row {i}", drops.MISSING_TEXT_FIELD if null else drops.TEXT_NOT_A_STRING)
+        return
+    if url is not None:
+        sizes = sizes + limits.string_lengths(url)
+    over = sizes > limits.MAX_RECORD_BYTES
+    for a, b in limits.slices(sizes * ~over, limits.PARQUET_BATCH_BYTES):
+        texts = limits.pylist(text, a, b, over)
+        urls = limits.pylist(url, a, b, over) if url is not None else [None] * (b - a)
+        for i in range(a, b):
+            loc = f"{path}:row {row + i + 1}"
+            if over[i]:
+                yield Record.bad(loc, drops.TOO_LONG)
+            elif texts[i - a] is None:
+                yield Record.bad(loc, drops.MISSING_TEXT_FIELD)
+            else:
+                yield Record(texts[i - a], urls[i - a], loc)

@@ -4,6 +4,9 @@ Layout: ``DATA_DIR/<task id>/<split>.jsonl`` (also ``.jsonl.gz``, ``.json``, ``.
 benchmark published as several configurations (BBH's 27 tasks, AGIEval's English sets) may also
 be laid out as ``DATA_DIR/<task id>/<config>/<split>.jsonl``; each record then gets a
 ``_subset`` field naming its configuration.
+
+Limits (``data.limits``): a record (a JSONL line, a Parquet row) may hold 16 MiB, a split file
+1 GiB once decompressed; a larger one is refused, found without being read whole.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import gzip
 import json
 from pathlib import Path
 
+from ...data import limits
 from ...errors import UserError
 from ...tokenizer import check_text
 
@@ -37,30 +41,89 @@ def find_split(data_dir: Path, task_id: str, split: str) -> list[tuple[Path, str
 def read_records(path: Path) -> list[dict]:
     try:
         if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-            return pq.read_table(path).to_pylist()
+            return _read_parquet(path)
         opener = gzip.open if path.name.endswith(".gz") else open
         # invalid UTF-8 inside a string survives as U+DC80..U+DCFF, for check_fields to name its field
         with opener(path, "rt", encoding="utf-8", errors="surrogateescape") as fh:
             if path.name.endswith(".json"):
-                data = json.load(fh)
-                if isinstance(data, dict):  # {"data": [...]} style
-                    data = next((v for v in data.values() if isinstance(v, list)), [])
-                return list(data)
-            out = []
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except ValueError as e:
-                        raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
-            return out
+                return _read_json(path, fh)
+            return _read_jsonl(path, fh)
     except UserError:
         raise
     except (OSError, ValueError, EOFError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - pyarrow raises its own types for corrupt files
         raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def _read_json(path: Path, fh) -> list:
+    text = fh.read(limits.MAX_SPLIT_BYTES + 1)
+    if len(text) > limits.MAX_SPLIT_BYTES:
+        raise UserError(_too_big(path))
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{path}: not valid JSON (nested too deeply)") from None
+    if isinstance(data, dict):  # {"data": [...]} style
+        data = next((v for v in data.values() if isinstance(v, list)), [])
+    return list(data)
+
+
+def _read_jsonl(path: Path, fh) -> list:
+    out, total = [], 0
+    for n, line in enumerate(limits.bounded_lines(fh, limits.MAX_RECORD_BYTES), 1):
+        if line is None:
+            raise UserError(f"{path}:{n}: {_record_too_big()}")
+        total += len(line)
+        if total > limits.MAX_SPLIT_BYTES:
+            raise UserError(_too_big(path))
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except (ValueError, RecursionError) as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
+    return out
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    """The rows of a Parquet file, their sizes checked before they become Python objects: from the
+    metadata (a row group whose rows average over the limit is not read), then per row, with the
+    strings read as dictionaries so that a repeated one is measured, not copied, until it passes."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    schema = meta.schema
+    strings = [schema.column(j).path for j in range(len(schema)) if schema.column(j).physical_type == "BYTE_ARRAY"]
+    pf = pq.ParquetFile(path, read_dictionary=strings)
+    sizes = [limits.declared_bytes(meta.row_group(g), schema, None) for g in range(meta.num_row_groups)]
+    if sum(sizes) > limits.MAX_SPLIT_BYTES:
+        raise UserError(_too_big(path))
+    out, total = [], 0
+    for g, size in enumerate(sizes):
+        rows = meta.row_group(g).num_rows
+        if limits.mean_row_over_limit(rows, size):
+            raise UserError(f"{path}: records {len(out)} to {len(out) + rows - 1}: {_record_too_big()}")
+        for batch in pf.iter_batches(batch_size=limits.rows_per_batch(rows, size, 0), row_groups=[g]):
+            cost = np.zeros(batch.num_rows, dtype=np.int64)
+            for column in batch.columns:
+                cost += limits.value_costs(column)
+            over = np.flatnonzero(cost > limits.MAX_RECORD_BYTES)
+            if len(over):
+                raise UserError(f"{path}: record {len(out) + int(over[0])}: {_record_too_big()}")
+            total += int(cost.sum())
+            if total > limits.MAX_SPLIT_BYTES:
+                raise UserError(_too_big(path))
+            out.extend(batch.to_pylist())
+    return out
+
+
+def _record_too_big() -> str:
+    return f"a record larger than {limits.MAX_RECORD_BYTES / (1 << 20):g} MiB, the limit for one"
+
+
+def _too_big(path: Path) -> str:
+    return f"{path}: more than {limits.MAX_SPLIT_BYTES / (1 << 30):g} GiB once decompressed, the limit for a split file"
 
 
 def check_fields(records: list[dict], fields: tuple[str, ...], where: str, hf: str) -> None:
