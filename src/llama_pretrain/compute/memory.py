@@ -140,6 +140,53 @@ def head_activation_bytes_per_token(cfg: ModelConfig, act_bytes: int, residual_b
     return residual_bytes * d + 4 + act_bytes * d + act_bytes * cfg.vocab_size + 4
 
 
+def _check_layout(world_size: int, micro_batch: int, tp: int) -> None:
+    if world_size < 1 or micro_batch < 1:
+        raise ValueError("world_size and micro_batch must be >= 1")
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"tp ({tp}) must be >= 1 and divide world_size ({world_size})")
+
+
+def _activation_bytes(cfg: ModelConfig, tokens: int, seq: int, e: int, r: int, tp: int, *, fused: bool,
+                      fused_attention: bool, autocast_cache: bool) -> dict:
+    """Activation bytes per GPU under each checkpointing mode ("none", "full", "selective"), and the
+    ``block`` and ``head`` parts the peak is made of."""
+    if fused and tp > 1:
+        raise ValueError("under tensor parallelism the output head is not fused with the loss")
+    counts = param_counts(cfg)
+    block = block_activation_bytes_per_token(cfg, e, r, fused_attention, seq) * tokens
+    head = head_activation_bytes_per_token(cfg, e, r, fused) * tokens
+    if fused:  # the head's gradient, made in the forward (in the compute dtype, as the weight is used)
+        head += counts.output * e
+    inputs = cfg.n_layers * r * cfg.dim * tokens  # what checkpointed blocks keep
+    blocks_cache = 0
+    if autocast_cache:
+        # Compute-dtype copies of matmul weights, cached by autocast and saved for backward
+        # (inside checkpointed blocks they are recomputed, so only the head's stays).
+        blocks_cache = cfg.n_layers * (counts.attention_per_layer + counts.ffn_per_layer) * e
+        if not fused:  # the fused loss casts the head's weight itself and does not keep the copy
+            head += counts.output * e
+    if tp > 1:  # sequence parallelism (module docstring)
+        block, head, inputs = tensor_parallel_activations(cfg, e, tokens, tp, block, head, inputs)
+    # Selective: every block keeps its matmul and attention outputs; one block's full set is live
+    # again while it is recomputed (sharded like the rest under tensor parallelism, roughly / tp).
+    selective = cfg.n_layers * selective_block_bytes_per_token(cfg, e, r) * tokens / tp + block + head
+    return {"none": cfg.n_layers * block + blocks_cache + head, "full": inputs + block + head,
+            "selective": selective, "block": block, "head": head}
+
+
+def _transient_bytes(cfg: ModelConfig, tokens: int, e: int, tp: int, fused: bool) -> float:
+    """The loss gradient alive at the start of backward (in ``peak`` only)."""
+    V = cfg.vocab_size
+    if fused:  # backward scales the saved gradients: the head's is head_grad below, plus h's
+        transient = e * cfg.dim * tokens
+    elif e == 4:  # PyTorch's cross-entropy: gradients of the log-softmax and of the logits
+        transient = 2 * 4 * V * tokens
+    else:       # losses.py: the logits' gradient and ~3 fp32 softmax chunks of 2048 rows
+        transient = e * V * tokens + 3 * 4 * V * min(tokens, 2048)
+    return transient / tp  # the logits and their gradient are vocabulary shards under tensor parallelism
+
+
 def training_memory(cfg: ModelConfig, seq_len: int | None = None, micro_batch: int = 1,
                     world_size: int = 1, *, activation_checkpointing: bool | str = False,
                     param_dtype="fp32", compute_dtype="bf16", autocast: bool | None = None,
@@ -154,16 +201,14 @@ def training_memory(cfg: ModelConfig, seq_len: int | None = None, micro_batch: i
     ``peak`` (see the module docstring), ``activations_no_checkpointing`` /
     ``activations_checkpointing`` and ``transient`` (the loss gradient at the start of backward,
     in ``peak`` only). ``activation_checkpointing`` is a ``checkpoint_mode``: none/False,
-    full/True or selective; ``activations_selective`` is the last. ``tp`` is the tensor-parallel degree (``world_size`` GPUs = dp x tp; see
-    the module docstring); ``tp=1`` is plain FSDP over ``world_size``. ``fused_loss`` (default: on
+    full/True or selective; ``activations_selective`` is the last. ``tp`` is the
+    tensor-parallel degree (``world_size`` GPUs = dp x tp; see the module docstring); ``tp=1`` is
+    plain FSDP over ``world_size``. ``fused_loss`` (default: on
     when ``tp == 1``, as in the trainer) models the output head fused with the loss.
     """
-    if world_size < 1 or micro_batch < 1:
-        raise ValueError("world_size and micro_batch must be >= 1")
+    _check_layout(world_size, micro_batch, tp)
     mode = checkpoint_mode(activation_checkpointing)
     checkpointed = mode != "none"
-    if tp < 1 or world_size % tp:
-        raise ValueError(f"tp ({tp}) must be >= 1 and divide world_size ({world_size})")
     dp = world_size // tp  # FSDP shards each tensor-parallel rank's pieces over dp
     seq = cfg.max_seq_len if seq_len is None else seq_len
     tokens = micro_batch * seq
@@ -178,43 +223,15 @@ def training_memory(cfg: ModelConfig, seq_len: int | None = None, micro_batch: i
     n = tp_local_params(cfg, tp)  # what one tensor-parallel rank holds: counts.total at tp 1
 
     weights = n * pb / dp
-    if mixed and not autocast:
+    if mixed and not autocast:  # FSDP's mixed-precision gather buffers
         weights += min(gathered_blocks, cfg.n_layers) * tp_local_layer_params(cfg, tp) * e
     gradients = n * pb / dp
     optimizer = 2 * n * pb / dp + 4 * param_tensor_count(cfg)
-
-    block = block_activation_bytes_per_token(cfg, e, r, fused_attention, seq) * tokens
     fused = tp == 1 if fused_loss is None else fused_loss
-    if fused and tp > 1:
-        raise ValueError("under tensor parallelism the output head is not fused with the loss")
-    head = head_activation_bytes_per_token(cfg, e, r, fused) * tokens
-    if fused:  # the head's gradient, made in the forward (in the compute dtype, as the weight is used)
-        head += counts.output * e
-    inputs = cfg.n_layers * r * cfg.dim * tokens  # what checkpointed blocks keep
-    if autocast and mixed:
-        # Compute-dtype copies of matmul weights, cached by autocast and saved for backward
-        # (inside checkpointed blocks they are recomputed, so only the head's stays).
-        blocks_cache = cfg.n_layers * (counts.attention_per_layer + counts.ffn_per_layer) * e
-        if not fused:  # the fused loss casts the head's weight itself and does not keep the copy
-            head += counts.output * e
-    else:
-        blocks_cache = 0
-    if tp > 1:  # sequence parallelism (module docstring)
-        block, head, inputs = tensor_parallel_activations(cfg, e, tokens, tp, block, head, inputs)
-    full = cfg.n_layers * block + blocks_cache + head
-    ckpt = inputs + block + head
-    # Selective: every block keeps its matmul and attention outputs; one block's full set is live
-    # again while it is recomputed (sharded like the rest under tensor parallelism, roughly / tp).
-    selective = cfg.n_layers * selective_block_bytes_per_token(cfg, e, r) * tokens / tp + block + head
-    acts = {"none": full, "full": ckpt, "selective": selective}[mode]
-    V = cfg.vocab_size
-    if fused:  # backward scales the saved gradients: the head's is head_grad below, plus h's
-        transient = e * cfg.dim * tokens
-    elif e == 4:  # PyTorch's cross-entropy: gradients of the log-softmax and of the logits
-        transient = 2 * 4 * V * tokens
-    else:       # losses.py: the logits' gradient and ~3 fp32 softmax chunks of 2048 rows
-        transient = e * V * tokens + 3 * 4 * V * min(tokens, 2048)
-    transient /= tp  # the logits and their gradient are vocabulary shards under tensor parallelism
+    act = _activation_bytes(cfg, tokens, seq, e, r, tp, fused=fused, fused_attention=fused_attention,
+                            autocast_cache=autocast and mixed)
+    block, acts = act["block"], act[mode]
+    transient = _transient_bytes(cfg, tokens, e, tp, fused)
     total = weights + gradients + optimizer + acts
     head_grad = counts.output * pb / world_size
     temporary = n * pb / dp
@@ -224,8 +241,8 @@ def training_memory(cfg: ModelConfig, seq_len: int | None = None, micro_batch: i
     peak = weights + optimizer + max(start, end, gradients + temporary)
     return {"weights": int(weights), "gradients": int(gradients), "optimizer": int(optimizer),
             "activations": int(acts), "total": int(total), "peak": int(peak),
-            "activations_no_checkpointing": int(full), "activations_checkpointing": int(ckpt),
-            "activations_selective": int(selective), "checkpointing_mode": mode,
+            "activations_no_checkpointing": int(act["none"]), "activations_checkpointing": int(act["full"]),
+            "activations_selective": int(act["selective"]), "checkpointing_mode": mode,
             "transient": int(transient), "tokens_per_gpu": tokens, "world_size": world_size,
             "tp": tp, "dp": dp,
             "param_dtype": str(param_dtype), "compute_dtype": str(compute_dtype),

@@ -240,6 +240,56 @@ def tp_layout(cfg: ModelConfig, gpu: GPU, n_gpus: int, tp: int, *, seq_len: int,
     }
 
 
+def _check_sizes(tokens: int, n_gpus: int, gpus_per_node: int, global_batch_tokens: int,
+                 micro_batch: int, seq: int) -> None:
+    if tokens < 1:
+        raise UserError(f"tokens must be at least 1, got {tokens}")
+    if n_gpus < 1:
+        raise UserError(f"--gpus must be at least 1, got {n_gpus}")
+    if gpus_per_node < 1:
+        raise UserError(f"--gpus-per-node must be at least 1, got {gpus_per_node}")
+    if global_batch_tokens < 1 or micro_batch < 1:
+        raise UserError("global batch and micro batch must be at least 1")
+    if seq < 1:
+        raise UserError(f"--seq-len must be at least 1, got {seq}")
+
+
+def _mode(total: float, gpu: GPU, mfu: float | None, gpu_hours: float | None) -> tuple[str, float, float]:
+    """("forward" | "inverse", mfu, gpu_hours): whichever of the two was not given, from the other."""
+    if gpu_hours is not None:
+        if not (gpu_hours > 0 and math.isfinite(gpu_hours)):
+            raise UserError(f"--gpu-hours must be a positive number, got {gpu_hours}")
+        return "inverse", implied_mfu(total, gpu, gpu_hours), gpu_hours
+    if not (0 < mfu <= 1):
+        raise UserError(f"--mfu must be in (0, 1], got {mfu}")
+    return "forward", mfu, gpu_hours_for(total, gpu, mfu)
+
+
+def _min_tp_for_every_dp_rank(cfg: ModelConfig, n_gpus: int, gpus_per_node: int, seq: int,
+                              sequences: float) -> int | None:
+    """The smallest degree whose dp ranks all get a sequence (for the "dp alone" note)."""
+    enough = [t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0 and n_gpus % t == 0
+              and cfg.n_heads % t == 0 and cfg.kv_heads % t == 0 and seq % t == 0 and n_gpus // t <= sequences]
+    return enough[0] if enough else None
+
+
+def _memory_fields(cfg: ModelConfig, gpu: GPU, seq: int, micro_batch: int, n_gpus: int, tp: int) -> dict:
+    """Memory per GPU with and without activation checkpointing, and whether each fits."""
+    mem = {ckpt: training_memory(cfg, seq, micro_batch, n_gpus, activation_checkpointing=ckpt, tp=tp)
+           for ckpt in (False, True)}
+    fit = {ckpt: max(m["total"], m["peak"]) for ckpt, m in mem.items()}  # the larger: see memory.py
+    return {
+        "memory_per_gpu_bytes": fit[False],
+        "memory_per_gpu_bytes_checkpointing": fit[True],
+        "memory_per_gpu_peak_bytes": mem[False]["peak"],
+        "memory_per_gpu_peak_bytes_checkpointing": mem[True]["peak"],
+        "memory": {"no_checkpointing": mem[False], "checkpointing": mem[True]},
+        "gpu_memory_bytes": gpu.memory_bytes,
+        "fits": fit[False] <= gpu.memory_bytes,
+        "fits_with_checkpointing": fit[True] <= gpu.memory_bytes,
+    }
+
+
 def plan(cfg: ModelConfig, tokens: int, gpu: GPU, n_gpus: int, *, mfu: float | None = None,
          gpu_hours: float | None = None, seq_len: int | None = None, global_batch_tokens: int = 4 * 2**20,
          micro_batch: int = 1, interconnect: str = "ib-200", gpus_per_node: int = 8,
@@ -251,54 +301,25 @@ def plan(cfg: ModelConfig, tokens: int, gpu: GPU, n_gpus: int, *, mfu: float | N
     ``tp_layout`` per degree in ``tp_degrees`` (default: just ``tp``)."""
     if (mfu is None) == (gpu_hours is None):
         raise UserError("give exactly one of --mfu (forward mode) and --gpu-hours (inverse mode)")
-    if tokens < 1:
-        raise UserError(f"tokens must be at least 1, got {tokens}")
-    if n_gpus < 1:
-        raise UserError(f"--gpus must be at least 1, got {n_gpus}")
-    if gpus_per_node < 1:
-        raise UserError(f"--gpus-per-node must be at least 1, got {gpus_per_node}")
-    if global_batch_tokens < 1 or micro_batch < 1:
-        raise UserError("global batch and micro batch must be at least 1")
     seq = cfg.max_seq_len if seq_len is None else seq_len
-    if seq < 1:
-        raise UserError(f"--seq-len must be at least 1, got {seq}")
+    _check_sizes(tokens, n_gpus, gpus_per_node, global_batch_tokens, micro_batch, seq)
     fpt = flops_per_token(cfg, seq)
     total = float(fpt) * tokens
-    if gpu_hours is not None:
-        if not (gpu_hours > 0 and math.isfinite(gpu_hours)):
-            raise UserError(f"--gpu-hours must be a positive number, got {gpu_hours}")
-        mfu = implied_mfu(total, gpu, gpu_hours)
-        mode = "inverse"
-    else:
-        if not (0 < mfu <= 1):
-            raise UserError(f"--mfu must be in (0, 1], got {mfu}")
-        gpu_hours = gpu_hours_for(total, gpu, mfu)
-        mode = "forward"
+    mode, mfu, gpu_hours = _mode(total, gpu, mfu, gpu_hours)
     power = gpu.tdp_w if power_w is None else power_w
-    kwh = energy_kwh(gpu_hours, power, pue)
     net = get_interconnect(interconnect)
     degrees = [tp] if tp_degrees is None else list(tp_degrees)
     for t in [tp, *degrees]:
         check_tp(cfg, t, n_gpus, gpus_per_node, seq)
 
-    mem = {ckpt: training_memory(cfg, seq, micro_batch, n_gpus, activation_checkpointing=ckpt, tp=tp)
-           for ckpt in (False, True)}
-    fit = {ckpt: max(m["total"], m["peak"]) for ckpt, m in mem.items()}  # the larger: see memory.py
-
-    def step(n):
+    def step(n, network, tp=tp):
         compute_s = global_batch_tokens * fpt / (n * gpu.bf16_peak_flops * mfu)
-        return comm_step(cfg, gpu, n, net, gpus_per_node=gpus_per_node, compute_s=compute_s, tp=tp)
+        return comm_step(cfg, gpu, n, network, gpus_per_node=gpus_per_node, compute_s=compute_s, tp=tp)
 
-    comm = step(n_gpus)
-    scaling = {}
-    for name in ("ib-200", "roce-200") if net.gbit_per_gpu else ():
-        other = get_interconnect(name)
-        scaling[name] = [
-            comm_step(cfg, gpu, n, other, gpus_per_node=gpus_per_node,
-                      compute_s=global_batch_tokens * fpt / (n * gpu.bf16_peak_flops * mfu))
-            for n in scaling_gpus]
-    seqs_per_gpu = global_batch_tokens / seq / n_gpus
-    networks = list(dict.fromkeys([net.name, *(("ib-200", "roce-200") if net.gbit_per_gpu else ())]))
+    comm = step(n_gpus, net)
+    others = ("ib-200", "roce-200") if net.gbit_per_gpu else ()
+    scaling = {name: [step(n, get_interconnect(name), 1) for n in scaling_gpus] for name in others}
+    networks = list(dict.fromkeys([net.name, *others]))
     by_tp = {t: tp_layout(cfg, gpu, n_gpus, t, seq_len=seq, global_batch_tokens=global_batch_tokens,
                           micro_batch=micro_batch, gpus_per_node=gpus_per_node, mfu=mfu, networks=networks)
              for t in dict.fromkeys([tp, *degrees])}
@@ -306,10 +327,7 @@ def plan(cfg: ModelConfig, tokens: int, gpu: GPU, n_gpus: int, *, mfu: float | N
         for v in lay["networks"].values():
             v["gpu_hours"] = gpu_hours / v["scaling_efficiency"]
             v["days"] = v["gpu_hours"] / n_gpus / 24.0
-    # the smallest degree whose dp ranks all get a sequence (for the "dp alone" note)
     sequences = global_batch_tokens / seq
-    enough = [t for t in range(1, gpus_per_node + 1) if gpus_per_node % t == 0 and n_gpus % t == 0
-              and cfg.n_heads % t == 0 and cfg.kv_heads % t == 0 and seq % t == 0 and n_gpus // t <= sequences]
     return {
         "mode": mode, "model_params": param_counts(cfg).total, "tokens": tokens, "seq_len": seq,
         "gpu": gpu.name, "gpus": n_gpus, "mfu": mfu,
@@ -317,22 +335,15 @@ def plan(cfg: ModelConfig, tokens: int, gpu: GPU, n_gpus: int, *, mfu: float | N
         "flops_per_token": fpt, "flops_total": total, "peak_flops": gpu.bf16_peak_flops,
         "gpu_hours": gpu_hours, "days": gpu_hours / n_gpus / 24.0,
         "days_with_modelled_comm": gpu_hours / n_gpus / 24.0 / comm["scaling_efficiency"],
-        "power_w": power, "pue": pue, "intensity": intensity, "energy_kwh": kwh,
+        "power_w": power, "pue": pue, "intensity": intensity, "energy_kwh": energy_kwh(gpu_hours, power, pue),
         "tco2eq": tco2eq(gpu_hours, power, pue, intensity),
-        "memory_per_gpu_bytes": fit[False],
-        "memory_per_gpu_bytes_checkpointing": fit[True],
-        "memory_per_gpu_peak_bytes": mem[False]["peak"],
-        "memory_per_gpu_peak_bytes_checkpointing": mem[True]["peak"],
-        "memory": {"no_checkpointing": mem[False], "checkpointing": mem[True]},
-        "gpu_memory_bytes": gpu.memory_bytes,
-        "fits": fit[False] <= gpu.memory_bytes,
-        "fits_with_checkpointing": fit[True] <= gpu.memory_bytes,
+        **_memory_fields(cfg, gpu, seq, micro_batch, n_gpus, tp),
         "global_batch_tokens": global_batch_tokens, "micro_batch": micro_batch,
-        "sequences_per_gpu_per_step": seqs_per_gpu,
+        "sequences_per_gpu_per_step": global_batch_tokens / seq / n_gpus,
         "comm": comm, "scaling": scaling,
         "tp": tp, "dp": n_gpus // tp, "sequences_per_step": sequences,
         "sequences_per_dp_rank_per_step": sequences / (n_gpus // tp),
         "dp_alone_cannot_use_gpus": sequences < n_gpus,
-        "min_tp_for_every_dp_rank": enough[0] if enough else None,
+        "min_tp_for_every_dp_rank": _min_tp_for_every_dp_rank(cfg, n_gpus, gpus_per_node, seq, sequences),
         "layout": by_tp[tp], "tp_layouts": [by_tp[t] for t in degrees],
     }
