@@ -27,6 +27,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .config import read_json_object
 from .errors import UserError
 from .fsutil import atomic_file
 
@@ -323,6 +324,71 @@ def _known_options() -> set[str]:
                "remove_extra_whitespaces"})
 
 
+def _check_train_out(out: Path) -> None:
+    """Refuse an --out whose model or sidecar path holds a file this command did not write."""
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a FILE.model path")
+    if out.suffix == ".json":
+        raise UserError(f"--out {out}: the .json name is taken by the sidecar; use FILE.model")
+    sidecar = out.with_suffix(".json")
+    for path in (out, sidecar):
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise UserError(f"refusing to write {path}: it is a symlink or not a regular file; give another --out")
+    ours = False
+    if sidecar.exists():
+        try:
+            ours = read_json_object(sidecar).get("format") == "llama-pretrain-tokenizer"
+        except UserError:
+            ours = False
+        if not ours:
+            raise UserError(f"refusing to write {sidecar}: it is not a tokenizer sidecar this command wrote; "
+                            "move it away or give another --out")
+    if out.exists() and not ours:
+        raise UserError(f"refusing to replace {out}: it has no tokenizer sidecar ({sidecar.name}) of ours; "
+                        "move it away or give another --out")
+
+
+def _trainer_spec(vocab_size: int, num_threads: int | None, overrides: dict) -> dict:
+    """Llama's trainer spec with the user's overrides (reserved and unknown options refused)."""
+    known = _known_options()
+    spec = dict(LLAMA_TRAINER_SPEC)
+    for key, value in overrides.items():
+        if key in _RESERVED:
+            raise UserError(f"trainer option {key!r} is set by llama-pretrain and cannot be overridden")
+        if key not in known:
+            raise UserError(f"unknown SentencePiece trainer option {key!r}")
+        spec[key] = value
+    spec["vocab_size"] = int(vocab_size)
+    spec["num_threads"] = int(num_threads or overrides.get("num_threads") or os.cpu_count() or 1)
+    # We sample ourselves; 0 makes SentencePiece train on exactly the lines it is given.
+    spec["input_sentence_size"] = 0
+    return spec
+
+
+def _write_model(out: Path, data: bytes, sidecar_fields: dict) -> None:
+    """The sidecar (spec, input summary, sha256) and the model, each written atomically."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    proto = pb.ModelProto()
+    proto.ParseFromString(data)
+    sidecar = {
+        "format": "llama-pretrain-tokenizer",
+        "model_file": out.name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "vocab_size": len(proto.pieces),
+        "sentencepiece_version": getattr(_spm(), "__version__", None),
+        "seed": sidecar_fields["seed"],
+        "trainer_spec": _spec_to_dict(proto.trainer_spec),
+        "normalizer_spec": _spec_to_dict(proto.normalizer_spec),
+        "input": sidecar_fields["input"],
+    }
+    # Sidecar first, model last: a .model under its final name always has its sidecar.
+    with atomic_file(out.with_suffix(".json"), "w") as fh:
+        json.dump(sidecar, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+    with atomic_file(out, "wb") as fh:
+        fh.write(data)
+
+
 def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int, *,
                     input_sentences: int = DEFAULT_INPUT_SENTENCES, seed: int = 0,
                     num_threads: int | None = None, progress: bool = True,
@@ -332,31 +398,17 @@ def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int, *,
     Up to ``input_sentences`` lines are reservoir-sampled with ``seed`` (same corpus + seed ->
     same model bytes). Writes ``out`` atomically, plus ``out.with_suffix('.json')`` with the
     effective spec, the input summary and the model's sha256. ``spec_overrides`` replace any
-    trainer_spec / normalizer option. Returns ``out``.
+    trainer_spec / normalizer option. Returns ``out``. An existing ``out`` is replaced only when
+    its sidecar says this command wrote it.
     """
     spm = _spm()
     out = Path(out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a directory; give a FILE.model path")
-    if out.suffix == ".json":
-        raise UserError(f"--out {out}: the .json name is taken by the sidecar; use FILE.model")
+    _check_train_out(out)
     if int(vocab_size) < 1:
         raise UserError(f"vocab size must be positive, got {vocab_size}")
     if int(input_sentences) < 1:
         raise UserError(f"input sentences must be positive, got {input_sentences}")
-    known = _known_options()
-    spec = dict(LLAMA_TRAINER_SPEC)
-    for key, value in spec_overrides.items():
-        if key in _RESERVED:
-            raise UserError(f"trainer option {key!r} is set by llama-pretrain and cannot be overridden")
-        if key not in known:
-            raise UserError(f"unknown SentencePiece trainer option {key!r}")
-        spec[key] = value
-    spec["vocab_size"] = int(vocab_size)
-    spec["num_threads"] = int(num_threads or spec_overrides.get("num_threads") or os.cpu_count() or 1)
-    # We sample ourselves; 0 makes SentencePiece train on exactly the lines it is given.
-    spec["input_sentence_size"] = 0
-
+    spec = _trainer_spec(vocab_size, num_threads, spec_overrides)
     lines, stats = _sample_lines(texts, int(input_sentences), seed, int(spec["max_sentence_length"]),
                                  progress)
     if not lines:
@@ -380,26 +432,6 @@ def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int, *,
     data = buf.getvalue()
     if not data:
         raise UserError("cannot train tokenizer: SentencePiece returned no model")
-
-    from sentencepiece import sentencepiece_model_pb2 as pb
-    proto = pb.ModelProto()
-    proto.ParseFromString(data)
-    digest = hashlib.sha256(data).hexdigest()
-    sidecar = {
-        "format": "llama-pretrain-tokenizer",
-        "model_file": out.name,
-        "sha256": digest,
-        "vocab_size": len(proto.pieces),
-        "sentencepiece_version": getattr(spm, "__version__", None),
-        "seed": int(seed),
-        "trainer_spec": _spec_to_dict(proto.trainer_spec),
-        "normalizer_spec": _spec_to_dict(proto.normalizer_spec),
-        "input": {**(input_summary or {}), **stats, "input_sentences": int(input_sentences)},
-    }
-    # Sidecar first, model last: a .model under its final name always has its sidecar.
-    with atomic_file(out.with_suffix(".json"), "w") as fh:
-        json.dump(sidecar, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
-    with atomic_file(out, "wb") as fh:
-        fh.write(data)
+    _write_model(out, data, {"seed": int(seed), "input": {**(input_summary or {}), **stats,
+                                                          "input_sentences": int(input_sentences)}})
     return out
