@@ -117,7 +117,9 @@ def test_llama2_7b_config_with_the_hf_llama2_7b_dir_prints_its_architecture(tmp_
 def test_a_dataset_of_another_tokenizer_or_vocabulary_is_refused(hf_dir, dataset, tmp_path, capsys):
     carrying = tmp_path / "with_tokenizer"
     shutil.copytree(hf_dir, carrying)
-    (carrying / "tokenizer.model").write_bytes(b"some other sentencepiece model")
+    from llama_pretrain.tokenizer import train_tokenizer
+    train_tokenizer([f"some other text number {i}" for i in range(300)], carrying / "tokenizer.model",
+                    vocab_size=300, progress=False)  # a SentencePiece model, not the dataset's
     toml = tmp_path / "run.toml"
     toml.write_text(f'[data]\npath = "{dataset}"\n[training]\nmax_steps = 2\nseq_len = 32\n')
     code = cli_main(["train", "--config", str(toml), "--run-dir", str(tmp_path / "r"), "--init-from", str(carrying)])

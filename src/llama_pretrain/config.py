@@ -164,6 +164,8 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
         raise UserError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:  # the parser recurses per nested array / object
+        raise UserError(f"{path} is not valid JSON: nested deeper than Python can parse") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

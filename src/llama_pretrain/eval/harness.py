@@ -318,27 +318,54 @@ def load_lm(model: str, *, backend: str = "auto", tokenizer: str | None = None, 
     if backend == "auto":
         from ..interop.hf import is_hf_dir
         backend = "hf" if (not path.exists() or is_hf_dir(path)) else "native"
+    if backend not in ("native", "hf"):
+        raise UserError(f"--backend {backend!r}: choose auto, native or hf")
+    if backend == "hf" and path.is_dir():  # before any file of it is parsed by transformers
+        from ..interop.hf import check_hf_dir
+        check_hf_dir(path)
     if backend == "native":
         from ..interop import load_model
-        m = load_model(path, device=device, dtype=torch_dtype)
-        be = NativeBackend(m)
-    elif backend == "hf":
-        try:
-            from transformers import AutoModelForCausalLM
-        except ImportError:
-            raise UserError("--backend hf needs `transformers` (pip install 'llama-pretrain[eval]')") from None
-        if path.is_dir():
-            from ..interop.hf import check_hf_llama_dir
-            check_hf_llama_dir(path)
-        try:
-            m = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype or "auto")
-        except Exception as e:  # noqa: BLE001 - a local dir's config may make transformers raise anything
-            if not (path.is_dir() or isinstance(e, (OSError, ValueError))):
-                raise
-            detail = " ".join(str(e).split())[:300]  # one line: transformers' messages span several
-            raise UserError(f"cannot load {model} with transformers ({type(e).__name__}: {detail})") from None
-        be = HFBackend(m.to(device))
+        be = NativeBackend(load_model(path, device=device, dtype=torch_dtype))
     else:
-        raise UserError(f"--backend {backend!r}: choose auto, native or hf")
+        be = HFBackend(_transformers_model(model, torch_dtype).to(device))
     tok = load_tokenizer(tokenizer or model)
     return CausalLM(be, tok, batch_size=batch_size, progress=progress)
+
+
+def _transformers_model(model: str, torch_dtype):
+    """``AutoModelForCausalLM`` for a local dir (checked by ``check_hf_dir``) or a Hub name: never
+    with code shipped with the model, a local dir never looked up on the Hub, every weight loaded."""
+    from pathlib import Path
+
+    from ..errors import UserError
+
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise UserError("--backend hf needs `transformers` (pip install 'llama-pretrain[eval]')") from None
+    local = Path(model).is_dir()
+    try:
+        m, report = AutoModelForCausalLM.from_pretrained(
+            str(model), dtype=torch_dtype or "auto", trust_remote_code=False, local_files_only=local,
+            output_loading_info=True)
+    except Exception as e:  # noqa: BLE001 - a local dir's config may make transformers raise anything
+        if not (local or isinstance(e, (OSError, ValueError))):
+            raise
+        detail = " ".join(str(e).split())[:300]  # one line: transformers' messages span several
+        raise UserError(f"cannot load {model} with transformers ({type(e).__name__}: {detail})") from None
+    check_loading_report(model, report)
+    return m
+
+
+def check_loading_report(model: str, report: dict) -> None:
+    """UserError unless transformers filled every weight of the model from the checkpoint and used
+    every tensor in it: a missing one would be left at its random initialisation, and scored."""
+    from ..errors import UserError
+
+    for key, what in (("missing_keys", "lacks {} of the model's weights"),
+                      ("unexpected_keys", "holds {} tensors the model does not have"),
+                      ("mismatched_keys", "holds {} tensors of the wrong shape"), ("error_msgs", "{} errors")):
+        found = sorted(map(str, report.get(key) or ()))
+        if found:
+            raise UserError(f"{model}: the checkpoint {what.format(len(found))} ({', '.join(found[:3])}"
+                            f"{', ...' if len(found) > 3 else ''}); refusing to score a partly random model")

@@ -7,6 +7,7 @@ does not know (a model's vocabulary may be padded past the tokenizer's), ``bos_i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..errors import UserError
@@ -40,10 +41,18 @@ class HFText:
         except ImportError:
             raise UserError("scoring a Hugging Face model needs `transformers` "
                             "(pip install 'llama-pretrain[eval]')") from None
-        try:
-            self.tok = AutoTokenizer.from_pretrained(str(name_or_path))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load a tokenizer from {name_or_path}: {str(e).splitlines()[0]}") from None
+        local = Path(name_or_path).is_dir()
+        if local:
+            from ..interop.model_dir import check_transformers_dir
+            check_transformers_dir(Path(name_or_path))
+        try:  # never code shipped with the tokenizer; a local dir is read, not looked up on the Hub
+            self.tok = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False,
+                                                     local_files_only=local)
+        except Exception as e:  # noqa: BLE001 - a local dir's files may make transformers raise anything
+            if not (local or isinstance(e, (OSError, ValueError))):
+                raise
+            detail = (str(e).splitlines() or [""])[0][:300]
+            raise UserError(f"cannot load a tokenizer from {name_or_path}: {type(e).__name__}: {detail}") from None
         self.name = str(name_or_path)
         self.bos_id = self.tok.bos_token_id
         self.eos_id = self.tok.eos_token_id
@@ -65,9 +74,9 @@ def load_tokenizer(path: str | Path):
         from ..interop import find_tokenizer
         from ..interop.hf import is_hf_dir
 
-        sp = find_tokenizer(p)
-        if is_hf_dir(p) and any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        if is_hf_dir(p) and any(os.path.lexists(p / f) for f in ("tokenizer.json", "tokenizer_config.json")):
             return HFText(p)
+        sp = find_tokenizer(p)
         if sp is not None:
             return SentencePieceText(sp)
         raise UserError(f"{p}: no tokenizer found (tokenizer.model or an HF tokenizer); pass --tokenizer")

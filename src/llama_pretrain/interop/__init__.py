@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from ..errors import UserError
 from .checks import check_shapes, check_weights
 from .hf import is_hf_dir, load_hf, save_hf
 from .meta import is_meta_dir, load_meta
+from .model_dir import model_file, read_model_json
 from .native import TOKENIZER, is_native_dir, load_native, save_native
 from .training_checkpoint import is_training_checkpoint, load_training_checkpoint, training_checkpoint_tokenizer
 
@@ -44,6 +46,8 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
 
 
 def _not_a_checkpoint(path: Path) -> None:
+    if os.path.lexists(path / "config.json"):  # one we do not recognise: say what is wrong with it
+        read_model_json(path, "config.json")
     if (path / "run.json").is_file() or (path / "checkpoints").is_dir() or any(path.glob("step-*")):
         raise UserError(f"{path}: this is a training run directory; pass {path}/final or one of its "
                         f"checkpoints ({path}/checkpoints/step-N)")
@@ -69,16 +73,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 def find_tokenizer(path: str | Path) -> Path | None:
     """The ``tokenizer.model`` stored in a checkpoint dir (or, for a training checkpoint, the one
-    its run was trained with), if any."""
-    p = Path(path) / TOKENIZER
-    if p.is_file():
-        return p
-    if is_training_checkpoint(path):
+    its run was trained with), if any. It must be a regular file of the directory (``model_file``)
+    and parse as a SentencePiece model: it is copied into what export-hf / import-hf write."""
+    from ..tokenizer import Tokenizer
+
+    found = model_file(path, TOKENIZER, required=False)
+    if found is None and is_training_checkpoint(path):
         try:
-            return training_checkpoint_tokenizer(Path(path))
+            found = training_checkpoint_tokenizer(Path(path))
         except UserError:
             return None
-    return None
+    if found is not None:
+        Tokenizer(found)  # a UserError unless it is a SentencePiece model
+    return found
 
 
 def check_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], where) -> None:

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, read_json_object
+from ..config import ModelConfig
 from ..errors import UserError
 from ..fsutil import Owned, atomic_dir
-from .checks import check_shapes, check_tensors, model_config
+from .checks import check_shapes, model_config
+from .model_dir import check_file_tensors, check_transformers_dir, model_file, read_model_json, weight_files
+from .torch_files import check_backed, read_torch_file, torch_file_tensors
 
 _LAYER_MAP = {  # ours (inside layers.N.) -> HF (inside model.layers.N.)
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -164,59 +166,62 @@ def config_from_hf(data: dict, where: str) -> ModelConfig:
 
 
 def is_hf_dir(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
+    if model_file(path, "config.json", required=False) is None:
         return False
     try:
-        data = json.loads(cfg.read_text())
-    except (OSError, ValueError):
+        data = read_model_json(path, "config.json")
+    except UserError:  # not JSON: not recognised as an HF dir
         return False
-    return isinstance(data, dict) and data.get("format") != "llama-pretrain" and (
-        "model_type" in data or "architectures" in data)
+    return data.get("format") != "llama-pretrain" and ("model_type" in data or "architectures" in data)
 
 
 def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read an HF Llama directory (safetensors, sharded or not, or pytorch_model*.bin); the config
-    is checked against the safetensors headers before any tensor is read."""
-    from .native import read_safetensors, safetensors_shapes
+    """Read an HF Llama directory: the weight files transformers would read (``weight_files``),
+    safetensors or torch files, whose declared shapes are checked against the config before any
+    tensor is read."""
+    from . import native
 
     path = Path(path)
-    cfg_path = path / "config.json"
-    cfg = config_from_hf(read_json_object(cfg_path), str(cfg_path))
-    files = sorted(path.glob("*.safetensors"))
+    cfg = config_from_hf(read_model_json(path, "config.json"), str(path / "config.json"))
+    files = weight_files(path)
+    check_shapes(cfg, _renamed(_declared_shapes(files, backed=True), str(path)), path)
     state: dict[str, torch.Tensor] = {}
-    if files:
-        shapes = {name: shape for f in files for name, shape in safetensors_shapes(f).items()}
-        check_shapes(cfg, _renamed(shapes, str(path)), path)
-        for f in files:
-            state.update(read_safetensors(f))
-    else:
-        bins = sorted(path.glob("pytorch_model*.bin"))
-        if not bins:
-            raise UserError(f"{path}: no *.safetensors or pytorch_model*.bin weights found")
-        for f in bins:
-            try:
-                part = torch.load(f, map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-                raise UserError(f"{f}: cannot read weights ({type(e).__name__}: {e})") from None
-            check_tensors(part, f)
-            state.update(part)
-        check_shapes(cfg, _renamed({k: tuple(v.shape) for k, v in state.items()}, str(path)), path)
+    for f, _ in files:
+        state.update(native.read_safetensors(f) if f.suffix == ".safetensors" else read_torch_file(f))
     return cfg, from_hf_state_dict(state, cfg, where=str(path))
 
 
-def check_hf_llama_dir(path: Path) -> None:
-    """For a Llama directory handed to transformers: UserError unless its config is one we read and
-    matches the safetensors headers (transformers would allocate the config's model first)."""
+def _declared_shapes(files, backed: bool) -> dict[str, tuple[int, ...]]:
+    """Name -> shape over ``weight_files``, from safetensors headers and torch files' pickles (no
+    tensor read), each file holding exactly the tensors its index names; ``backed``: a torch
+    file's tensors must not share bytes (see ``check_backed``)."""
     from .native import safetensors_shapes
 
-    data = read_json_object(path / "config.json")
-    files = sorted(path.glob("*.safetensors"))
-    if data.get("model_type") != "llama" or not files:
-        return  # another architecture, or .bin weights: transformers' own checks
-    cfg = config_from_hf(data, str(path / "config.json"))
-    shapes = {name: shape for f in files for name, shape in safetensors_shapes(f).items()}
-    check_shapes(cfg, _renamed(shapes, str(path)), path)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f, names in files:
+        if f.suffix == ".safetensors":
+            found = safetensors_shapes(f)
+        else:
+            tensors = torch_file_tensors(f)
+            if backed:
+                check_backed(f, tensors)
+            found = {name: t.shape for name, t in tensors.items()}
+        check_file_tensors(f, names, found)
+        shapes.update(found)
+    return shapes
+
+
+def check_hf_dir(path: Path) -> None:
+    """For a local directory handed to transformers: no code (``check_transformers_dir``), the weight
+    files ``load_hf`` would read, well formed, and for a Llama config their shapes, all before
+    transformers allocates the config's model; other architectures' shapes are transformers' to check."""
+    check_transformers_dir(path)
+    data = read_model_json(path, "config.json")
+    llama = data.get("model_type") == "llama"
+    shapes = _declared_shapes(weight_files(path), backed=llama)
+    if llama:
+        cfg = config_from_hf(data, str(path / "config.json"))
+        check_shapes(cfg, _renamed(shapes, str(path)), path)
 
 
 def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path,
@@ -294,8 +299,13 @@ def _sentencepiece_to_tokenizers(model_path: Path):
         from tokenizers.models import BPE
     except ImportError:
         return None
+    from google.protobuf.message import DecodeError
+
     proto = pb.ModelProto()
-    proto.ParseFromString(model_path.read_bytes())
+    try:
+        proto.ParseFromString(model_path.read_bytes())
+    except DecodeError as e:
+        raise UserError(f"{model_path}: not a SentencePiece model ({e})") from None
     if proto.trainer_spec.model_type != pb.TrainerSpec.BPE or proto.normalizer_spec.name not in ("identity", ""):
         return None  # unigram or NFKC models: leave it to transformers' own conversion
     NORMAL, UNKNOWN, CONTROL, USER = 1, 2, 3, 4

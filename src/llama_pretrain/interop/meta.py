@@ -2,19 +2,23 @@
 
 Shards are merged along the dimension Meta's fairscale layers split: column-parallel weights
 (wq, wk, wv, w1, w3, output) along rows, row-parallel ones (wo, w2) and the parallel embedding
-along columns; norms are replicated. Files are read with ``weights_only=True``.
+along columns; norms are replicated. Shards are read as ``torch_files.read_torch_file`` reads
+any torch file: shapes from the pickle first, then memory-mapped with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig, read_json_object
+from ..config import ModelConfig
 from ..errors import UserError
-from .checks import check_shapes, check_tensors, model_config
+from .checks import check_shapes, model_config
+from .model_dir import model_file, read_model_json
+from .torch_files import read_torch_file
 
 _ROW_SPLIT = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
               "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
@@ -22,13 +26,13 @@ _COL_SPLIT = ("attention.wo.weight", "feed_forward.w2.weight", "tok_embeddings.w
 
 
 def is_meta_dir(path: Path) -> bool:
-    return (path / "params.json").is_file() and any(path.glob("consolidated.*.pth"))
+    return os.path.lexists(path / "params.json") and any(path.glob("consolidated.*.pth"))
 
 
 def load_meta(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     path = Path(path)
     params_path = path / "params.json"
-    params = read_json_object(params_path)
+    params = read_model_json(path, "params.json")
     parts = _read_shards(path)
     axes = {name: _split_axis(name, [p[name] for p in parts], path) for name in parts[0] if name != "rope.freqs"}
     shapes = {name: _merged_shape([p[name] for p in parts], axis) for name, axis in axes.items()}
@@ -40,17 +44,14 @@ def load_meta(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 
 def _read_shards(path: Path) -> list[dict[str, torch.Tensor]]:
-    """Every consolidated.NN.pth (memory-mapped, weights only), each a dict of tensors, same keys."""
-    shards = sorted(path.glob("consolidated.*.pth"))
+    """Every consolidated.NN.pth (memory-mapped, see ``read_torch_file``), each a dict of tensors,
+    same keys."""
+    shards = [model_file(path, f.name) for f in sorted(path.glob("consolidated.*.pth"))]
     if not shards:
         raise UserError(f"{path}: no consolidated.*.pth files")
     parts = []
     for f in shards:
-        try:
-            part = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise UserError(f"{f}: cannot read Meta checkpoint shard ({type(e).__name__}: {e})") from None
-        check_tensors(part, f)
+        part = read_torch_file(f)
         if parts and set(part) != set(parts[0]):
             raise UserError(f"{f}: holds other tensors than {shards[0].name} "
                             f"({sorted(set(part) ^ set(parts[0]))[:3]})")

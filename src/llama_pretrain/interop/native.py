@@ -8,6 +8,7 @@ save never leaves a half-written checkpoint under its final name.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ..config import NON_MODEL_KEYS, ModelConfig, read_json_object
 from ..errors import UserError
 from ..fsutil import Owned, atomic_dir
 from .checks import check_shapes, model_config
+from .model_dir import model_file, read_model_json
 
 FORMAT = "llama-pretrain"
 WEIGHTS = "model.safetensors"
@@ -29,12 +31,11 @@ OUTPUT = Owned("llama-pretrain", frozenset({WEIGHTS, CONFIG, TOKENIZER}), CONFIG
 
 
 def is_native_dir(path: Path) -> bool:
-    cfg = path / CONFIG
-    if not (cfg.is_file() and (path / WEIGHTS).is_file()):
+    if not os.path.lexists(path / WEIGHTS) or model_file(path, CONFIG, required=False) is None:
         return False
     try:
-        return json.loads(cfg.read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        return read_model_json(path, CONFIG).get("format") == FORMAT
+    except UserError:  # not JSON: not recognised as ours
         return False
 
 
@@ -65,9 +66,10 @@ def read_native_config(path: Path) -> ModelConfig:
 
 def load_native(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     path = Path(path)
-    config = read_native_config(path / CONFIG)
-    check_shapes(config, safetensors_shapes(path / WEIGHTS), path / WEIGHTS)  # before reading any tensor
-    return config, read_safetensors(path / WEIGHTS)
+    config = read_native_config(model_file(path, CONFIG))
+    weights = model_file(path, WEIGHTS)
+    check_shapes(config, safetensors_shapes(weights), weights)  # before reading any tensor
+    return config, read_safetensors(weights)
 
 
 def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
