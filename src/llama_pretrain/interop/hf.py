@@ -179,7 +179,7 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read an HF Llama directory: the weight files transformers would read (``weight_files``),
     safetensors or torch files, whose declared shapes are checked against the config before any
     tensor is read."""
-    from . import native
+    from .native import read_safetensors
 
     path = Path(path)
     cfg = config_from_hf(read_model_json(path, "config.json"), str(path / "config.json"))
@@ -187,7 +187,7 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     check_shapes(cfg, _renamed(_declared_shapes(files, backed=True), str(path)), path)
     state: dict[str, torch.Tensor] = {}
     for f, _ in files:
-        state.update(native.read_safetensors(f) if f.suffix == ".safetensors" else read_torch_file(f))
+        state.update(read_safetensors(f) if f.suffix == ".safetensors" else read_torch_file(f))
     return cfg, from_hf_state_dict(state, cfg, where=str(path))
 
 
