@@ -18,7 +18,7 @@ LAYERS = [
     ("core", ["model", "losses", "tokenizer", "generate", "data", "compute"]),
     ("interop", ["interop"]),
     ("stages", ["train", "eval"]),
-    ("cli", ["cli", "commands", "__main__"]),
+    ("cli", ["cli", "commands", "__main__", "config_docs"]),
 ]
 
 

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(--gpu-hours): the MFU those hours imply. Memory per GPU is for FSDP full "
                     "sharding with fp32 master weights, gradients and AdamW state and bf16 compute. "
                     "Communication: FSDP all-gather x2 + reduce-scatter per step over the "
-                    "interconnect (assumed efficiencies and latencies in the README, section compute). "
+                    "interconnect (assumed efficiencies and latencies in docs/compute-and-carbon.md). "
                     "--tp N: tensor parallelism inside a node (dp = GPUs / N), sequence parallelism, "
                     "TP traffic over NVLink; --tp 1,2,4,8 compares the degrees.")
     p.add_argument("--preset", help="model preset (llama2-7b, llama2-70b, ...)")

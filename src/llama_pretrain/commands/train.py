@@ -19,7 +19,7 @@ and a generated sample (run dir runs/demo; re-running reuses finished stages).
 
 Every config key can be overridden as --section.key=value (listed below; --model.<field> takes any
 ModelConfig field, e.g. --model.n_layers=2). Under torchrun the same command trains data-parallel
-(see --parallel.mode). README section "Training" documents every key."""
+(see --parallel.mode). docs/config-reference.md documents every key."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:

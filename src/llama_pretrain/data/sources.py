@@ -171,9 +171,13 @@ class SourceConfig:
     """One named input source of the mixture."""
 
     name: str
+    """The source's name in the manifest's accounting (no "/")."""
     paths: list[str]
+    """Files, directories and globs (relative to the config file); a directory gives only files of the known formats."""
     text_field: str = "text"
+    """The JSONL / Parquet field holding the document's text."""
     url_field: str | None = None
+    """The field holding the document's URL, for the site blocklist; none: no URL."""
     weight: float = setting(1.0, between(0, 1000, "(]"))
     """2.0: seen twice per pass (up-sampling); 0.5: a deterministic half."""
     quality: bool | None = None
@@ -187,46 +191,71 @@ class SourceConfig:
 @dataclass
 class NormalizeStage:
     enabled: bool = True
+    """Normalise line endings, control characters and lone surrogates, NFC, trailing spaces."""
     fix_encoding: bool = True
+    """Repair mojibake with ftfy first."""
 
 
 @dataclass
 class BlocklistStage:
     enabled: bool = True
+    """Drop documents whose URL is on a blocked site (subdomains included)."""
     default_list: bool = True
+    """Block the sites of data/blocklists/default.txt (people-search, background-check, public records)."""
     domains: list[str] = field(default_factory=list)
+    """More domains to block."""
     files: list[str] = field(default_factory=list)
+    """More blocklist files, one domain a line."""
 
 
 @dataclass
 class PiiStage:
     enabled: bool = False
+    """Replace personal information with placeholders (<EMAIL_ADDRESS> ...)."""
     emails: bool = True
+    """E-mail addresses."""
     phones: bool = True
+    """Phone numbers."""
     ips: bool = True
+    """IP addresses."""
 
 
 @dataclass
 class GopherQualityStage:
     enabled: bool = True
+    """Gopher's quality rules (datatrove's thresholds): a document outside any bound is dropped."""
     min_words: int = 50
+    """Fewest words (pure-symbol words not counted)."""
     max_words: int = 100_000
+    """Most words."""
     min_mean_word_length: float = 3.0
+    """Shortest mean word length, in characters."""
     max_mean_word_length: float = 10.0
+    """Longest mean word length, in characters."""
     max_symbol_word_ratio: float = 0.1
+    """Most "#", "..." and "…" per word."""
     max_bullet_lines_ratio: float = 0.9
+    """Largest share of lines that start with a bullet."""
     max_ellipsis_lines_ratio: float = 0.3
+    """Largest share of lines that end with an ellipsis."""
     min_alpha_words_ratio: float = 0.8
+    """Smallest share of words that hold a letter."""
     min_stop_words: int = 2
+    """Fewest English stop words (the, be, to, of, and, that, have, with)."""
 
 
 @dataclass
 class GopherRepetitionStage:
     enabled: bool = True
+    """Gopher's repetition rules: a document over any limit is dropped."""
     dup_line_frac: float = 0.3
+    """Largest share of lines that repeat an earlier line."""
     dup_para_frac: float = 0.3
+    """Largest share of paragraphs that repeat an earlier one."""
     dup_line_char_frac: float = 0.2
+    """Largest share of characters in repeated lines."""
     dup_para_char_frac: float = 0.2
+    """Largest share of characters in repeated paragraphs."""
     top_ngram_char_frac: list[tuple[int, float]] = field(default_factory=lambda: [
         (2, 0.20), (3, 0.18), (4, 0.16)])
     """(n, limit): drop when the most frequent n-gram covers more than ``limit`` of the characters."""
@@ -238,28 +267,43 @@ class GopherRepetitionStage:
 @dataclass
 class C4Stage:
     enabled: bool = True
+    """C4's rules: lines dropped by the rules below; the document dropped by the document rules."""
     min_words_per_line: int = 3
+    """Drop lines with fewer words."""
     min_sentences: int = 5
+    """Drop the document when fewer sentences remain."""
     max_word_length: int = 1000
+    """Drop lines holding a longer word (characters)."""
     terminal_punct: bool = True
+    """Drop lines that do not end in terminal punctuation or a closing quote, or end in "..."."""
     lorem_ipsum: bool = True
+    """Drop documents that contain "lorem ipsum"."""
     javascript: bool = True
+    """Drop lines that mention javascript."""
     curly_bracket: bool = False
+    """Drop documents that contain a curly bracket."""
     policy: bool = True
+    """Drop lines that mention terms of use, privacy or cookie policies."""
 
 
 @dataclass
 class ExactDedupStage:
     enabled: bool = True
+    """Drop exact duplicates (xxh3 of the lower-cased, whitespace-collapsed text); the first is kept."""
 
 
 @dataclass
 class NearDedupStage:
     enabled: bool = True
+    """Drop near duplicates (MinHash LSH, datasketch's permutations); the first is kept."""
     ngram: int = 5
+    """Words per shingle."""
     bands: int = 14
+    """LSH bands: two documents are duplicates when every row of some band agrees."""
     rows: int = 8
+    """Rows (MinHash permutations) per band."""
     seed: int = 1
+    """Seed of the MinHash permutations."""
 
 
 @dataclass
@@ -287,7 +331,9 @@ class DataConfig:
     sources: list[SourceConfig]
     stages: Stages = field(default_factory=Stages)
     seed: int = 0
+    """Seed of the validation split and of fractional source weights."""
     val_fraction: float = setting(0.005, between(0, 0.5, "[)"))
+    """Share of documents (by content hash) held out for validation; never empty when >= 2 documents are kept."""
     shard_tokens: int = setting(1 << 28, at_least(1024))
     """Tokens per output shard file (shards end at document boundaries)."""
     path: str | None = None

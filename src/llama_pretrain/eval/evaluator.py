@@ -131,7 +131,7 @@ def group_scores(results: dict[str, dict]) -> dict[str, dict]:
 def evaluate(lm, task_ids: list[str], data_dir=None, shots: int | None = None, limit: int | None = None,
              completions: dict[str, list[str]] | None = None, timeout: float = 10.0,
              progress: bool = True, log=None, allow_unsandboxed: bool = False) -> dict:
-    """Run ``task_ids`` and return the results document (see README section `eval`)."""
+    """Run ``task_ids`` and return the results document (see docs/evaluation.md)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     results, per_sample = {}, {}
     for n, tid in enumerate(task_ids, 1):

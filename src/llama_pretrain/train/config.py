@@ -36,8 +36,11 @@ class OptimizerSection:
     lr: float | None = setting(None, POSITIVE)
     """Peak learning rate; default: the preset's peak_lr (Table 1)."""
     beta1: float = setting(0.9, between(0, 1, "[)"))
+    """AdamW beta1 (paper: 0.9)."""
     beta2: float = setting(0.95, between(0, 1, "[)"))
+    """AdamW beta2 (paper: 0.95)."""
     eps: float = setting(1e-5, POSITIVE)
+    """AdamW epsilon (paper: 1e-5)."""
     weight_decay: float = setting(0.1, NON_NEGATIVE)
     """Applied to 2-D weight matrices of linear layers only (see train/optim.py)."""
     decay_embeddings: bool = False
@@ -45,7 +48,8 @@ class OptimizerSection:
     grad_clip: float = setting(1.0, NON_NEGATIVE)
     """Clip the global gradient norm to this value; 0 disables clipping."""
     implementation: str = setting("auto", one_of("auto", "fused", "foreach", "for-loop"))
-    """AdamW kernel: auto (fused on GPU, foreach on CPU), fused, foreach or for-loop."""
+    """AdamW kernel: auto (fused on CUDA and CPU, foreach on any other device), fused, foreach or
+    for-loop (train/optim.py)."""
 
 
 @dataclass
@@ -71,6 +75,7 @@ class TrainingSection:
     global_batch_tokens: int = setting(4_194_304, POSITIVE)
     """Tokens per optimizer step over all ranks (paper: 4M)."""
     seed: int = 0
+    """Seeds the model's initial weights and the data order."""
     device: str = "auto"
     """auto, cpu, cuda or cuda:N."""
     fused_loss: str = setting("auto", one_of("auto", "head", "on", "off"))
@@ -112,11 +117,13 @@ class LoggingSection:
     tensorboard: str = setting("auto", one_of("auto", "on", "off"))
     """auto (when installed), on, off: TensorBoard event files in RUN_DIR/tb."""
     peak_flops: float = setting(0.0, NON_NEGATIVE)
-    """Peak FLOP/s for MFU; 0: the device's bf16 peak on GPU, a measured fp32 matmul peak on CPU."""
+    """Peak FLOP/s for MFU; 0: the GPU's bf16 dense peak, or on a CPU the measured matmul rate of the
+    precision trained in (cached per machine)."""
     wandb: bool = False
     """Also log the metrics and the resolved config to Weights & Biases (the wandb extra); a resumed
     run continues the same W&B run. WANDB_MODE=offline keeps it in RUN_DIR/wandb."""
     wandb_project: str = "llama-pretrain"
+    """The W&B project."""
     wandb_name: str = ""
     """The W&B run's name; empty: the run dir's name."""
     wandb_entity: str = ""
@@ -140,8 +147,11 @@ class ParallelConfig:
     """none, full (recompute each block in backward) or selective (keep matmul and attention outputs,
     recompute the element-wise work); true means full, false none."""
     mixed_precision: str = setting("auto", one_of("auto", "bf16", "fp32"))
-    """auto (bf16 on GPU, fp32 on CPU), bf16 or fp32. Master weights stay fp32."""
+    """auto (bf16 on GPU; on a CPU bf16 when a bf16 matmul measured at start-up is at least 1.5x
+    faster than fp32, else fp32), bf16 or fp32. Master weights stay fp32."""
     reshard_after_forward: bool = True
+    """FSDP: free gathered parameters after forward (false: keep them for backward, more memory, less
+    communication)."""
     tp: int = setting(1, POSITIVE)
     """Tensor-parallel degree (under torchrun): each group of tp consecutive ranks (one node's GPUs)
     splits every layer's heads and feed-forward width and the sequence between them; it must divide

@@ -96,7 +96,7 @@ class RunLock:
             fh.close()
             if e.errno in _NO_LOCKS:
                 say(f"warning: {self.path.parent} is on a filesystem without file locks ({e.strerror}); "
-                    f"nothing stops a second job from training into it (README: one job per run dir)")
+                    f"nothing stops a second job from training into it (docs/training.md: one job per run dir)")
                 return None
             return (f"{self.path.parent} is in use by another job ({holder}); wait for it to end, stop it, "
                     f"or use another --run-dir")
