@@ -115,8 +115,9 @@ def main() -> None:
     train_tokenizer(texts[:2000], tok, 1000, progress=False)
     mb = sum(map(len, texts)) / 1e6
     distinct = len({w for t in texts for w in t.split()})
+    uneven = "; the last file is half the corpus" if args.uneven else ""
     print(f"corpus ({args.vocab}): {len(texts):,} documents, {mb:.1f} MB of text, {args.files} files, "
-          f"{distinct:,} distinct words; tokenizer vocab 1000" + ("; the last file is half the corpus" if args.uneven else ""))
+          f"{distinct:,} distinct words; tokenizer vocab 1000{uneven}")
 
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     rows = []
@@ -134,7 +135,7 @@ def main() -> None:
         return out, wall, cpu
 
     for threads in (1, 2):
-        ids, wall, cpu = timed(lambda r: sp.encode(texts, add_bos=True, add_eos=True, num_threads=threads))
+        ids, wall, cpu = timed(lambda r, n=threads: sp.encode(texts, add_bos=True, add_eos=True, num_threads=n))
         ntok = sum(map(len, ids))
         rows.append(("sentencepiece encode (bare)", threads, len(texts) / wall, ntok / wall, ntok / cpu))
     base_per_worker, base_cpu = rows[0][3], rows[0][4]

@@ -77,7 +77,7 @@ def main() -> int:
     ntok = sum(map(len, ref))
     rows.append(("sentencepiece encode (1 proc)", t_ref))
     for w in (1, 2):
-        t, out = bench(lambda: tok.encode_batch(texts, workers=w), args.reps)
+        t, out = bench(lambda w=w: tok.encode_batch(texts, workers=w), args.reps)
         assert out == ref, "encode_batch ids differ from sentencepiece's"
         rows.append((f"encode_batch workers={w}", t))
     tok.close()

@@ -6,10 +6,11 @@ cross-entropy in fp32, backward, clip to 1.0, fused AdamW (0.9, 0.95, eps 1e-5, 
 weights; the default of our loop and of the HF Trainer). Each precision is compared like for like:
 fp32 for both, then bf16 autocast for both. Our side uses the trainer's loss entry point,
 ``model(inputs, targets)`` (``losses.py``: the output head fused with the cross-entropy, no
-logits kept), theirs the upcast-then-CE of LlamaForCausalLM. Steps alternate between the two models so machine noise hits both alike; the median step time is
-reported. MFU uses FLOPs/token = 6*N_non_embedding + 12*L*H*Q*T against the best matmul rate of the
-same precision measured here at start-up. Besides wall time, the ratio of median CPU time per step
-(all threads) is printed, which waiting for a core on a shared machine does not inflate.
+logits kept), theirs the upcast-then-CE of LlamaForCausalLM. Steps alternate between the two models
+so machine noise hits both alike; the median step time is reported. MFU uses FLOPs/token =
+6*N_non_embedding + 12*L*H*Q*T against the best matmul rate of the same precision measured here at
+start-up. Besides wall time, the ratio of median CPU time per step (all threads) is printed, which
+waiting for a core on a shared machine does not inflate.
 
 ``--compile ours`` adds a row for our model compiled per block as the trainer does with
 ``parallel.compile=true`` (``apply_compile``, Inductor), a copy of the same weights, so its first
@@ -280,7 +281,8 @@ def parts(args) -> None:
                 loss.backward()
                 res[name].append(time.perf_counter() - t0)
         for name, ts in res.items():
-            print(f"head + loss fwd+bwd 2048 x 512 -> 32000 {str(dtype)[6:]:>8} {name}: {statistics.median(ts[1:]):.3f} s")
+            print(f"head + loss fwd+bwd 2048 x 512 -> 32000 {str(dtype)[6:]:>8} {name}: "
+                  f"{statistics.median(ts[1:]):.3f} s")
     for dtype in (torch.float32, torch.bfloat16):
         res = {"F.cross_entropy(logits.float())": [], "chunked (64 rows)": []}
         for _ in range(6):
@@ -353,7 +355,8 @@ def isolated(args) -> None:
     import sys
 
     base = [sys.executable, __file__, "--trainer", "--precision", args.precision, "--steps", str(args.steps),
-            "--batch", str(args.batch), "--seq", str(args.seq)] + (["--threads", str(args.threads)] if args.threads else [])
+            "--batch", str(args.batch), "--seq", str(args.seq)]
+    base += ["--threads", str(args.threads)] if args.threads else []
     ratios, cpu_ratios = [], []
     for r in range(args.isolated):
         res = {}

@@ -385,7 +385,7 @@ def part_d_memory(args) -> dict:
                     model = parallelize(model, ParallelConfig(activation_checkpointing=ac_argument(ac)),
                                         DistInfo(device=dev))
 
-                def run(model=model):
+                def run(model=model, amp=amp):
                     with amp:
                         return model(x[:, :-1], x[:, 1:])
             else:
@@ -394,7 +394,7 @@ def part_d_memory(args) -> dict:
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.train()
 
-                def run(model=model):
+                def run(model=model, amp=amp):
                     with amp:
                         return model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
             result["cases"][f"{precision}/{who}/ac-{ac}"] = _step_memory(model, run, dev)

@@ -87,7 +87,8 @@ def main() -> int:
             f"--training.micro_batch_size={args.micro_batch}", f"--training.global_batch_tokens={gbt}",
             "--schedule.warmup_steps=2", "--training.eval_every_steps=0", "--logging.progress=false",
             "--checkpoint.export_final=false"]
-    gpu = ["--parallel.compile=true", "--parallel.mixed_precision=bf16"] if cuda else ["--parallel.mixed_precision=fp32"]
+    gpu = (["--parallel.compile=true", "--parallel.mixed_precision=bf16"] if cuda
+           else ["--parallel.mixed_precision=fp32"])
     results = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
     fsdp_dir = out / "fsdp"
     stages = [

@@ -58,7 +58,7 @@ def measure(cfg, seq, batch, param, compute, autocast, ckpt) -> tuple[int, dict]
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda")
     peak, phases = 0, {}
     sync = torch.cuda.synchronize
-    for step in range(2):
+    for _step in range(2):
         sync()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

@@ -195,7 +195,7 @@ MAX_TOML_DEPTH = 32  # our configs nest 3 deep; dotted keys can nest thousands w
 
 def _check_toml_depth(data: dict, path: Path) -> None:
     """Refuse deep nesting here, iteratively, before recursive code (config trees, json) meets it."""
-    stack = [(data, 1)]
+    stack: list[tuple[dict | list, int]] = [(data, 1)]
     while stack:
         value, depth = stack.pop()
         if depth > MAX_TOML_DEPTH:

@@ -196,11 +196,12 @@ def update(obj: Any, table: Mapping[str, Any], prefix: str = "") -> Any:
 def check(obj: Any, prefix: str = "") -> Any:
     """Coerce every field of the config ``obj`` in place and enforce its constraint (nested configs
     too); returns ``obj``. For values set in code as much as for merged ones."""
-    for key, f in _settable(type(obj)).items():
+    cls: type = type(obj)
+    for key, f in _settable(cls).items():
         name = prefix + key
-        hint = _hints(type(obj))[key]
+        hint = _hints(cls)[key]
         value = getattr(obj, key)
-        if dataclasses.is_dataclass(hint) and isinstance(value, hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, hint):
             check(value, name + ".")
         else:
             setattr(obj, key, coerce(value, hint, name, f.metadata.get("rule")))

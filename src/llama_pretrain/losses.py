@@ -19,6 +19,7 @@ whole (BENCHMARKS.md, memory: the [tokens x vocab] pair was a third of the step'
 from __future__ import annotations
 
 import contextlib
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -84,16 +85,19 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
 
 
+_DTENSOR: tuple[type, ...]
 try:
     from torch.distributed.tensor import DTensor
+
+    _DTENSOR = (DTensor,)
 except ImportError:  # a torch built without distributed support
-    DTensor = ()
+    _DTENSOR = ()
 
 
 def is_dtensor(t) -> bool:
     """A DTensor (tensor parallelism, train/parallelize.py): the plain-tensor kernels here and in
     model.py step aside for the ops whose sharding rules DTensor knows."""
-    return isinstance(t, DTensor)
+    return isinstance(t, _DTENSOR)
 
 
 _loss_parallel_depth = 0
@@ -124,7 +128,8 @@ def _vocab_parallel_cross_entropy(logits, targets: torch.Tensor, ignore_index: i
     # every rank of the group.
     with loss_parallel_context(True):
         loss = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
-    return loss.to_local()  # Replicate: every rank holds the full mean
+    # A DTensor (typed Tensor by F.cross_entropy), Replicate: every rank holds the full mean
+    return cast("DTensor", loss).to_local()
 
 
 # The fused head + loss on CPU (measured, BENCHMARKS.md): the head's matmuls over blocks of ~32 MiB
@@ -171,15 +176,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs = logp.exp_()
                 probs[rows[:b - a], tc] -= 1.0
                 torch.mul(probs, scale[a:b, None], out=g[a - start:b - start])
-            if need_h:
+            if grad_h is not None:  # need_h
                 torch.mm(g, weight, out=grad_h[start:end])
-            if need_w:
+            if grad_w is not None:  # need_w
                 if g.dtype == acc:
                     grad_w.addmm_(g.t(), hc)
                 else:  # bf16 product (fp32 accumulate inside the matmul), summed over blocks in fp32
                     grad_w += g.t() @ hc
         loss = -torch.where(valid, target_logp, 0.0).sum() / count
-        if need_w and grad_w.dtype != weight.dtype:
+        if grad_w is not None and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
         ctx.save_for_backward(grad_h, grad_w)
         return loss

@@ -28,6 +28,7 @@ the residual stream's variance does not grow with depth; RMSNorm weights start a
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -280,6 +281,9 @@ def _low_precision_on_cpu(h: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 class Transformer(nn.Module):
+    rope_cos: torch.Tensor  # buffers, registered in __init__
+    rope_sin: torch.Tensor
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -336,7 +340,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False, chunked_loss: bool | str | None = None):
+                cache: KVCache | None = None, last_only: bool = False,
+                chunked_loss: bool | Literal["head"] | None = None):
         """Logits [B, T, vocab] for ``tokens`` [B, T]; with ``targets``, the mean cross-entropy.
 
         Positions whose target is -100 are ignored. The loss is computed in fp32 without keeping an

@@ -248,6 +248,8 @@ def _init_worker(data: bytes) -> None:
 
 def _encode_chunk(args: tuple[list[str], bool, bool]) -> list[list[int]]:
     texts, bos, eos = args
+    if _worker_sp is None:
+        raise RuntimeError("the pool's initializer (_init_worker) did not run in this process")
     return _worker_sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=1)
 
 
@@ -279,7 +281,9 @@ def _sample_lines(texts: Iterable[str], k: int, seed: int, max_len: int, progres
         for line in doc.split("\n"):
             if not line:
                 continue
-            if len(line) > max_len or (len(line) * 4 > max_len and len(line.encode("utf-8", "surrogatepass")) > max_len):
+            # a char is at most 4 UTF-8 bytes: encode only lines that could be too long
+            if len(line) > max_len or (len(line) * 4 > max_len
+                                       and len(line.encode("utf-8", "surrogatepass")) > max_len):
                 stats["lines_too_long"] += 1
                 continue
             stats["chars_seen"] += len(line)
@@ -319,7 +323,7 @@ def _spec_to_dict(msg) -> dict:
 def _known_options() -> set[str]:
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    return ({f.name for f in pb.TrainerSpec.DESCRIPTOR.fields}
+    return ({f.name for f in pb.TrainerSpec.DESCRIPTOR.fields}  # type: ignore[attr-defined]  # protobuf makes the classes at import
             | {"normalization_rule_name", "normalization_rule_tsv", "add_dummy_prefix",
                "remove_extra_whitespaces"})
 
@@ -368,7 +372,7 @@ def _trainer_spec(vocab_size: int, num_threads: int | None, overrides: dict) -> 
 def _write_model(out: Path, data: bytes, sidecar_fields: dict) -> None:
     """The sidecar (spec, input summary, sha256) and the model, each written atomically."""
     from sentencepiece import sentencepiece_model_pb2 as pb
-    proto = pb.ModelProto()
+    proto = pb.ModelProto()  # type: ignore[attr-defined]  # protobuf makes the classes at import
     proto.ParseFromString(data)
     sidecar = {
         "format": "llama-pretrain-tokenizer",

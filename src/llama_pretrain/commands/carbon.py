@@ -37,16 +37,16 @@ def run(args) -> int:
     if args.table2:
         if args.gpu_hours is not None:
             raise UserError("--table2 takes no --gpu-hours")
-        t = table2(pue, intensity)
+        tab = table2(pue, intensity)
         if args.json:
-            print(json.dumps(t, indent=2))
+            print(json.dumps(tab, indent=2))
             return 0
         print(f"Table 2 recomputed: tCO2eq = GPU-hours x power x PUE {pue:g} x {intensity:g} kgCO2eq/kWh")
         print(f"{'model':<6} {'GPU-hours':>10} {'power W':>8} {'exact t':>12} {'shown':>8} {'paper':>8}")
-        for r in t["rows"]:
+        for r in tab["rows"]:
             print(f"{r['model']:<6} {r['gpu_hours']:>10,} {r['power_w']:>8} {r['tco2eq']:>12.4f} "
                   f"{r['display']:>8} {r['paper']:>8}")
-        tot = t["total"]
+        tot = tab["total"]
         print(f"{'total':<6} {tot['gpu_hours']:>10,} {'':>8} {tot['tco2eq']:>12.4f} "
               f"{tot['display']:>8} {tot['paper']:>8}")
         print("rows are cut to the hundredth and the total rounded, as the paper prints them")

@@ -122,24 +122,30 @@ def _print(r: dict) -> None:
         ("memory/GPU", f"{_gib(r['memory_per_gpu_bytes'])} ({'fits' if r['fits'] else 'does NOT fit'} in "
                        f"{_gib(r['gpu_memory_bytes'])}): weights {_gib(m0['weights'])}, gradients "
                        f"{_gib(m0['gradients'])}, AdamW {_gib(m0['optimizer'])}, activations "
-                       f"{_gib(m0['activations'])} (micro batch {r['micro_batch']}); modelled step peak {_gib(m0['peak'])}"),
-        ("  checkpointed", f"{_gib(r['memory_per_gpu_bytes_checkpointing'])} ({'fits' if r['fits_with_checkpointing'] else 'does NOT fit'}) "
-                           f"with activation checkpointing: activations {_gib(m1['activations'])}; peak {_gib(m1['peak'])}"),
-        ("comm/step", f"{fsdp_over}{c['comm_s']:.3f} s on {c['interconnect']} ({c['bytes_per_gpu'] / 1e9:.1f} GB per GPU, "
+                       f"{_gib(m0['activations'])} (micro batch {r['micro_batch']}); "
+                       f"modelled step peak {_gib(m0['peak'])}"),
+        ("  checkpointed", f"{_gib(r['memory_per_gpu_bytes_checkpointing'])} "
+                           f"({'fits' if r['fits_with_checkpointing'] else 'does NOT fit'}) "
+                           f"with activation checkpointing: activations {_gib(m1['activations'])}; "
+                           f"peak {_gib(m1['peak'])}"),
+        ("comm/step", f"{fsdp_over}{c['comm_s']:.3f} s on {c['interconnect']} "
+                      f"({c['bytes_per_gpu'] / 1e9:.1f} GB per GPU, "
                       f"latency {c['comm_latency_s']:.3f} s) vs compute {c['compute_s']:.3f} s; "
                       f"scaling efficiency {100 * c['scaling_efficiency']:.1f}%"),
     ]
     if r["tp"] > 1:
         t, t1 = lay["tp_comm"], lay["tp_comm_checkpointing"]
         rows.append(("TP comm/step", f"tp {r['tp']} x dp {r['dp']}: {t['comm_s']:.3f} s over NVLink "
-                                     f"({t['bytes_per_gpu'] / 1e9:.1f} GB per GPU at {t['bus_bandwidth_Bps'] / 1e9:.0f} GB/s, "
+                                     f"({t['bytes_per_gpu'] / 1e9:.1f} GB per GPU at "
+                                     f"{t['bus_bandwidth_Bps'] / 1e9:.0f} GB/s, "
                                      f"exposed) vs compute {lay['compute_s']:.3f} s; {t1['comm_s']:.3f} s "
                                      "with activation checkpointing (forward recomputed)"))
     net0 = next(iter(lay["networks"]))
     v = lay["networks"][net0]
+    ckpt = " with activation checkpointing" if lay["activation_checkpointing_assumed"] else ""
     rows.append(("layout", f"tp {r['tp']} x dp {r['dp']}, {lay['sequences_per_dp_rank']:.2f} sequences per "
                            f"data-parallel rank per step (busiest {lay['sequences_busiest_rank']}); step "
-                           f"{v['step_s']:.2f} s on {net0}{' with activation checkpointing' if lay['activation_checkpointing_assumed'] else ''}: "
+                           f"{v['step_s']:.2f} s on {net0}{ckpt}: "
                            f"scaling efficiency {100 * v['scaling_efficiency']:.1f}% ({v['days']:,.2f} days "
                            "if the MFU excluded these overheads)"))
     if r["sequences_per_gpu_per_step"] < 1 and lay["sequences_below_dp"]:

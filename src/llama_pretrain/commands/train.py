@@ -66,7 +66,8 @@ def refuse_unknown_flags(parser: argparse.ArgumentParser) -> None:
             parser.error(unknown_argument_message(extras[0], parser))
         return namespace, extras
 
-    parser.parse_known_args = parse_known_args
+    # this instance only (the subparsers action makes the parser): mypy forbids any method assignment
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
 def unknown_argument_message(arg: str, parser: argparse.ArgumentParser) -> str:

@@ -23,6 +23,7 @@ import glob
 import os
 import threading
 import time
+from dataclasses import dataclass
 
 from .carbon import DEFAULT_INTENSITY, DEFAULT_PUE, tco2eq
 
@@ -33,9 +34,14 @@ RAPL_ROOT = "/sys/class/powercap"
 class _Source:
     method = "tdp-estimate"
 
-    def start(self) -> None: ...
-    def joules(self, seconds: float) -> float: ...
-    def close(self) -> None: ...
+    def start(self) -> None:
+        pass
+
+    def joules(self, seconds: float) -> float:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
 class _TDPSource(_Source):
@@ -51,6 +57,14 @@ class _TDPSource(_Source):
         return self.watts * seconds
 
 
+@dataclass
+class _Zone:
+    path: str
+    wrap: int  # the counter's range (max_energy_range_uj)
+    last: int = 0  # the last raw reading
+    total: int = 0  # microjoules accumulated since start()
+
+
 class _RaplSource(_Source):
     """Sum of package-level RAPL counters (``intel-rapl:N``, not the ``:N:M`` sub-domains,
     which are already included in their package)."""
@@ -58,7 +72,7 @@ class _RaplSource(_Source):
     method = "rapl"
 
     def __init__(self, root: str = RAPL_ROOT):
-        self.zones = []
+        self.zones: list[_Zone] = []
         for d in sorted(glob.glob(os.path.join(root, "intel-rapl:*"))):
             if os.path.basename(d).count(":") != 1:
                 continue
@@ -69,7 +83,7 @@ class _RaplSource(_Source):
                 wrap = 2**32
             path = os.path.join(d, "energy_uj")
             self._read(path)  # raises OSError when not readable: caller falls back
-            self.zones.append([path, wrap, 0, 0])  # path, wrap, last raw, accumulated uJ
+            self.zones.append(_Zone(path, wrap))
         if not self.zones:
             raise OSError("no RAPL package zones")
         self.start()
@@ -81,17 +95,17 @@ class _RaplSource(_Source):
 
     def start(self) -> None:
         for z in self.zones:
-            z[2], z[3] = self._read(z[0]), 0
+            z.last, z.total = self._read(z.path), 0
 
     def joules(self, seconds: float) -> float:
         total = 0
         for z in self.zones:
-            raw = self._read(z[0])
-            delta = raw - z[2]
+            raw = self._read(z.path)
+            delta = raw - z.last
             if delta < 0:  # the counter wrapped since the last read
-                delta += z[1]
-            z[2], z[3] = raw, z[3] + delta
-            total += z[3]
+                delta += z.wrap
+            z.last, z.total = raw, z.total + delta
+            total += z.total
         return total / 1e6
 
 
@@ -105,7 +119,7 @@ class _NvmlSource(_Source):
         self.nvml = pynvml
         self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         self.sample_s = sample_s
-        self._thread = None
+        self._thread: threading.Thread | None = None
         try:
             pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
             self.counter = True
@@ -203,22 +217,25 @@ class EnergyMeter:
         return (gpu or GPUS["a100-80gb"]).tdp_w
 
     def start(self) -> "EnergyMeter":
+        self._begin()
+        return self
+
+    def _begin(self) -> float:
         self.source.start()
         # A sampling source integrates from its own first sample: measure time from there too, so
         # mean power = energy / time holds exactly however the threads are scheduled.
-        self.t0 = getattr(self.source, "t_start", None) or time.monotonic()
+        t0 = self.t0 = getattr(self.source, "t_start", None) or time.monotonic()
         self._final = None
-        return self
+        return t0
 
     def read(self) -> dict:
         if self._final is not None:
             return dict(self._final)
-        if self.t0 is None:
-            self.start()
+        t0 = self._begin() if self.t0 is None else self.t0
         now = time.monotonic()
-        joules = max(0.0, self.source.joules(now - self.t0))
+        joules = max(0.0, self.source.joules(now - t0))
         last_sample = getattr(self.source, "_last", None)
-        seconds = (last_sample[0] if last_sample else now) - self.t0
+        seconds = (last_sample[0] if last_sample else now) - t0
         kwh = joules / 3.6e6
         return {"kwh": kwh, "tco2eq": tco2eq(kwh=kwh, pue=self.pue, intensity=self.intensity),
                 "method": self.method, "seconds": seconds,

@@ -33,9 +33,9 @@ bytes per head parameter, also computed in the forward; no logits are kept, and 
 transient is only its scaled copy of the ``e d`` piece (the scaled head gradient is the one counted
 below). Without fusion (``fused_loss=False``; always with ``tp`` > 1) the head adds
 ``r d + 4 + e d + e V + 4`` per token (V vocab: the logits, or the
-fp32 log-softmax when e = 4, and the loss's logsumexp); at the start of backward the logits' gradient (``e V`` per token) and
-about three fp32 softmax chunks of 2048 rows (``losses.py``) are live on top; with fp32 logits
-PyTorch's cross-entropy instead holds the gradients of the log-softmax and of the logits
+fp32 log-softmax when e = 4, and the loss's logsumexp); at the start of backward the logits'
+gradient (``e V`` per token) and about three fp32 softmax chunks of 2048 rows (``losses.py``) are
+live on top; with fp32 logits PyTorch's cross-entropy instead holds the gradients of the log-softmax and of the logits
 (``8 V`` per token). Under autocast each matmul casts the fp32 normed input itself, so wq, wk, wv
 keep three ``e d`` copies and w1, w3 two. ``fused_attention=False`` adds the math kernel's
 ``e H T`` softmax probabilities per token (and k, v expanded to all heads): PyTorch falls back to
@@ -43,12 +43,13 @@ it on CUDA for fp32 inputs with GQA, as ``benchmarks/gpu_memory_check.py`` shows
 adds and the embedding save nothing of size (RoPE tables are buffers). Attention is assumed
 memory-efficient (flash / efficient SDPA: no T x T matrix). With activation checkpointing per
 block, each block keeps only its input (r d per token) and one block's full set is live again
-during its recomputation (after the head's backward). Under autocast with fp32 master weights the bf16 weight copies cached
-for the forward (``e x`` matmul parameters) stay alive until backward uses them.
+during its recomputation (after the head's backward). Under autocast with fp32 master weights the
+bf16 weight copies cached for the forward (``e x`` matmul parameters) stay alive until backward uses them.
 
 ``total`` is the sum of the parts (weights + gradients + optimizer + activations), without
 transients; it overstates the peak when model states dominate and understates it when the loss
-over a large vocabulary does (the planner uses the larger of ``total`` and ``peak``). ``peak`` follows one steady-state step (gradients freed by ``zero_grad``): backward starts
+over a large vocabulary does (the planner uses the larger of ``total`` and ``peak``). ``peak``
+follows one steady-state step (gradients freed by ``zero_grad``): backward starts
 with every activation, the head gradient and the loss transient live, and trades activations for
 gradients block by block (linear, so the maximum is at either end); the optimizer step then holds
 the gradients plus one parameter-sized temporary (foreach AdamW's sqrt of the second moment):

@@ -260,7 +260,7 @@ def _mode(total: float, gpu: GPU, mfu: float | None, gpu_hours: float | None) ->
         if not (gpu_hours > 0 and math.isfinite(gpu_hours)):
             raise UserError(f"--gpu-hours must be a positive number, got {gpu_hours}")
         return "inverse", implied_mfu(total, gpu, gpu_hours), gpu_hours
-    if not (0 < mfu <= 1):
+    if mfu is None or not (0 < mfu <= 1):  # None: plan() already refused it
         raise UserError(f"--mfu must be in (0, 1], got {mfu}")
     return "forward", mfu, gpu_hours_for(total, gpu, mfu)
 

@@ -32,7 +32,7 @@ SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "site-packages", "dist-pac
 
 def _stdlib_files() -> list[Path]:
     root = sysconfig.get_paths()["stdlib"]
-    out = []
+    out: list[Path] = []
     for dirpath, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith((".", "test_")))
         out.extend(Path(dirpath) / f for f in files if f.endswith(".py") and not f.startswith("test_"))
@@ -66,6 +66,7 @@ def builtin_documents(max_docs: int | None = None) -> tuple[list[dict], list[dic
     given Python version."""
     code, docs = [], []
     code_chars = docs_chars = 0
+    topics: dict[str, str]
     try:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions strip it

@@ -124,9 +124,9 @@ def xxh32_many(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.n
     rem = lengths & 15
     words, tail = rem >> 2, rem & 3
     for k in range(int(words.max(initial=0))):  # up to three 4-byte words
-        act = words > k
-        h = np.where(act, _rotl(h + win[pos] * _P3, 17) * _P4, h)
-        pos += 4 * act
+        more = words > k
+        h = np.where(more, _rotl(h + win[pos] * _P3, 17) * _P4, h)
+        pos += 4 * more
     if tail.any():
         last = win[pos]  # the up to three single bytes left, read at once
         for k in range(int(tail.max())):

@@ -8,6 +8,7 @@ reason, which ``Stats.check`` enforces.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .pii import KINDS as PII_KINDS
@@ -86,7 +87,7 @@ class Stats:
         self.documents_kept += documents
         self.tokens += tokens
 
-    def drop(self, reason: str, n: int = 1, locations: list[str] = ()) -> None:
+    def drop(self, reason: str, n: int = 1, locations: Sequence[str] = ()) -> None:
         if reason not in REASONS:  # a new reason belongs in this module, with the others
             raise ValueError(f"unknown drop reason {reason!r}")
         self.dropped[reason] = self.dropped.get(reason, 0) + n

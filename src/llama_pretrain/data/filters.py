@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Sequence
 from functools import lru_cache
 from itertools import compress, filterfalse, islice, repeat
 from operator import mul
@@ -52,7 +53,7 @@ def default_blocklist() -> frozenset[str]:
 class Blocklist:
     """Domains to drop; a domain blocks its subdomains too."""
 
-    def __init__(self, default_list: bool = True, domains: list[str] = (), files: list[str] = ()):
+    def __init__(self, default_list: bool = True, domains: Sequence[str] = (), files: Sequence[str] = ()):
         self.domains = set(default_blocklist()) if default_list else set()
         self.domains |= _parse_domains(domains, "blocklist.domains")
         for f in files:
@@ -95,7 +96,10 @@ class TextSplit:
 
     def __init__(self, text: str):
         self.text = text
-        self._lines = self._lower = self._lower_counts = self._chars = None
+        self._lines: list[str] | None = None
+        self._lower: list[str] | None = None
+        self._lower_counts: Counter[str] | None = None
+        self._chars: int | None = None
 
     @property
     def lines(self) -> list[str]:  # the non-blank lines
@@ -166,8 +170,8 @@ def _gopher_quality(sp: TextSplit, s: dict) -> str | None:
     mean = chars / n
     if not s["min_mean_word_length"] <= mean <= s["max_mean_word_length"]:
         return drops.GOPHER_MEAN_WORD_LENGTH
-    symbols = text.count("#") + text.count("...") + text.count("…")
-    if symbols / max(1, n_words) > s["max_symbol_word_ratio"]:
+    n_symbols = text.count("#") + text.count("...") + text.count("…")
+    if n_symbols / max(1, n_words) > s["max_symbol_word_ratio"]:
         return drops.GOPHER_SYMBOL_RATIO
     lines = sp.lines
     if lines:

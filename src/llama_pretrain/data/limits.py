@@ -17,7 +17,7 @@ a page holding one huge value among small ones costs its size once.
 
 from __future__ import annotations
 
-from typing import IO, Iterator
+from typing import IO, AnyStr, Iterator, Protocol, TypeVar
 
 import numpy as np
 
@@ -36,8 +36,16 @@ PARQUET_BATCH_ROWS = 1024
 _SKIP_CHUNK = 1 << 20  # the rest of an overlong line is read and dropped this much at a time
 _VALUE_COST = 64  # bytes a Python object costs beyond its payload, roughly (eval's accounting)
 
+_Line = TypeVar("_Line", covariant=True)
 
-def bounded_lines(fh: IO, limit: int) -> Iterator[bytes | str | None]:
+
+class LineReader(Protocol[_Line]):
+    """A binary or text file (or ``gzip.open``'s): all ``bounded_lines`` needs."""
+
+    def readline(self, size: int, /) -> _Line: ...
+
+
+def bounded_lines(fh: LineReader[AnyStr], limit: int) -> Iterator[AnyStr | None]:
     """The lines of ``fh`` (binary or text), each at most ``limit`` bytes or characters plus its
     newline; ``None`` in place of a longer line, which is skipped without being held whole."""
     readline = fh.readline
@@ -250,7 +258,8 @@ def _struct(buf: bytes, pos: int, depth: int) -> tuple[dict[int, int], int]:
     """A compact-protocol struct at ``pos``: its i32 fields 1-3 (at the top level) and its end."""
     if depth > 32:
         raise ValueError("nested too deeply")
-    fields, fid = {}, 0
+    fields: dict[int, int] = {}
+    fid = 0
     while True:
         b = buf[pos]
         pos += 1

@@ -34,7 +34,7 @@ def merge(parts: list[str | Path], out: str | Path, progress: bool = True) -> di
             raise UserError(f"{d} is part of a {m['part']['num_tasks']}-task run, {first_dir} of "
                             f"{first['part']['num_tasks']}")
     n = first["part"]["num_tasks"]
-    seen = {}
+    seen: dict[int, Path] = {}
     for d, m in manifests:
         i = m["part"]["task_index"]
         if i in seen:
@@ -60,5 +60,6 @@ def merge(parts: list[str | Path], out: str | Path, progress: bool = True) -> di
     order = sorted(range(len(refs)), key=lambda i: (refs[i].source, refs[i].file_index))
     refs = [refs[i] for i in order]
     stats = [stats[i] for i in order]
+    merged_from = [str(d) for d, _ in sorted(manifests, key=lambda x: x[1]["part"]["task_index"])]
     return finalize(cfg, refs, stats, out, first["tokenizer"], progress=progress,
-                    extra={"merged_from": [str(d) for d, _ in sorted(manifests, key=lambda x: x[1]["part"]["task_index"])]})
+                    extra={"merged_from": merged_from})

@@ -176,6 +176,8 @@ def _clean(rec: Record, stages: _DocStages, stats: Stats, strict: bool) -> str |
             raise UserError(f"{rec.loc}: bad record ({rec.error}); drop --strict to skip such records")
         stats.drop(rec.error, locations=[rec.loc])
         return None
+    if rec.text is None:  # only Record.bad makes one, with an error
+        raise ValueError(f"{rec.loc}: a record with neither text nor error")
     text, reason = stages.apply(rec.text, rec.url, stats.pii_replacements)
     if reason is not None:
         stats.drop(reason, locations=[rec.loc])
@@ -218,7 +220,10 @@ class _DocStages:
         st, reason = self.st, None
         self._split = None
         if st.c4.enabled:  # the filters read their thresholds from a plain dict
-            text, reason = c4_filter(text, vars(st.c4))
+            cleaned, reason = c4_filter(text, vars(st.c4))
+            if cleaned is None:
+                return None, reason
+            text = cleaned
         if reason is None and (st.gopher_quality.enabled or st.gopher_repetition.enabled):
             self._split = TextSplit(text)
             reason = gopher(text, vars(st.gopher_quality) if st.gopher_quality.enabled else None,
@@ -378,6 +383,13 @@ class _UnitProgress:
                                  + (" (reused)" if reused else ""), refresh=False)
         self.bar.update(1)
 
+    def ordered(self) -> list[tuple[Stats, bool]]:
+        """Every job's result, in job order."""
+        done = [r for r in self.results if r is not None]
+        if len(done) < len(self.results):  # never: a job that fails raises instead
+            raise RuntimeError("a unit of phase 1 gave no result")
+        return done
+
 
 def run_units(jobs: list[tuple[UnitRef, dict]], workers: int = 1,
               progress: bool = True) -> list[tuple[Stats, bool]]:
@@ -396,20 +408,7 @@ def run_units(jobs: list[tuple[UnitRef, dict]], workers: int = 1,
                 except BaseException:
                     ex.shutdown(wait=True, cancel_futures=True)
                     raise
-    return track.results  # type: ignore[return-value]
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_pool_context(),
-                             initializer=_init_worker) as ex:
-        futures = {ex.submit(process_unit, jobs[i][1]): i for i in largest_first(jobs)}
-        track = _UnitProgress(len(jobs), progress)
-        try:
-            for f in as_completed(futures):
-                track.done(futures[f], f.result())
-        except BaseException:
-            ex.shutdown(wait=True, cancel_futures=True)
-            raise
-        finally:
-            track.bar.close()
-    return track.results  # type: ignore[return-value]
+    return track.ordered()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,6 +426,13 @@ class _Kept:
     lengths: np.ndarray
     hashes: np.ndarray
     val: np.ndarray | None = None
+
+    @property
+    def val_mask(self) -> np.ndarray:
+        """``val``, once ``_split`` has set it."""
+        if self.val is None:
+            raise RuntimeError(f"{self.ref.dir}: validation documents not chosen yet")
+        return self.val
 
 
 def finalize(cfg: DataConfig, units: list[UnitRef], unit_stats: list[Stats], out: Path, tokenizer: dict,
@@ -521,7 +527,7 @@ def _dedup_unit(ref: UnitRef, st: Stats, exact_seen: set[int] | None, near: Near
                 st.drop_kept(drops.EXACT_DUPLICATE, int(lengths[i]))
                 continue
             exact_seen.add(h)
-        if near is not None and near.is_duplicate(sigs[i]):
+        if near is not None and sigs is not None and near.is_duplicate(sigs[i]):
             keep[i] = False
             st.drop_kept(drops.NEAR_DUPLICATE, int(lengths[i]))
     idx = np.nonzero(keep)[0]
@@ -553,7 +559,7 @@ def _mix(cfg: DataConfig, kept: list[_Kept]) -> list[tuple[_Kept, np.ndarray]]:
     positions (into ``_Kept.idx``) of the documents that pass copies."""
     plan = []
     for si, src in enumerate(cfg.sources):
-        mine = [(k, np.nonzero(~k.val)[0]) for k in kept if k.ref.source == si]
+        mine = [(k, np.nonzero(~k.val_mask)[0]) for k in kept if k.ref.source == si]
         hashes = np.concatenate([k.hashes[t] for k, t in mine]) if mine else np.zeros(0, "<u8")
         lengths = np.concatenate([k.lengths[t] for k, t in mine]) if mine else np.zeros(0, "<u4")
         for mask in copy_masks(hashes, lengths, src.weight, cfg.seed):
@@ -574,8 +580,8 @@ def _account(cfg: DataConfig, kept: list[_Kept], train: list[tuple[_Kept, np.nda
     for k in kept:
         s = sources[k.ref.source]
         s.add(k.stats)
-        s.val_documents += int(k.val.sum())
-        s.val_tokens += int(k.lengths[k.val].sum())
+        s.val_documents += int(k.val_mask.sum())
+        s.val_tokens += int(k.lengths[k.val_mask].sum())
     for k, sel in train:
         s = sources[k.ref.source]
         s.tokens_after_mixing += int(k.lengths[sel].sum())
@@ -608,8 +614,8 @@ def _write(cfg: DataConfig, out: Path, dtype: str, kept: list[_Kept], train: lis
     bar = _bar(progress, total=None, unit="tok", unit_scale=True, desc="write")
     try:
         for k in kept:
-            if k.val.any():
-                bar.update(_copy_docs(writers["val"], k, np.nonzero(k.val)[0], dtype))
+            if k.val_mask.any():
+                bar.update(_copy_docs(writers["val"], k, np.nonzero(k.val_mask)[0], dtype))
         for k, sel in train:
             bar.update(_copy_docs(writers["train"], k, sel, dtype))
         return {sp: w.close() for sp, w in writers.items()}

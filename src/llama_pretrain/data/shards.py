@@ -17,7 +17,8 @@ under a temporary name and renamed when complete, so a file under its final name
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator
+from contextlib import AbstractContextManager
+from typing import IO, Any, Iterator
 
 import numpy as np
 
@@ -136,7 +137,7 @@ def open_doc_index(dir: str | Path, split: str = "train") -> list[np.ndarray]:
     """Per shard, the uint64 document offsets (documents + 1 entries)."""
     dir = Path(dir)
     m = read_manifest(dir)
-    out = []
+    out: list[np.ndarray] = []
     for sh in _split_info(m, dir, split)["shards"]:
         path, n = dir / sh["index"], int(sh["documents"]) + 1
         if not path.is_file() or path.stat().st_size != 8 * n:
@@ -172,17 +173,26 @@ class ShardWriter:
         self.dir, self.split, self.dtype = Path(dir), split, np_dtype(dtype)
         self.shard_tokens = int(shard_tokens)
         self.shards: list[dict] = []
-        self._cm = None
-        self._fh = None
+        self._cm: AbstractContextManager[IO[bytes]] | None = None  # set together with _fh
+        self._fh: IO[bytes] | None = None
         self._offsets: list[int] = []
         self._n = 0
 
-    def _open(self) -> None:
+    def _open(self) -> IO[bytes]:
         i = len(self.shards)
         self._name = f"{self.split}/{i:05d}"
-        self._cm = atomic_file(self.dir / f"{self._name}.bin", "wb")
-        self._fh = self._cm.__enter__()
+        cm = atomic_file(self.dir / f"{self._name}.bin", "wb")
+        fh = self._fh = cm.__enter__()
+        self._cm = cm
         self._offsets, self._n, self._max = [], 0, 0
+        return fh
+
+    def _shard_file(self, n: int) -> IO[bytes]:
+        """The file of the shard that takes the next ``n`` tokens: a new shard when they would
+        overflow a non-empty one."""
+        if self._cm is not None and self._n and self._n + n > self.shard_tokens:
+            self._close()
+        return self._open() if self._fh is None else self._fh
 
     def _close(self) -> None:
         if self._cm is None:
@@ -196,10 +206,7 @@ class ShardWriter:
         self._cm = self._fh = None
 
     def add(self, tokens: np.ndarray) -> None:
-        if self._cm is not None and self._n and self._n + len(tokens) > self.shard_tokens:
-            self._close()
-        if self._cm is None:
-            self._open()
+        fh = self._shard_file(len(tokens))
         tokens = np.asarray(tokens)
         if len(tokens):
             lo, hi = int(tokens.min()), int(tokens.max())
@@ -208,7 +215,7 @@ class ShardWriter:
                 raise ValueError(f"token ids {lo}..{hi} do not fit {self.dtype.name} shards")
             self._max = max(self._max, hi)
         self._offsets.append(self._n)
-        self._fh.write(tokens.astype(self.dtype, copy=False).tobytes())
+        fh.write(tokens.astype(self.dtype, copy=False).tobytes())
         self._n += len(tokens)
 
     def add_many(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
@@ -220,10 +227,7 @@ class ShardWriter:
         starts = ends - lengths
         i = 0
         while i < len(lengths):
-            if self._cm is not None and self._n and self._n + int(lengths[i]) > self.shard_tokens:
-                self._close()
-            if self._cm is None:
-                self._open()
+            fh = self._shard_file(int(lengths[i]))
             # documents i..j-1 fit in this shard (document i does in any case, as with add)
             j = max(i + 1, int(np.searchsorted(ends, self.shard_tokens - self._n + starts[i], side="right")))
             piece = tokens[starts[i]:ends[j - 1]]
@@ -233,7 +237,7 @@ class ShardWriter:
                     raise ValueError(f"token ids {lo}..{hi} do not fit {self.dtype.name} shards")
                 self._max = max(self._max, hi)
             self._offsets.extend((self._n + starts[i:j] - starts[i]).tolist())
-            self._fh.write(piece.astype(self.dtype, copy=False).tobytes())
+            fh.write(piece.astype(self.dtype, copy=False).tobytes())
             self._n += len(piece)
             i = j
 

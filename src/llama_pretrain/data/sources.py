@@ -140,7 +140,7 @@ KNOWN_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz", ".
 
 def _walk(d: Path) -> list[Path]:
     """The files of a known format under ``d`` (hidden entries skipped), sorted."""
-    out = []
+    out: list[Path] = []
     for root, dirs, files in os.walk(d):
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
         out.extend(Path(root) / f for f in sorted(files) if not f.startswith(".") and has_known_format(f))
@@ -423,7 +423,7 @@ def iter_texts(source: SourceConfig) -> Iterator[str]:
     """Document texts of a source, bad records skipped."""
     for path in expand_paths(source.paths):
         for rec in iter_records(path, source.text_field, source.url_field):
-            if rec.error is None:
+            if rec.text is not None:  # None: a bad record
                 yield rec.text
 
 
@@ -543,7 +543,7 @@ def _iter_parquet(path: Path, text_field: str, url_field: str | None) -> Iterato
         return
     read_text = _readable(schema.field(text_field).type)
     url = url_field and url_field in schema.names and limits.is_string_type(schema.field(url_field).type)
-    cols = [text_field] + ([url_field] if url else [])
+    cols = [text_field] + ([url_field] if url and url_field else [])
     row = 0
     try:
         with open(path, "rb") as fh:

@@ -33,7 +33,7 @@ def _decomposable(tok) -> bool:
         from sentencepiece import sentencepiece_model_pb2 as pb
     except ImportError:  # pragma: no cover - protobuf is a dependency
         return False
-    m = pb.ModelProto()
+    m = pb.ModelProto()  # type: ignore[attr-defined]  # protobuf makes the classes at import
     try:
         m.ParseFromString(tok.model_proto)
     except Exception:  # a model sentencepiece loads but this protobuf cannot parse: be safe

@@ -26,6 +26,7 @@ import os
 import resource
 import stat
 import sys
+from typing import Any
 
 NOBODY = 65534
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
@@ -242,7 +243,7 @@ def _verdict(pid: int, tell_r: int, hear_w: int) -> str:
 
 def main() -> None:
     names = ("cpu_seconds", "memory_mb", "work_mb", "isolate", "drop_to_nobody")
-    job = dict(zip(names, map(int, sys.argv[1:])))
+    job: dict[str, Any] = dict(zip(names, map(int, sys.argv[1:])))
     job["program"] = sys.stdin.buffer.read().decode("utf-8", "surrogatepass")
     if job["isolate"]:
         try:

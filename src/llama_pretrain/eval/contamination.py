@@ -19,7 +19,7 @@ by pigeonhole) finds those too, at the cost of more hits to verify.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -134,9 +134,9 @@ def find_contamination(samples: Sequence[np.ndarray], streams: Iterable[np.ndarr
                     if seed == min_match and max_mismatches == 0:
                         marks[s][e0:e0 + seed] = True
                         continue
-                    l, r = _extend(ev, e0, tr, t0, seed, max_mismatches)
-                    if r - l >= min_match:
-                        marks[s][l:r] = True
+                    first, end = _extend(ev, e0, tr, t0, seed, max_mismatches)
+                    if end - first >= min_match:
+                        marks[s][first:end] = True
             bar.update(stop - start - (seed - 1 if stop < N else 0))
     bar.close()
     return marks
@@ -148,7 +148,7 @@ def subset_of(share: float) -> list[str]:
 
 def summarize(ids: Sequence[str], marks: Sequence[np.ndarray], scores: dict[str, float] | None = None) -> dict:
     """Per-sample shares and the four subsets (size, and mean score when ``scores`` is given)."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, m in zip(ids, marks):
         share = float(m.mean()) if len(m) else 0.0
         rows.append({"id": i, "tokens": int(len(m)), "contaminated_tokens": int(m.sum()),
@@ -156,13 +156,13 @@ def summarize(ids: Sequence[str], marks: Sequence[np.ndarray], scores: dict[str,
     subsets = {}
     for name in SUBSETS:
         members = [r for r in rows if name in r["subsets"]]
-        entry = {"n": len(members), "fraction": len(members) / len(rows) if rows else 0.0}
+        entry: dict[str, Any] = {"n": len(members), "fraction": len(members) / len(rows) if rows else 0.0}
         if scores is not None:
             vals = [scores[r["id"]] for r in members if r["id"] in scores]
             entry["score"] = sum(vals) / len(vals) if vals else None
             entry["scored"] = len(vals)
         subsets[name] = entry
-    out = {"samples": rows, "subsets": subsets}
+    out: dict[str, Any] = {"samples": rows, "subsets": subsets}
     if scores is not None:
         vals = [scores[r["id"]] for r in rows if r["id"] in scores]
         out["score_all"] = sum(vals) / len(vals) if vals else None

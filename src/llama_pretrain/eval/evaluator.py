@@ -6,6 +6,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ..config import parse_json
 from ..errors import UserError
@@ -103,7 +104,7 @@ def run_task(task, lm, data_dir=None, shots: int | None = None, limit: int | Non
         rows = task.evaluate(lm, samples, prompts)
     names = [m for m in rows[0] if m not in _NON_METRICS and isinstance(rows[0][m], float)]
     names = [m for m in names if all(m in r for r in rows)]
-    summary = {m: M.mean([r[m] for r in rows]) for m in names}
+    summary: dict[str, Any] = {m: M.mean([r[m] for r in rows]) for m in names}
     summary[f"{task.primary}_stderr"] = M.stderr([r[task.primary] for r in rows])
     settings = task.settings(k, fewshot_source)
     settings["data"] = source

@@ -20,7 +20,7 @@ rows)`` and ``max_length``: ``tokens`` [B, T] are new tokens, ``mask`` [B, past 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,17 @@ class GenRequest:
     max_new_tokens: int = 128
 
 
+_T = TypeVar("_T")
+
+
+def _answered(results: list[_T | None]) -> list[_T]:
+    """``results`` once every request has its answer."""
+    done = [r for r in results if r is not None]
+    if len(done) < len(results):  # never: every request is in exactly one batch
+        raise RuntimeError("a request got no answer")
+    return done
+
+
 class CausalLM:
     """Scores text with a backend and a tokenizer (see the module docstring).
 
@@ -167,7 +178,7 @@ class CausalLM:
             self._score_groups(batch, pairs, results)
             bar.update(rows)
         bar.close()
-        return results  # type: ignore[return-value]
+        return _answered(results)
 
     def _score_groups(self, batch, pairs, results) -> None:
         L = self.max_length
@@ -217,7 +228,7 @@ class CausalLM:
         for r, cont in enumerate(conts):
             target = torch.tensor(cont, device=dev)
             lp = first[r:r + 1]
-            if len(cont) > 1:
+            if ext is not None and len(cont) > 1:  # ext is None only when no continuation has 2 tokens
                 lp = torch.cat([lp, ext[r, :len(cont) - 1]], 0)
             total = lp.gather(1, target[:, None]).sum().item()
             greedy = bool((lp.argmax(-1) == target).all().item())
@@ -258,7 +269,7 @@ class CausalLM:
                 out[i] = t
             bar.update(len(idx))
         bar.close()
-        return out  # type: ignore[return-value]
+        return _answered(out)
 
     def _decode_new(self, ctx: list[int], new: list[int]) -> str:
         # Decode with a few context tokens in front so a leading space or indentation survives
@@ -313,7 +324,7 @@ def load_lm(model: str, *, backend: str = "auto", tokenizer: str | None = None, 
     from .tokenization import load_tokenizer
 
     torch_dtype = parse_dtype(dtype)
-    device = resolve_device(str(device))
+    dev = resolve_device(str(device))
     path = Path(model)
     if backend == "auto":
         from ..interop.hf import is_hf_dir
@@ -325,9 +336,9 @@ def load_lm(model: str, *, backend: str = "auto", tokenizer: str | None = None, 
         check_hf_dir(path)
     if backend == "native":
         from ..interop import load_model
-        be = NativeBackend(load_model(path, device=device, dtype=torch_dtype))
+        be: NativeBackend | HFBackend = NativeBackend(load_model(path, device=dev, dtype=torch_dtype))
     else:
-        be = HFBackend(_transformers_model(model, torch_dtype).to(device))
+        be = HFBackend(_transformers_model(model, torch_dtype).to(dev))
     tok = load_tokenizer(tokenizer or model)
     return CausalLM(be, tok, batch_size=batch_size, progress=progress)
 
@@ -345,9 +356,11 @@ def _transformers_model(model: str, torch_dtype):
         raise UserError("--backend hf needs `transformers` (pip install 'llama-pretrain[eval]')") from None
     local = Path(model).is_dir()
     try:
-        m, report = AutoModelForCausalLM.from_pretrained(
+        # (model, report) with output_loading_info, which transformers' annotation does not say
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             str(model), dtype=torch_dtype or "auto", trust_remote_code=False, local_files_only=local,
             output_loading_info=True)
+        m, report = loaded
     except Exception as e:  # noqa: BLE001 - a local dir's config may make transformers raise anything
         if not (local or isinstance(e, (OSError, ValueError))):
             raise

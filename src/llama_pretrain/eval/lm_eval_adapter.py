@@ -65,7 +65,7 @@ class LlamaPretrainLM(LM):
         path = path or pretrained
         if not path:
             raise ValueError("model_args needs path=CHECKPOINT")
-        bs = int(batch_size) if str(batch_size or "").isdigit() else 16  # "auto" -> our default
+        bs = int(str(batch_size)) if str(batch_size or "").isdigit() else 16  # "auto" -> our default
         device = resolve_device(device)
         self.lm = load_lm(path, backend=backend, tokenizer=tokenizer, device=device, dtype=dtype,
                           batch_size=bs)

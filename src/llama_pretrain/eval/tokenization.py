@@ -62,7 +62,9 @@ class HFText:
         return self.tok.encode(text, add_special_tokens=False)
 
     def decode(self, ids) -> str:
-        return self.tok.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+        # one sequence of ids decodes to a str; the annotation also covers a batch
+        return self.tok.decode([i for i in ids if 0 <= i < self.vocab_size],  # type: ignore[return-value]
+                               skip_special_tokens=True)
 
 
 def load_tokenizer(path: str | Path):

@@ -220,6 +220,8 @@ class RunConfig:
         """The model section resolved (preset + overrides), once, by ``validate``."""
         if self._model is None:
             self.validate()
+        if self._model is None:  # never: validate sets it or raises
+            raise RuntimeError("RunConfig.validate did not resolve the model")
         return self._model
 
     @property

@@ -14,13 +14,14 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any, TypedDict
 
 from ..errors import UserError, alike_on_every_rank
 
 
 # Mirrors configs/demo.toml (a test keeps the two equal). The budget is sized for ~5 minutes of
 # training on 2 CPU cores.
-DEMO_CONFIG = {
+DEMO_CONFIG: dict[str, dict[str, Any]] = {
     "model": {"preset": "llama2-tiny"},
     "optimizer": {"lr": 3.0e-3},
     "schedule": {"warmup_steps": 20, "min_lr_ratio": 0.1},
@@ -31,7 +32,15 @@ DEMO_CONFIG = {
 }
 
 SAMPLE_PROMPT = "import os\n\n\ndef "
-SAMPLE = dict(temperature=0.8, top_p=0.95, seed=0)
+
+
+class _Sampling(TypedDict):
+    temperature: float
+    top_p: float
+    seed: int
+
+
+SAMPLE: _Sampling = {"temperature": 0.8, "top_p": 0.95, "seed": 0}
 
 
 def _stage(name: str, msg: str) -> None:

@@ -75,7 +75,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s)
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
         # The rendezvous store can outlive a torchrun restart; keys of a dead attempt (a rank's
         # old address) must not be read by the new one, so each attempt gets its own namespace.
         store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
@@ -92,22 +92,23 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _reduce(value, op) -> float:
+def _reduce(value: float | torch.Tensor, op) -> float:
+    """A number (or one-element tensor) reduced over the ranks."""
     t = value.detach().clone().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
     if dist.is_initialized() and dist.get_world_size() > 1:
         backend = dist.get_backend()
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         t = t.to(device)
         dist.all_reduce(t, op=op)
-    return float(t.item()) if t.numel() == 1 else t.cpu()
+    return float(t.item())
 
 
-def all_reduce_mean(value) -> float:
+def all_reduce_mean(value: float | torch.Tensor) -> float:
     world = dist.get_world_size() if dist.is_initialized() else 1
     return _reduce(value, dist.ReduceOp.SUM) / world
 
 
-def all_reduce_max(value) -> float:
+def all_reduce_max(value: float | torch.Tensor) -> float:
     return _reduce(value, dist.ReduceOp.MAX)
 
 

@@ -75,6 +75,8 @@ class Downstream:
         from ..eval.tokenization import load_tokenizer
         from .report import say
 
+        if self.tokenizer_model is None:  # check_eval_data refuses this before the run
+            raise UserError("eval.tasks needs the tokenizer the data was made with; set data.tokenizer")
         lm = CausalLM(NativeBackend(transformer), load_tokenizer(self.tokenizer_model), batch_size=BATCH_SIZE)
         s = self.section
         doc = evaluate(lm, self.task_ids, data_dir=s.data_dir or None, shots=s.shots, limit=s.limit,

@@ -96,7 +96,8 @@ def load_ladder(path: str | Path | None, run_dir: Path, sizes: str | None = None
         except UserError as e:
             raise UserError(f"{where}: size {name}: {e}") from None
         members.append(Member(name, cfg, run_dir / name))
-    rule = f"peak_lr = {lr_ref:g} * {dim_ref} / dim" if power == 1 else f"peak_lr = {lr_ref:g} * ({dim_ref} / dim)^{power:g}"
+    rule = (f"peak_lr = {lr_ref:g} * {dim_ref} / dim" if power == 1
+            else f"peak_lr = {lr_ref:g} * ({dim_ref} / dim)^{power:g}")
     return Ladder(members, rule)
 
 
@@ -161,6 +162,10 @@ def is_finished(member: Member) -> bool:
             and ckpts[-1].name == step_dir_name(member.cfg.training.max_steps))
 
 
+def _quiet(msg: str) -> None:
+    """``say`` on the ranks other than 0."""
+
+
 def run_ladder(ladder: Ladder, run_dir: Path, say=print) -> dict[str, Any]:
     """Train (or reuse) every member, then write ladder.json and figure5.png; returns ladder.json
     (under torchrun: every rank trains, rank 0 reports and the others return {})."""
@@ -174,7 +179,7 @@ def run_ladder(ladder: Ladder, run_dir: Path, say=print) -> dict[str, Any]:
     barrier()
     ensure_data(ladder, run_dir)  # the other ranks find what rank 0 prepared
     if not info.is_main:
-        say = lambda msg: None  # one copy of each line, from rank 0
+        say = _quiet  # one copy of each line, from rank 0
     t0 = time.perf_counter()
     for m in ladder.members:
         if is_finished(m):

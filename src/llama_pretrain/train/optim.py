@@ -27,7 +27,8 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     for module in model.modules():
         if isinstance(module, nn.Linear) or (decay_embeddings and isinstance(module, nn.Embedding)):
             decay_ids.add(id(module.weight))
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if id(p) in decay_ids else no_decay).append(p)
@@ -121,7 +122,8 @@ def saved_schedule(saved: dict[str, Any] | None) -> Schedule | None:
     if not isinstance(saved, dict) or not all(k in saved for k in _PLAN_KEYS):
         return None
     return Schedule(float(saved["peak_lr"]), int(saved["warmup_steps"]), int(saved["max_steps"]),
-                    float(saved["min_lr_ratio"]), int(saved.get("decay_end", saved["max_steps"])))
+                    float(saved["min_lr_ratio"]),
+                    int(saved["decay_end"] if "decay_end" in saved else saved["max_steps"]))
 
 
 def _plan(s: Schedule) -> dict[str, Any]:

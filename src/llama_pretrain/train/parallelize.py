@@ -26,6 +26,7 @@ submodule.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,9 @@ from ..config import ModelConfig
 from ..errors import UserError
 from .config import ParallelConfig, RunConfig
 from .distributed import DistInfo
+
+if TYPE_CHECKING:
+    from ..model import Transformer
 
 
 # -- the rules ---------------------------------------------------------------------------------
@@ -117,7 +121,7 @@ def _check_float8(p: ParallelConfig, device: torch.device, micro_batch_tokens: i
 
 
 # -- applying them -----------------------------------------------------------------------------
-def parallelize(model: nn.Module, p: ParallelConfig, info: DistInfo) -> nn.Module:
+def parallelize(model: Transformer, p: ParallelConfig, info: DistInfo) -> nn.Module:
     """``model`` (on its device) with every parallel setting of ``p`` applied; ``p`` and ``info``
     as ``check_parallel`` passed them, and ``p.mixed_precision`` resolved to fp32 or bf16.
 
@@ -225,7 +229,7 @@ def float8_summary(model: nn.Module, p: ParallelConfig) -> str:
             + (" and float8 weight all-gathers" if p.float8_all_gather else ""))
 
 
-def apply_tensor_parallel(model: nn.Module, p: ParallelConfig, info: DistInfo) -> None:
+def apply_tensor_parallel(model: Transformer, p: ParallelConfig, info: DistInfo) -> None:
     """With ``info.tp`` > 1: shard ``model`` (a ``Transformer``) over the mesh's tp axis in place;
     parameter names are unchanged.
 
@@ -269,7 +273,7 @@ def apply_tensor_parallel(model: nn.Module, p: ParallelConfig, info: DistInfo) -
         })
 
 
-def apply_activation_checkpointing(model: nn.Module, p: ParallelConfig, info: DistInfo) -> None:
+def apply_activation_checkpointing(model: Transformer, p: ParallelConfig, info: DistInfo) -> None:
     """Recompute activations in backward instead of storing them, per block
     (``p.activation_checkpointing``): ``full`` keeps only each block's input; ``selective`` keeps
     the outputs of matmuls and attention (and of reduce-scatters under tensor parallelism) and
@@ -311,7 +315,7 @@ def _saved_ops() -> set:
              ("aten", "_scaled_dot_product_cudnn_attention"),
              ("aten", "_scaled_mm"),  # float8 matmuls (parallel.float8)
              ("_c10d_functional", "reduce_scatter_tensor")]
-    found = set()
+    found: set = set()
     for ns, name in names:
         packet = getattr(getattr(torch.ops, ns), name, None)
         if packet is not None:
@@ -328,7 +332,7 @@ def _selective_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _selective_policy.saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_compile(model: nn.Module, p: ParallelConfig, info: DistInfo) -> None:
+def apply_compile(model: Transformer, p: ParallelConfig, info: DistInfo) -> None:
     """With ``p.compile``: compile each block in place (same graph for every block; names unchanged)."""
     if not p.compile:
         return
@@ -343,7 +347,7 @@ def apply_ddp(model: nn.Module, p: ParallelConfig, info: DistInfo) -> nn.Module:
     return DDP(model, device_ids=ids)
 
 
-def apply_fsdp(model: nn.Module, p: ParallelConfig, info: DistInfo) -> nn.Module:
+def apply_fsdp(model: Transformer, p: ParallelConfig, info: DistInfo) -> nn.Module:
     """FSDP2 over the mesh's dp axis: each block, then the root (``p.mixed_precision``,
     ``p.reshard_after_forward``)."""
     try:
@@ -369,16 +373,18 @@ def apply_fsdp(model: nn.Module, p: ParallelConfig, info: DistInfo) -> nn.Module
 @contextlib.contextmanager
 def grad_sync(model: nn.Module, enabled: bool):
     """Skip gradient communication on all but the last micro-batch of an accumulation."""
-    if hasattr(model, "no_sync") and not enabled:  # DDP
-        with model.no_sync():
+    no_sync = getattr(model, "no_sync", None)
+    if no_sync is not None and not enabled:  # DDP
+        with no_sync():
             yield
         return
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(enabled)
+    set_sync = getattr(model, "set_requires_gradient_sync", None)
+    if set_sync is not None:  # FSDP2
+        set_sync(enabled)
         try:
             yield
         finally:
-            model.set_requires_gradient_sync(True)
+            set_sync(True)
         return
     yield
 

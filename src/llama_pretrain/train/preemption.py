@@ -15,6 +15,8 @@ import os
 import signal
 import threading
 from pathlib import Path
+from types import FrameType
+from typing import Any, Callable
 
 from .distributed import all_reduce_max
 
@@ -41,7 +43,8 @@ class StopSignals:
     def __init__(self, is_main: bool = True) -> None:
         self.is_main = is_main
         self.received: int | None = None
-        self._previous: dict[int, object] = {}
+        # what signal.signal returns: a handler, SIG_DFL / SIG_IGN, or None (not set from Python)
+        self._previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():

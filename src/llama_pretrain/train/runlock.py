@@ -19,6 +19,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import TextIO
 
 from ..config import parse_json
 from ..errors import UserError
@@ -36,7 +37,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path, info: DistInfo):
         self.path, self.info = Path(run_dir) / LOCK_FILE, info
-        self._fh = None
+        self._fh: TextIO | None = None
         self._created: list[Path] = []  # what taking the lock created: the run dir, the lock file
 
     def __enter__(self) -> "RunLock":
@@ -107,7 +108,7 @@ class RunLock:
         self._take(fh)
         return None
 
-    def _take(self, fh) -> None:
+    def _take(self, fh: TextIO) -> None:
         fh.seek(0)
         previous = fh.read().strip()
         if previous:

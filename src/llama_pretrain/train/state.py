@@ -82,7 +82,7 @@ def _unb64(s: str) -> torch.Tensor:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": _b64(torch.get_rng_state())}
+    state: dict[str, Any] = {"torch": _b64(torch.get_rng_state())}
     if torch.cuda.is_available():
         state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state

@@ -40,8 +40,8 @@ def resolve(spec: str) -> list[str]:
             ids = [key]
         elif key == "aggregated":
             ids = ["mmlu", "bbh", "agieval"]
-        elif key in GROUP_ALIASES:
-            ids = GROUPS[GROUP_ALIASES[key]]
+        elif (group := GROUP_ALIASES.get(key)) is not None:  # "aggregated" (None) is handled above
+            ids = GROUPS[group]
         elif name in GROUPS:
             ids = GROUPS[name]
         else:

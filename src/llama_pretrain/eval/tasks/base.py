@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .. import metrics as M
 
@@ -130,7 +131,8 @@ class MultipleChoiceTask(Task):
         return [len(c) for c in self.choices(doc)]
 
     def evaluate(self, lm, samples, prompts) -> list[dict]:
-        reqs, spans = [], []
+        reqs: list[tuple[str, str]] = []
+        spans: list[tuple[int, int]] = []
         for s, prefix in zip(samples, prompts):
             rs = self.requests(s.doc, prefix)
             if self.uncond:
@@ -166,7 +168,8 @@ class GenerativeTask(Task):
     def example(self, doc: dict) -> str:
         return self.text(doc) + self.target(doc)
 
-    def score(self, doc: dict, completion: str) -> dict[str, float]:
+    def score(self, doc: dict, completion: str) -> dict[str, Any]:
+        """The metrics (floats), and what a generative task read as its ``prediction``."""
         raise NotImplementedError
 
     def evaluate(self, lm, samples, prompts) -> list[dict]:
@@ -185,7 +188,7 @@ class QATask(GenerativeTask):
     def golds(self, doc: dict) -> list[str]:
         raise NotImplementedError
 
-    def score(self, doc: dict, completion: str) -> dict[str, float]:
+    def score(self, doc: dict, completion: str) -> dict[str, Any]:
         pred = M.cut_answer(completion)
         golds = self.golds(doc) or [""]
         return {"exact_match": M.exact_match(pred, golds), "f1": M.f1(pred, golds), "prediction": pred}

@@ -28,7 +28,7 @@ def find_split(data_dir: Path, task_id: str, split: str) -> list[tuple[Path, str
     for ext in EXTS:
         if (base / f"{split}{ext}").is_file():
             return [(base / f"{split}{ext}", None)]
-    found = []
+    found: list[tuple[Path, str | None]] = []
     if base.is_dir():
         for sub in sorted(p for p in base.iterdir() if p.is_dir()):
             for ext in EXTS:
@@ -99,7 +99,8 @@ def _read_parquet(path: Path) -> list[dict]:
     sizes = [limits.declared_bytes(meta.row_group(g), schema, None) for g in range(meta.num_row_groups)]
     if sum(sizes) > limits.MAX_SPLIT_BYTES:
         raise UserError(_too_big(path))
-    out, total = [], 0
+    out: list[dict] = []
+    total = 0
     for g, size in enumerate(sizes):
         rows = meta.row_group(g).num_rows
         if limits.mean_row_over_limit(rows, size):
