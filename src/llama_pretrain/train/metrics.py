@@ -167,7 +167,7 @@ class MetricsWriter:
             except ImportError:
                 if tensorboard == "on":
                     from ..errors import UserError
-                    raise UserError("logging.tensorboard=on but the tensorboard package is not installed")
+                    raise UserError("logging.tensorboard=on but the tensorboard package is not installed") from None
 
     def write(self, record: dict[str, Any]) -> None:
         self._fh.write(json.dumps(record) + "\n")
@@ -199,7 +199,7 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         if isinstance(rec, dict) and rec.get("step", 0) <= last_step:
             kept.append(line)
     with atomic_file(path, "w") as fh:
-        fh.write("".join(l + "\n" for l in kept))
+        fh.write("".join(line + "\n" for line in kept))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
