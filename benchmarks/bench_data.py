@@ -32,7 +32,7 @@ from itertools import accumulate
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from synthetic_text import WORDS, prose  # noqa: E402
+from helpers.synthetic_text import WORDS, prose  # noqa: E402
 
 
 def document(rng: random.Random) -> str:

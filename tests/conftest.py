@@ -4,6 +4,9 @@ import tempfile
 
 import pytest
 
+# The shared helpers' asserts (tests/helpers/) explain their failures as a test's own do.
+pytest.register_assert_rewrite("helpers")
+
 # Keep each test process to one thread: pytest-xdist already uses every core.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The measured-matmul-peak cache of the tests (subprocesses included) is never the user's.

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import random
 import re
-import sys
 import unicodedata
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,8 +19,7 @@ from llama_pretrain.data.filters import BULLETS, STOP_WORDS, c4_filter, gopher, 
 from llama_pretrain.data.normalize import _fix_encoding, normalize_text
 from llama_pretrain.data.sources import STAGE_DEFAULTS
 
-sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_text import WORDS, prose  # noqa: E402
+from helpers.synthetic_text import ODD, prose, random_text
 
 GQ, GR, C4 = STAGE_DEFAULTS["gopher_quality"], STAGE_DEFAULTS["gopher_repetition"], STAGE_DEFAULTS["c4"]
 
@@ -150,44 +147,7 @@ def ref_normalize(text, fix_encoding=True):
 
 # -- texts ------------------------------------------------------------------------------------------
 
-# Characters where per-word and whole-text processing could part ways: case mappings that change
-# length or depend on context (İ, final sigma, ﬁ), letters vs digits vs numerics (², ½, Ⅻ, ٣),
-# Unicode whitespace that str.split knows (\x1c, \xa0, \u3000, \u2028), combining marks, controls.
-_ODD = ["İ", "ΣΑΣ", "ſ", "K", "ﬁ", "²", "½", "Ⅻ", "٣", "_", "\x1c", "\xa0", "\u3000", "\u2028", "e\u0301",
-        "\x0c", "\x07", "\x1b[0m", "\ufeff", "\r\n", "\t\n", " \n", "\n\n\n", "…", "...", "#", "•", "- ",
-        "[1]", "[edit]", "[Citation Needed]", "privacy[2] policy", "JavaScript", "lorem ipsum", "{", "'the'",
-        "(of)", "THE", "With,", "Ã©", "â€™", "x" * 1200, "日本語", "город", "12.5", "—"]
-
-
-def random_text(rng: random.Random) -> str:
-    kind = rng.randrange(6)
-    base = prose(rng, rng.randint(1, 40), per_para=rng.randint(1, 5))
-    if kind == 0:
-        return base
-    words = base.split(" ")
-    if kind == 1:  # odd characters sprinkled in
-        for _ in range(rng.randint(1, 25)):
-            words.insert(rng.randrange(len(words) + 1), rng.choice(_ODD))
-        return " ".join(words)
-    if kind == 2:  # repeated phrases: n-gram repetition at every n
-        phrase = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12)))
-        for _ in range(rng.randint(1, 15)):
-            words.insert(rng.randrange(len(words) + 1), phrase)
-        return " ".join(words)
-    if kind == 3:  # repeated lines and paragraphs, bullets, ellipses
-        lines = base.split("\n")
-        out = [rng.choice(["", "• ", "- ", "  "]) + ln + rng.choice(["", "...", "…", " ", "\t"]) for ln in lines]
-        return "\n".join(out + rng.sample(out, rng.randint(0, len(out))))
-    if kind == 4:  # small vocabulary
-        vocab = rng.sample(WORDS, rng.randint(1, 8))
-        return "\n\n".join(" ".join(rng.choice(vocab) for _ in range(rng.randint(3, 14))).capitalize() + "."
-                           for _ in range(rng.randint(1, 30)))
-    # characters at random
-    alphabet = "aAbB zZ_9 .,;:!?'\"()\n\t#…•-[]{}İΣſ²日\xa0\x1c"
-    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 400)))
-
-
-TEXTS = [random_text(random.Random(i)) for i in range(1500)] + ["", " ", "\n", "a", "...", "the the"] + _ODD
+TEXTS = [random_text(random.Random(i)) for i in range(1500)] + ["", " ", "\n", "a", "...", "the the"] + ODD
 
 # Thresholds that reach every rule (the defaults drop little of the random text by some rules).
 GQ_ALT = {**GQ, "min_words": 5, "min_mean_word_length": 2.0, "max_symbol_word_ratio": 0.3, "min_stop_words": 0}

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +15,7 @@ from llama_pretrain.data.pii import EMAIL_TOKEN, IP_TOKEN, PHONE_TOKEN, scrub_pi
 from llama_pretrain.data.sources import STAGE_DEFAULTS
 from llama_pretrain.errors import UserError
 
-sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_text import WORDS, prose as synthetic_prose  # noqa: E402
+from helpers.synthetic_text import WORDS, prose as synthetic_prose
 
 
 

@@ -157,7 +157,7 @@ def test_shards_record_their_max_token_id_and_keep_their_bytes(tmp_path):
 def test_prepare_records_max_token_id(tmp_path):
     import random
 
-    from synthetic_text import prose
+    from helpers.synthetic_text import prose
 
     from llama_pretrain.data.prepare import prepare
     from llama_pretrain.data.sources import DataConfig, SourceConfig

@@ -21,8 +21,7 @@ from llama_pretrain.data.normalize import normalize_text
 from llama_pretrain.data.shards import iter_documents, open_tokens, read_manifest
 from llama_pretrain.tokenizer import Tokenizer, train_tokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_text import prose  # noqa: E402
+from helpers.synthetic_text import prose
 
 
 

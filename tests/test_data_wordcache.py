@@ -5,8 +5,6 @@ text: identical ids on prose, random and adversarial texts (runs of spaces, edge
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +14,7 @@ from llama_pretrain.data.wordcache import WordCacheEncoder
 from llama_pretrain.errors import UserError
 from llama_pretrain.tokenizer import Tokenizer, train_tokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_text import WORDS, prose  # noqa: E402
-from test_data_fastpaths import random_text  # noqa: E402
+from helpers.synthetic_text import WORDS, prose, random_text
 
 ODD = ["", " ", "  ", "a", " a", "a ", "a  b", "  lead", "trail  ", "tab\tsep word", "new\nline word",
        "x\u2581y", "\u2581start", "end\u2581", "a \u2581b", "emoji 🙂 here 🙂🙂", "日本語 テキスト", "naïve café",

@@ -14,7 +14,6 @@ import math
 import re
 import socket
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +21,7 @@ import torch
 pytest.importorskip("lm_eval")
 pytest.importorskip("lm_eval.api.model")
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import fit_on_tokens  # noqa: E402
+from helpers.train_data import fit_on_tokens  # noqa: E402
 
 # Log-likelihoods (nats, absolute) from lm-eval through the adapter vs our harness: the same
 # weights and the same harness core, float32 on the CPU; only the order and grouping of the

@@ -5,7 +5,6 @@ and exports are unchanged, FSDP, and the errors where float8 cannot run."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,9 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_dataset  # noqa: E402
-
 from llama_pretrain.cli import main as cli_main
 from llama_pretrain.config import ModelConfig
 from llama_pretrain.errors import UserError
@@ -24,6 +20,10 @@ from llama_pretrain.model import Transformer
 from llama_pretrain.train.config import ParallelConfig, RunConfig
 from llama_pretrain.train.distributed import DistInfo
 from llama_pretrain.train.parallelize import apply_float8, check_parallel
+
+from helpers.cli import cli_cmd, cli_env
+from helpers.runs import as_flags, read_metrics, tiny_run
+from helpers.train_data import make_dataset
 
 torchao_float8 = pytest.importorskip("torchao.float8", reason="torchao is part of the test install")
 from torchao.float8.float8_linear import Float8Linear  # noqa: E402
@@ -103,12 +103,9 @@ def test_dims_not_a_multiple_of_16_stay_high_precision():
 
 def _args(data: Path, run: Path, *extra: str) -> list[str]:
     """`train` on llama2-debug, fp32 on CPU, 4 steps, no checkpoints; later flags override these."""
-    return ["train", "--run-dir", str(run), f"--data.path={data}", "--model.preset=llama2-debug",
-            "--training.seq_len=32", "--training.micro_batch_size=2", "--training.global_batch_tokens=256",
-            "--training.max_steps=4", "--schedule.warmup_steps=2", "--optimizer.lr=1e-2",
-            "--training.eval_every_steps=0", "--checkpoint.every_steps=0", "--logging.progress=false",
-            "--logging.peak_flops=1e11", "--logging.tensorboard=off", "--parallel.mixed_precision=fp32",
-            "--training.device=cpu", *extra]
+    return ["train", "--run-dir", str(run), f"--data.path={data}",
+            *as_flags(tiny_run({"training.max_steps": 4, "schedule.warmup_steps": 2, "optimizer.lr": 1e-2,
+                                "checkpoint.every_steps": 0, "training.device": "cpu"})), *extra]
 
 
 def _train(data: Path, run: Path, *extra: str) -> int:
@@ -118,16 +115,14 @@ def _train(data: Path, run: Path, *extra: str) -> int:
 
 def _launch(nproc: int, data: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
     """In a fresh process (nproc 0) or under torchrun with nproc ranks; it must succeed."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-              "-m", "llama_pretrain"] if nproc else [sys.executable, "-m", "llama_pretrain"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run(launch + _args(data, run, *extra), env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cli_cmd(*_args(data, run, *extra), nproc=nproc), env=cli_env(), capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
 def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [rec["loss"] for rec in read_metrics(run)]
 
 
 def test_train_with_float8_tracks_high_precision_and_exports_plain_weights(dataset, tmp_path, capsys):
@@ -173,7 +168,7 @@ def test_float8_under_fsdp_and_ddp_equals_one_process(dataset, tmp_path):
     assert len(one) == 4 and one[-1] < one[0] - 0.1  # the weights moved
 
     def norms(run: str) -> list[float]:
-        return [json.loads(line)["grad_norm"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [rec["grad_norm"] for rec in read_metrics(tmp_path / run)]
 
     for run in ("two", "ddp"):  # FSDP2 and DDP
         losses = _losses(tmp_path / run)

@@ -19,13 +19,12 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import fit_on_tokens  # noqa: E402
-
 from llama_pretrain.config import ModelConfig  # noqa: E402
 from llama_pretrain.interop import load_checkpoint, save_hf, save_native  # noqa: E402
 from llama_pretrain.model import Transformer  # noqa: E402
 from llama_pretrain.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+
+from helpers.train_data import fit_on_tokens  # noqa: E402
 
 TEXT = [f"the number {i} is {'even' if i % 2 == 0 else 'odd'} and that is fine." for i in range(300)]
 

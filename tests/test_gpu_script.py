@@ -45,12 +45,20 @@ def test_memory_and_7b_parts_run_on_cpu(tmp_path):
     assert c["estimate_peak_bytes"] > 0
 
 
+def _load_script():
+    """benchmarks/gpu_issue17.py as a module, from its path (benchmarks/ is not on the import path)."""
+    spec = importlib.util.spec_from_file_location(SCRIPT.stem, SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # registered before it runs, as an import would (dataclasses need it)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torchtitan") is None, reason="torchtitan not installed")
 def test_torchtitan_config_matches_our_shape():
-    sys.path.insert(0, str(SCRIPT.parent))
-    import gpu_issue17
-
     from llama_pretrain.config import ModelConfig
+
+    gpu_issue17 = _load_script()
 
     gpu_issue17._titan_on_cpu()
     cfg = ModelConfig.from_preset("llama2-1b")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,17 +25,15 @@ from llama_pretrain.eval.evaluator import load_samples_file
 from llama_pretrain.eval.tasks import TASKS
 from llama_pretrain.tokenizer import Tokenizer, train_tokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_tokenizer import make_corpus  # noqa: E402
-from train_data import make_dataset  # noqa: E402
+from helpers.runs import as_flags, read_metrics, tiny_run
+from helpers.synthetic_text import make_corpus
+from helpers.train_data import make_dataset
 
 VOCAB = 512  # llama2-debug's
 DEEP = "[" * 100_000 + "]" * 100_000  # past the JSON parser's recursion limit
 SEQ, MICRO, GLOBAL = 32, 2, 128  # 2 micro-batches of 2 windows per step
-TRAIN = ["--model.preset=llama2-debug", f"--training.seq_len={SEQ}", f"--training.micro_batch_size={MICRO}",
-         f"--training.global_batch_tokens={GLOBAL}", "--training.eval_every_steps=0", "--training.seed=0",
-         "--logging.progress=false", "--logging.peak_flops=1e11", "--logging.tensorboard=off",
-         "--parallel.mixed_precision=fp32"]
+TRAIN = as_flags(tiny_run({"training.seq_len": SEQ, "training.micro_batch_size": MICRO,
+                           "training.global_batch_tokens": GLOBAL, "training.seed": 0}))
 PIQA = {"goal": "open a jar", "sol1": "twist the lid", "sol2": "shout at it", "label": 0}
 
 
@@ -316,5 +313,5 @@ def test_token_id_past_the_vocabulary_in_a_shard_stops_the_run_keeping_its_check
     toks.flush()
     assert cli_main(args) == 0
     assert "resuming from" in capsys.readouterr().err
-    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in read_metrics(run)]
     assert steps == [1, 2, 3, 4]

@@ -21,19 +21,16 @@ from llama_pretrain.interop.meta import save_meta
 from llama_pretrain.interop.training_checkpoint import (METADATA_GLOBALS, SUMS_FILE, MetadataUnpickler,
                                                         payload_files, read_trainer_state, sha256_file)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_dataset  # noqa: E402
+from helpers.runs import as_overrides, tiny_run
+from helpers.train_data import make_dataset
 
 DEBUG = ModelConfig.from_preset("llama2-debug")
 
 
 def run_config(data: Path, steps: int):
     from llama_pretrain.train.config import load_run_config
-    items = {"model.preset": "llama2-debug", "data.path": str(data), "training.max_steps": steps,
-             "training.seq_len": 32, "training.micro_batch_size": 2, "training.global_batch_tokens": 256,
-             "training.eval_every_steps": 0, "checkpoint.every_steps": 2, "logging.progress": False,
-             "logging.peak_flops": 1e11, "logging.tensorboard": "off", "parallel.mixed_precision": "fp32"}
-    return load_run_config(None, [f"{k}={v}" for k, v in items.items()])
+    items = tiny_run({"data.path": str(data), "training.max_steps": steps, "checkpoint.every_steps": 2})
+    return load_run_config(None, as_overrides(items))
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,9 @@ from llama_pretrain.eval.tasks import TASKS
 from llama_pretrain.eval.tasks.data import load_split
 from llama_pretrain.tokenizer import Tokenizer, train_tokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_tokenizer import make_corpus
-from train_data import make_dataset
+from helpers.runs import as_flags, tiny_run
+from helpers.synthetic_text import make_corpus
+from helpers.train_data import make_dataset
 
 VOCAB = 512  # llama2-debug's
 
@@ -49,11 +49,8 @@ def dataset(tmp_path_factory, tokenizers) -> Path:
 
 def _train(capsys, data: Path, run: Path, *extra: str) -> str:
     """``llama-pretrain train`` on llama2-debug; asserts exit 2 with one line; returns it."""
-    rc = cli_main(["train", "--run-dir", str(run), "--model.preset=llama2-debug", f"--data.path={data}",
-                   "--training.max_steps=2", "--training.seq_len=32", "--training.micro_batch_size=2",
-                   "--training.global_batch_tokens=128", "--training.eval_every_steps=0",
-                   "--logging.progress=false", "--logging.peak_flops=1e11", "--logging.tensorboard=off",
-                   "--parallel.mixed_precision=fp32", *extra])
+    rc = cli_main(["train", "--run-dir", str(run), f"--data.path={data}",
+                   *as_flags(tiny_run({"training.max_steps": 2, "training.global_batch_tokens": 128})), *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err

@@ -4,15 +4,14 @@ members, scales the peak LR by 1/width, and refuses bad input in one line; the p
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_dataset  # noqa: E402
-
 from llama_pretrain.cli import main as cli_main
+
+from helpers.runs import read_metrics
+from helpers.train_data import make_dataset
 
 MINI = """
 [ladder]
@@ -169,8 +168,7 @@ def test_plot_names_training_perplexity_and_draws_validation(ladder_toml, tmp_pa
     plot.plot_runs([out / "a"], tmp_path / "f.png")
     ax = seen["fig"].axes[0]
     assert "perplexity" in ax.get_title().lower() and "loss" not in ax.get_title().lower()
-    val_steps = [r for r in map(json.loads, (out / "a" / "metrics.jsonl").read_text().splitlines())
-                 if r.get("val_loss") is not None]
+    val_steps = [r for r in read_metrics(out / "a") if r.get("val_loss") is not None]
     xs = [list(line.get_xdata()) for line in ax.get_lines()]
     assert [r["tokens_seen"] for r in val_steps] in xs  # the validation curve is drawn
     assert ax.xaxis.get_offset_text().get_text() == ""

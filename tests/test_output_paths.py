@@ -8,7 +8,6 @@ import json
 import os
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,7 @@ from llama_pretrain.interop import save_native
 from llama_pretrain.model import Transformer
 from llama_pretrain.tokenizer import train_tokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_text import prose  # noqa: E402
+from helpers.synthetic_text import prose
 
 
 @pytest.fixture(scope="module")

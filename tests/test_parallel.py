@@ -5,7 +5,6 @@ torchrun restart resumes it."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -16,64 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_dataset  # noqa: E402
-
-# 4 x 32-token sequences per micro-batch across ranks... global batch 256 tokens = 8 sequences:
-# 1 process x micro-batch 2 x accumulation 4, or 2 processes x micro-batch 2 x accumulation 2.
-# The warm-up outlasts the run, so a run's LRs do not depend on max_steps (resumes may extend it).
-COMMON = ["--model.preset=llama2-debug", "--training.seq_len=32", "--training.micro_batch_size=2",
-          "--training.global_batch_tokens=256", "--schedule.warmup_steps=100", "--optimizer.lr=1e-2",
-          "--checkpoint.every_steps=2", "--training.eval_every_steps=0", "--logging.progress=false",
-          "--logging.peak_flops=1e11", "--logging.tensorboard=off", "--parallel.mixed_precision=fp32",
-          "--training.device=cpu"]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
-
-
-def _cmd(nproc: int, data: Path, run_dir: Path, *extra: str, restarts: int = 0) -> list[str]:
-    launcher = [sys.executable, "-m", "llama_pretrain"] if nproc == 0 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        f"--max-restarts={restarts}", "-m", "llama_pretrain"]
-    config = run_dir.parent / f"{run_dir.name}.toml"
-    config.write_text(f'[data]\npath = "{data}"\n')
-    return launcher + ["train", "--config", str(config), "--run-dir", str(run_dir), *COMMON, *extra]
-
-
-def train(nproc: int, data: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    r = subprocess.run(_cmd(nproc, data, run_dir, *extra), env=_env(), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        assert rec["step"] not in out, f"step {rec['step']} logged twice"
-        out[rec["step"]] = rec["loss"]
-    return out
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-    return load_file(str(run_dir / "final" / "model.safetensors"))
-
-
-def assert_same_run(a: Path, b: Path, steps: list[int] | None = None, atol: float = 2e-5) -> None:
-    la, lb = losses(a), losses(b)
-    for step in steps or sorted(la):
-        assert lb[step] == pytest.approx(la[step], abs=atol), f"step {step}: {la[step]} vs {lb[step]}"
-    wa, wb = weights(a), weights(b)
-    assert set(wa) == set(wb)
-    for name in wa:
-        torch.testing.assert_close(wb[name], wa[name], atol=atol, rtol=1e-4, msg=name)
+from helpers.cli import cli_env
+from helpers.parallel import assert_same_run, grad_norms, losses, parallel_cmd, train, weights
+from helpers.train_data import make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -99,10 +43,6 @@ def test_two_ranks_equal_one_process_with_accumulation(mode, extra, data, refere
     assert "2 rank(s)" in r.stderr and "2 accumulation" in r.stderr
     # Rank 0 alone writes metrics: every step exactly once.
     assert sorted(losses(run)) == list(range(1, 7))
-
-
-def grad_norms(run_dir: Path) -> list[float]:
-    return [json.loads(line)["grad_norm"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_fsdp_clips_by_the_global_norm(data, tmp_path):
@@ -183,7 +123,7 @@ def test_dead_rank_ends_the_job_and_a_restart_resumes(data, tmp_path):
     # Output goes to files: an unread pipe would fill up and block the workers.
     run = tmp_path / "dies"
     log = open(tmp_path / "dies.log", "w")
-    proc = subprocess.Popen(_cmd(2, data, run, *slow), env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(parallel_cmd(2, data, run, *slow), env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
     _kill_rank_after_step(proc, run, rank=1, step=3)
     killed_at = time.time()
     try:
@@ -197,9 +137,9 @@ def test_dead_rank_ends_the_job_and_a_restart_resumes(data, tmp_path):
     # the run completes with each step logged once. (More than one restart is allowed so that a
     # slow re-rendezvous on a loaded machine is retried rather than failing the test.)
     run = tmp_path / "restarts"
-    cmd = _cmd(2, data, run, "--training.max_steps=8", "--parallel.mode=ddp", restarts=3)
+    cmd = parallel_cmd(2, data, run, "--training.max_steps=8", "--parallel.mode=ddp", restarts=3)
     log = open(tmp_path / "restarts.log", "w")
-    proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
     _kill_rank_after_step(proc, run, rank=1, step=5)
     try:
         proc.wait(timeout=240)
@@ -222,7 +162,7 @@ def test_export_hf_reads_a_sharded_training_checkpoint(data, reference, tmp_path
     train(2, data, run, "--training.max_steps=2", "--parallel.mode=fsdp", "--checkpoint.export_final=false")
     ckpt = run / "checkpoints" / "step-0000002"
     r = subprocess.run([sys.executable, "-m", "llama_pretrain", "export-hf", str(ckpt), "--out",
-                        str(tmp_path / "hf")], env=_env(), capture_output=True, text=True)
+                        str(tmp_path / "hf")], env=cli_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     from llama_pretrain import load_model
@@ -248,7 +188,7 @@ def test_bad_device_is_a_user_error(device):
 
 def test_a_config_error_under_torchrun_is_said_once(data, tmp_path):
     # Every rank reads the same flags and config: rank 0 alone reports what is wrong with them.
-    r = subprocess.run(_cmd(2, data, tmp_path / "r", "--training.max_steps=abc"), env=_env(),
+    r = subprocess.run(parallel_cmd(2, data, tmp_path / "r", "--training.max_steps=abc"), env=cli_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if "llama-pretrain train: error:" in ln]
@@ -257,7 +197,7 @@ def test_a_config_error_under_torchrun_is_said_once(data, tmp_path):
 
 
 def test_a_mistyped_flag_under_torchrun_is_said_once(data, tmp_path):
-    r = subprocess.run(_cmd(2, data, tmp_path / "r", "--training.maxsteps=5"), env=_env(),
+    r = subprocess.run(parallel_cmd(2, data, tmp_path / "r", "--training.maxsteps=5"), env=cli_env(),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert r.stderr.count("did you mean --training.max_steps?") == 1, r.stderr[-2000:]

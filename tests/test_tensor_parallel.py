@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_parallel import _env, assert_same_run, grad_norms, losses, train, weights  # noqa: E402
-from train_data import make_dataset  # noqa: E402
+from helpers.cli import cli_env
+from helpers.parallel import assert_same_run, grad_norms, losses, train, weights
+from helpers.runs import read_metrics
+from helpers.train_data import make_dataset
 
 STEPS = ["--training.max_steps=6", "--optimizer.grad_clip=0.5", "--training.eval_every_steps=3",
          "--training.eval_batches=2"]
@@ -62,7 +63,7 @@ def test_dp2_tp2_equals_one_process(reference, dp2_tp2):
 
 
 def val_losses(run_dir: Path) -> dict[int, float]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(run_dir)
     return {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
 
 
@@ -86,7 +87,7 @@ def test_nonfinite_step_is_skipped_by_every_rank(data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "tp2"
     train(0, data, one, *nan)
     train(2, data, two, *nan, "--parallel.mode=none", "--parallel.tp=2")
-    recs = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(two)
     assert [r["step"] for r in recs if "skipped" in r] == [2]
     assert losses(two)[3] == pytest.approx(losses(one)[3], abs=1e-5)
     for name, w in weights(one).items():
@@ -193,7 +194,7 @@ def test_tp_without_torchrun_is_refused_by_the_cli(data, tmp_path):
     cmd = [sys.executable, "-m", "llama_pretrain", "train", "--run-dir", str(tmp_path / "run"),
            f"--data.path={data}", "--model.preset=llama2-debug", "--training.seq_len=32",
            "--parallel.tp=2", "--parallel.mode=fsdp", "--training.device=cpu"]
-    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    r = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True)
     assert r.returncode == 2
     assert "parallel.tp=2 needs torchrun" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # refused before anything was written

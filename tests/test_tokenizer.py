@@ -12,33 +12,9 @@ import pytest
 from llama_pretrain.errors import UserError
 from llama_pretrain.tokenizer import Tokenizer, train_tokenizer
 
+from helpers.synthetic_text import make_corpus
+
 VOCAB = 600
-
-
-def make_corpus(n_docs: int = 400, seed: int = 1) -> list[str]:
-    """Documents of pseudo-words, numbers, punctuation, indentation and a little CJK, several
-    lines each: enough variety for a few hundred merges, nothing rare enough to matter."""
-    rng = random.Random(seed)
-    syll = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "po", "an", "er", "th", "ing", "the", "ou", "qu"]
-    words = ["".join(rng.choice(syll) for _ in range(rng.randint(1, 4))) for _ in range(300)]
-    words += ["the", "of", "and", "llama", "pretraining", "Tokenizer", "def", "return", "x"]
-    docs = []
-    for _ in range(n_docs):
-        lines = []
-        for _ in range(rng.randint(2, 6)):
-            parts = []
-            for _ in range(rng.randint(4, 16)):
-                r = rng.random()
-                if r < 0.08:
-                    parts.append(str(rng.randint(0, 99999)))
-                elif r < 0.11:
-                    parts.append(rng.choice("日本語中文字"))
-                else:
-                    parts.append(rng.choice(words) + rng.choice(["", "", "", ",", ".", "!"]))
-            indent = " " * rng.choice([0, 0, 0, 4, 8])
-            lines.append(indent + " ".join(parts))
-        docs.append("\n".join(lines))
-    return docs
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from llama_pretrain.cli import main
 from llama_pretrain.commands.tokenizer import SPEC_OPTIONS
 from llama_pretrain.tokenizer import Tokenizer
 
-from test_tokenizer import make_corpus
+from helpers.synthetic_text import make_corpus
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_dataset  # noqa: E402
 
 from llama_pretrain.cli import main as cli_main
 from llama_pretrain.config import ModelConfig
@@ -21,6 +17,9 @@ from llama_pretrain.errors import UserError
 from llama_pretrain.model import Transformer
 from llama_pretrain.train.config import RunConfig, load_run_config
 from llama_pretrain.train.optim import build_optimizer, decayed_parameter_names, lr_at
+
+from helpers.runs import as_overrides, read_metrics, tiny_run
+from helpers.train_data import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,21 +32,13 @@ def dataset(tmp_path_factory) -> Path:
 def small_cfg(data: Path, **over) -> RunConfig:
     """llama2-debug, seq 32, 256-token global batch; warm-up longer than the run so LRs do not
     depend on max_steps."""
-    items = {"model.preset": "llama2-debug", "data.path": str(data), "training.max_steps": 4,
-             "training.seq_len": 32, "training.micro_batch_size": 2, "training.global_batch_tokens": 256,
-             "schedule.warmup_steps": 100, "training.eval_every_steps": 0, "checkpoint.every_steps": 2,
-             "logging.progress": False, "logging.peak_flops": 1e11, "logging.tensorboard": "off",
-             "parallel.mixed_precision": "fp32"}
-    items.update(over)
-    return load_run_config(None, [f"{k}={v}" for k, v in items.items()])
+    items = tiny_run({"data.path": str(data), "training.max_steps": 4, "schedule.warmup_steps": 100,
+                      "checkpoint.every_steps": 2, **over})
+    return load_run_config(None, as_overrides(items))
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = r["loss"]
-    return out
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir)}
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -256,7 +247,7 @@ def test_injected_nan_skips_step_and_leaves_weights(dataset, tmp_path):
     wc, wn = final_weights(tmp_path / "clean"), final_weights(tmp_path / "nan")
     for name in wc:
         assert torch.equal(wc[name], wn[name]), name  # step 3 changed nothing
-    recs = [json.loads(l) for l in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    recs = read_metrics(tmp_path / "nan")
     assert recs[2]["step"] == 3 and recs[2]["loss"] is None and "skipped" in recs[2]
     assert "skipped" not in recs[1]
 
@@ -477,7 +468,7 @@ def test_final_export_loads_and_plot(dataset, tmp_path):
     assert model.config.dim == 64
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["tokens_seen"] == 256 and summary["final_val_loss"] is not None
-    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    rec = read_metrics(run)[0]
     for key in ("step", "loss", "perplexity", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "mfu", "val_loss"):
         assert key in rec
     # export of a training checkpoint gives the same weights as final/
@@ -525,7 +516,7 @@ def test_mfu_never_exceeds_one_when_the_startup_peak_was_measured_on_a_busy_mach
     monkeypatch.setattr(metrics, "resolve_precision", busy_machine)
     cfg = small_cfg(dataset, **{"logging.peak_flops": 0})
     train(cfg, tmp_path / "run")
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "run")
     assert records and all(0 < r["mfu"] <= 1.0 for r in records)
 
 

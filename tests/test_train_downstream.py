@@ -7,17 +7,17 @@ import hashlib
 import json
 import random
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_dataset  # noqa: E402
-
 from llama_pretrain.cli import main as cli_main
 from llama_pretrain.errors import UserError
 from llama_pretrain.train.config import load_run_config
+
+from helpers.cli import cli_cmd, cli_env
+from helpers.runs import as_overrides, read_metrics, tiny_run
+from helpers.train_data import make_dataset
 
 VOCAB = 320
 LIMIT = 24  # records scored: fine enough that other weights would score otherwise
@@ -51,15 +51,10 @@ def setup(tmp_path_factory):
 
 
 def overrides(data: Path, tasks: Path, **over) -> list[str]:
-    items = {"model.preset": "llama2-debug", "model.vocab_size": VOCAB, "data.path": str(data),
-             "training.max_steps": 4, "training.seq_len": 32, "training.micro_batch_size": 2,
-             "training.global_batch_tokens": 256, "training.eval_every_steps": 0,
-             "optimizer.lr": 1e-2, "schedule.warmup_steps": 2, "checkpoint.every_steps": 0, "logging.progress": False,
-             "logging.peak_flops": 1e11, "logging.tensorboard": "off", "parallel.mixed_precision": "fp32",
-             "eval.tasks": "arc_easy", "eval.every_steps": 2, "eval.limit": LIMIT, "eval.shots": 0,
-             "eval.data_dir": str(tasks)}
-    items.update(over)
-    return [f"{k}={v}" for k, v in items.items()]
+    return as_overrides(tiny_run({
+        "model.vocab_size": VOCAB, "data.path": str(data), "training.max_steps": 4, "optimizer.lr": 1e-2,
+        "schedule.warmup_steps": 2, "checkpoint.every_steps": 0, "eval.tasks": "arc_easy", "eval.every_steps": 2,
+        "eval.limit": LIMIT, "eval.shots": 0, "eval.data_dir": str(tasks), **over}))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +69,7 @@ def run(setup):
 
 
 def metrics_lines(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir)
 
 
 def test_scores_are_logged_at_the_configured_steps_and_the_last(run):
@@ -159,17 +154,14 @@ def test_tasks_take_a_list_or_a_group_and_print_back(tmp_path):
 def test_fsdp_ranks_gather_the_weights_rank0_scores(setup, tmp_path):
     """Under torchrun with FSDP every rank joins in gathering the full weights (a collective: a rank
     left out would hang); rank 0's last score is the eval command's on final."""
-    import os
     import subprocess
 
     _, data, tasks = setup
     run_dir = tmp_path / "fsdp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "llama_pretrain", "train", "--config", str(_toml(tmp_path)), "--run-dir", str(run_dir),
-           *[f"--{o}" for o in overrides(data, tasks, **{"training.max_steps": 2, "parallel.mode": "fsdp",
-                                                          "training.device": "cpu"})]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
+    cmd = cli_cmd("train", "--config", str(_toml(tmp_path)), "--run-dir", str(run_dir),
+                  *[f"--{o}" for o in overrides(data, tasks, **{"training.max_steps": 2, "parallel.mode": "fsdp",
+                                                                 "training.device": "cpu"})], nproc=2)
+    r = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "eval.json"
     assert cli_main(["eval", str(run_dir / "final"), "--tasks", "arc_easy", "--data-dir", str(tasks),

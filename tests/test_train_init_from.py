@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_dataset  # noqa: E402
 
 from llama_pretrain.cli import main as cli_main
 from llama_pretrain.data.loader import TokenLoader
@@ -21,11 +17,13 @@ from llama_pretrain.train.config import load_run_config
 from llama_pretrain.train.loop import train
 from llama_pretrain.train.distributed import shutdown_distributed
 
+from helpers.runs import as_overrides, read_metrics, tiny_run
+from helpers.train_data import make_dataset
+
 VOCAB = 256
-RUN = {"training.max_steps": 4, "training.seq_len": 32, "training.micro_batch_size": 2,
-       "training.global_batch_tokens": 64, "schedule.warmup_steps": 100, "training.eval_every_steps": 0,
-       "checkpoint.every_steps": 2, "logging.progress": False, "logging.peak_flops": 1e11,
-       "logging.tensorboard": "off", "parallel.mixed_precision": "fp32", "training.seed": 3}
+# The model is the one init_from names: no preset.
+RUN = tiny_run({"training.max_steps": 4, "training.global_batch_tokens": 64, "schedule.warmup_steps": 100,
+                "checkpoint.every_steps": 2, "training.seed": 3}, drop=["model.preset"])
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +47,11 @@ def dataset(tmp_path_factory) -> Path:
 
 def run_cfg(data: Path, init_from: Path, *extra: str, **over):
     items = {**RUN, "data.path": str(data), "checkpoint.init_from": str(init_from), **over}
-    return load_run_config(None, [f"{k}={v}" for k, v in items.items()] + list(extra))
+    return load_run_config(None, as_overrides(items) + list(extra))
 
 
 def first_loss(run_dir: Path) -> float:
-    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    return read_metrics(run_dir)[0]["loss"]
 
 
 def transformers_loss_on_first_batch(hf_dir: Path, data: Path) -> float:
@@ -149,7 +147,7 @@ def test_a_killed_run_resumes_from_its_own_checkpoint_not_from_init_from(hf_dir,
     from safetensors.torch import load_file
     a, b = load_file(str(whole / "final" / "model.safetensors")), load_file(str(killed / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # init weights again would differ
-    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in read_metrics(killed)]
     assert steps == [1, 2, 3, 4]
 
 

@@ -14,14 +14,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_dataset  # noqa: E402
 
 from llama_pretrain.cli import main as cli_main
 from llama_pretrain.errors import UserError
@@ -30,49 +26,29 @@ from llama_pretrain.interop.training_checkpoint import (STATE_FILE, SUMS_FILE, l
 from llama_pretrain.train.config import load_run_config
 from llama_pretrain.train.optim import lr_at
 
+from helpers.cli import cli_cmd, cli_env
+from helpers.runs import as_flags, as_overrides, data_config, read_metrics, tiny_run
+from helpers.train_data import make_dataset
+
 STEPS = 40
 # Periodic checkpoints far apart: the only one before the end is the one a signal asks for.
-ARGS = ["--model.preset=llama2-debug", f"--training.max_steps={STEPS}", "--training.seq_len=32",
-        "--training.micro_batch_size=2", "--training.global_batch_tokens=256", "--schedule.warmup_steps=3",
-        "--checkpoint.every_steps=1000", "--training.eval_every_steps=0", "--logging.progress=false",
-        "--logging.peak_flops=1e11", "--logging.tensorboard=off", "--parallel.mixed_precision=fp32",
-        "--training.device=cpu", "--checkpoint.export_final=false"]
+ARGS = as_flags(tiny_run({"training.max_steps": STEPS, "schedule.warmup_steps": 3, "checkpoint.every_steps": 1000,
+                         "training.device": "cpu", "checkpoint.export_final": False}))
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"  # same kernels and reduction order in every process; fast on a busy machine
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
-
-
-def _cmd(data: Path, run_dir: Path, *extra: str, nproc: int = 0) -> list[str]:
-    launcher = [sys.executable, "-m", "llama_pretrain"] if nproc == 0 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-        "llama_pretrain"]
-    return launcher + ["train", "--config", str(_config(data, run_dir)), "--run-dir", str(run_dir), *ARGS, *extra]
-
-
-def _config(data: Path, run_dir: Path) -> Path:
-    config = run_dir.parent / f"{run_dir.name}.toml"
-    config.write_text(f'[data]\npath = "{data}"\n')
-    return config
-
-
-def _records(run_dir: Path) -> list[dict]:
-    p = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
+def _args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(data_config(data, run_dir)), "--run-dir", str(run_dir), *ARGS, *extra]
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in _records(run_dir)]
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir, missing_ok=True)]
 
 
 def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         assert proc.poll() is None, "the run ended before the signal could be sent"
-        if any(r["step"] >= step for r in _records(run_dir)):
+        if any(r["step"] >= step for r in read_metrics(run_dir, missing_ok=True)):
             return
         time.sleep(0.005)
     raise AssertionError(f"the run never reached step {step}")
@@ -91,7 +67,7 @@ def data(tmp_path_factory) -> Path:
 def reference(data, tmp_path_factory) -> Path:
     """The same run, never stopped."""
     run = tmp_path_factory.mktemp("ref") / "run"
-    subprocess.run(_cmd(data, run), check=True, env=_env(), capture_output=True, timeout=300)
+    subprocess.run(cli_cmd(*_args(data, run)), check=True, env=cli_env(), capture_output=True, timeout=300)
     return run
 
 
@@ -99,19 +75,20 @@ def reference(data, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
 def test_signal_checkpoints_the_step_and_the_rerun_is_bit_identical(sig, data, reference, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(data, run), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cli_cmd(*_args(data, run)), env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     _wait_for_step(proc, run, random.Random().randint(3, 6))
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err[-2000:]
-    last = max(r["step"] for r in _records(run))
+    last = max(r["step"] for r in read_metrics(run, missing_ok=True))
     assert last < STEPS
     ckpt = run / "checkpoints" / f"step-{last:07d}"
     assert list_checkpoints(run / "checkpoints") == [ckpt] and verify(ckpt) is None and not _leftovers(run)
     line = err.strip().splitlines()[-1]
     assert f"stopped by {sig.name} at step {last}: saved {ckpt}; resume with: llama-pretrain train" in line
 
-    rerun = subprocess.run(_cmd(data, run), env=_env(), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(cli_cmd(*_args(data, run)), env=cli_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resuming from {ckpt}" in rerun.stderr
     assert _losses(run) == _losses(reference)  # every step once, bit-identical
@@ -160,32 +137,35 @@ def test_signal_before_the_first_step_saves_nothing(data, tmp_path, monkeypatch,
 
     monkeypatch.setattr(Trainer, "start_clock", lambda self: os.kill(os.getpid(), signal.SIGTERM))
     run = tmp_path / "run"
-    rc = cli_main(["train", "--config", str(_config(data, run)), "--run-dir", str(run), *ARGS])
+    rc = cli_main(_args(data, run))
     assert rc == 143
     assert "no step finished: nothing trained yet, nothing saved" in capsys.readouterr().err
-    assert list_checkpoints(run / "checkpoints") == [] and not _records(run)
+    assert list_checkpoints(run / "checkpoints") == [] and not read_metrics(run, missing_ok=True)
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
 def test_sigterm_to_a_torchrun_job_checkpoints_every_rank_and_resumes(data, tmp_path):
     ddp = ["--parallel.mode=ddp"]
     ref = tmp_path / "ref"
-    r = subprocess.run(_cmd(data, ref, *ddp, nproc=2), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cli_cmd(*_args(data, ref, *ddp), nproc=2), env=cli_env(), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path / "run"
     log = open(tmp_path / "run.log", "w")  # a file, not a pipe: an unread pipe would block the ranks
-    proc = subprocess.Popen(_cmd(data, run, *ddp, nproc=2), env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cli_cmd(*_args(data, run, *ddp), nproc=2), env=cli_env(), stdout=log,
+                            stderr=subprocess.STDOUT)
     _wait_for_step(proc, run, 4)
     proc.send_signal(signal.SIGTERM)  # to torchrun, which forwards it to every rank
     proc.wait(timeout=120)
     err = (tmp_path / "run.log").read_text()
     assert proc.returncode != 0
-    last = max(r["step"] for r in _records(run))
+    last = max(r["step"] for r in read_metrics(run, missing_ok=True))
     ckpt = run / "checkpoints" / f"step-{last:07d}"
     assert last < STEPS and verify(ckpt) is None, err[-3000:]
     assert len(list(ckpt.glob("*.distcp"))) == 2  # both ranks wrote the same step
     assert f"saved {ckpt}; resume with: the same torchrun command" in err
-    r = subprocess.run(_cmd(data, run, *ddp, nproc=2), env=_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cli_cmd(*_args(data, run, *ddp), nproc=2), env=cli_env(), capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _losses(run) == _losses(ref)
 
@@ -193,13 +173,8 @@ def test_sigterm_to_a_torchrun_job_checkpoints_every_rank_and_resumes(data, tmp_
 # -- the schedule of a resumed run ------------------------------------------------------------------
 def _items(data: Path, **over) -> list[str]:
     """section.key=value settings of a short in-process run whose cosine matters (2 warm-up steps)."""
-    items = {"model.preset": "llama2-debug", "data.path": str(data), "training.max_steps": 8,
-             "training.seq_len": 32, "training.micro_batch_size": 2, "training.global_batch_tokens": 256,
-             "schedule.warmup_steps": 2, "training.eval_every_steps": 0, "checkpoint.every_steps": 4,
-             "logging.progress": False, "logging.peak_flops": 1e11, "logging.tensorboard": "off",
-             "parallel.mixed_precision": "fp32", "checkpoint.export_final": False}
-    items.update(over)
-    return [f"{k}={v}" for k, v in items.items()]
+    return as_overrides(tiny_run({"data.path": str(data), "training.max_steps": 8, "schedule.warmup_steps": 2,
+                                  "checkpoint.every_steps": 4, "checkpoint.export_final": False, **over}))
 
 
 def _cfg(data: Path, **over):
@@ -208,12 +183,12 @@ def _cfg(data: Path, **over):
 
 def _cli(data: Path, run_dir: Path, **over) -> int:
     """The same run through the command line (one-line errors, exit codes)."""
-    return cli_main(["train", "--config", str(_config(data, run_dir)), "--run-dir", str(run_dir),
+    return cli_main(["train", "--config", str(data_config(data, run_dir)), "--run-dir", str(run_dir),
                      *[f"--{item}" for item in _items(data, **over)]])
 
 
 def _lrs(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["lr"] for r in _records(run_dir)}
+    return {r["step"]: r["lr"] for r in read_metrics(run_dir, missing_ok=True)}
 
 
 @pytest.fixture()
@@ -296,8 +271,8 @@ def test_a_second_job_on_the_run_dir_is_refused(data, tmp_path):
     # A double submit: the same command twice at once. Long enough that the winner still trains
     # when the other reaches the lock.
     run, steps = tmp_path / "run", 300
-    cmd = _cmd(data, run, f"--training.max_steps={steps}")
-    jobs = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = cli_cmd(*_args(data, run, f"--training.max_steps={steps}"))
+    jobs = [subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
     errs = [job.communicate(timeout=300)[1] for job in jobs]
     codes = sorted(job.returncode for job in jobs)
@@ -314,12 +289,13 @@ def test_a_second_job_on_the_run_dir_is_refused(data, tmp_path):
 
 def test_the_lock_of_a_killed_job_does_not_block_the_rerun(data, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(data, run), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli_cmd(*_args(data, run)), env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     _wait_for_step(proc, run, 2)
     proc.kill()
     proc.wait()
     assert f'"pid": {proc.pid}' in (run / ".lock").read_text()  # the dead job is still named in the file
-    rerun = subprocess.run(_cmd(data, run), env=_env(), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(cli_cmd(*_args(data, run)), env=cli_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"taking over the lock of a job that ended without releasing it (host {socket.gethostname()}, " \
            f"PID {proc.pid}" in rerun.stderr

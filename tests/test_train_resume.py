@@ -4,7 +4,6 @@ uninterrupted run (bit-identical on CPU), and the default job's stages (fast smo
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -14,38 +13,20 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_dataset  # noqa: E402
+from helpers.cli import cli_cmd, cli_env
+from helpers.runs import as_flags, read_metrics, tiny_run
+from helpers.train_data import make_dataset
 
-ARGS = ["--model.preset=llama2-debug", "--training.max_steps=10", "--training.seq_len=32",
-        "--training.micro_batch_size=2", "--training.global_batch_tokens=256", "--schedule.warmup_steps=3",
-        "--checkpoint.every_steps=3", "--training.eval_every_steps=4", "--logging.progress=false",
-        "--logging.peak_flops=1e11", "--logging.tensorboard=off",
-        "--parallel.mixed_precision=bf16"]
+ARGS = as_flags(tiny_run({"training.max_steps": 10, "schedule.warmup_steps": 3, "checkpoint.every_steps": 3,
+                          "training.eval_every_steps": 4, "parallel.mixed_precision": "bf16"}))
 
 
-def _cmd(config: Path, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "llama_pretrain", "train", "--config", str(config), "--run-dir", str(run_dir)] + ARGS
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "2"  # same kernels, same reduction order in every process
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
+def _args(config: Path, run_dir: Path) -> list[str]:
+    return ["train", "--config", str(config), "--run-dir", str(run_dir), *ARGS]
 
 
 def _records(run_dir: Path) -> list[dict]:
-    p = run_dir / "metrics.jsonl"
-    if not p.is_file():
-        return []
-    out = []
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
+    return read_metrics(run_dir, missing_ok=True, torn_ok=True)  # polled while the run writes, or killed
 
 
 def test_sigkill_and_resume_is_bit_identical(tmp_path):
@@ -53,11 +34,12 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(f'[data]\npath = "{data}"\n')
     ref = tmp_path / "ref"
-    subprocess.run(_cmd(config, ref), check=True, env=_env(), capture_output=True)
+    subprocess.run(cli_cmd(*_args(config, ref)), check=True, env=cli_env(threads=2), capture_output=True)
 
     kill_after = random.Random().randint(4, 8)  # an arbitrary step, not a checkpoint boundary by design
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(config, run), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli_cmd(*_args(config, run)), env=cli_env(threads=2), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if any(r.get("step", 0) >= kill_after for r in _records(run)):
@@ -66,7 +48,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed = subprocess.run(_cmd(config, run), env=_env(), capture_output=True, text=True)
+    resumed = subprocess.run(cli_cmd(*_args(config, run)), env=cli_env(threads=2), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
 
@@ -111,7 +93,7 @@ def test_default_job_full_budget(tmp_path):
     """`llama-pretrain train` as a newcomer runs it: within 10 minutes on 2 cores, val loss well down."""
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "llama_pretrain", "train", "--run-dir", str(tmp_path / "demo"),
-                           "--logging.progress=false"], capture_output=True, text=True, env=_env())
+                           "--logging.progress=false"], capture_output=True, text=True, env=cli_env(threads=2))
     elapsed = time.time() - t0
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())

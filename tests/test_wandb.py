@@ -11,19 +11,16 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_data import make_dataset  # noqa: E402
-
 from llama_pretrain.cli import main as cli_main
 from llama_pretrain.train.config import load_run_config
 from llama_pretrain.train.loop import train
 
-RUN = {"model.preset": "llama2-debug", "training.max_steps": 4, "training.seq_len": 32,
-       "training.micro_batch_size": 2, "training.global_batch_tokens": 64, "schedule.warmup_steps": 100,
-       "training.eval_every_steps": 2, "training.eval_batches": 1, "checkpoint.every_steps": 2,
-       "logging.progress": False, "logging.peak_flops": 1e11, "logging.tensorboard": "off",
-       "parallel.mixed_precision": "fp32", "logging.wandb": True, "logging.wandb_project": "tests",
-       "logging.wandb_name": "tiny"}
+from helpers.runs import as_overrides, read_metrics, tiny_run
+from helpers.train_data import make_dataset
+
+RUN = tiny_run({"training.max_steps": 4, "training.global_batch_tokens": 64, "schedule.warmup_steps": 100,
+                "training.eval_every_steps": 2, "training.eval_batches": 1, "checkpoint.every_steps": 2,
+                "logging.wandb": True, "logging.wandb_project": "tests", "logging.wandb_name": "tiny"})
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +36,7 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def run_cfg(data: Path):
-    return load_run_config(None, [f"{k}={v}" for k, v in {**RUN, "data.path": data}.items()])
+    return load_run_config(None, as_overrides({**RUN, "data.path": data}))
 
 
 def wandb_records(run_file: Path):
@@ -81,7 +78,7 @@ def run_files(run_dir: Path, run_id: str) -> list[Path]:
 
 
 def metrics_lines(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    return {r["step"]: r for r in read_metrics(run_dir)}
 
 
 def test_offline_run_holds_the_scalars_and_the_resolved_config(dataset, tmp_path):
