@@ -25,8 +25,7 @@ import pytest
 from llama_pretrain.data.limits import MAX_RECORD_BYTES, dictionary_page_bytes
 from llama_pretrain.tokenizer import train_tokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from synthetic_text import prose  # noqa: E402
+from helpers.synthetic_text import prose
 
 # ``data prepare`` on JSONL maps ~200 MB, with pyarrow ~400 MB; every attack here used to need more.
 JSONL_MEMORY = 512 << 20
