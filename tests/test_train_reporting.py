@@ -212,3 +212,53 @@ def test_train_help_shows_the_demos_values_beside_the_defaults(capsys):
                                ("training.global_batch_tokens", 4194304, 16384)):
         assert f"--{key} V default {default} (demo: {demo})" in out
     assert "--optimizer.beta1 V default 0.9 --" in out  # no "demo:" where the demo keeps the default
+
+
+# -- 9. reports are callbacks -----------------------------------------------------------------------
+def test_a_monitor_is_one_callback_that_hears_every_event(dataset, tmp_path, monkeypatch):
+    """A callback added beside the reports gets the run through its events (no trainer): the
+    start with the peak run.json records, each step's line with its MFU, then the line complete
+    (validation, energy) as metrics.jsonl holds it, and the end after the streams close."""
+    from llama_pretrain.train import loop
+    from llama_pretrain.train.callbacks import Callback, CallbackList
+
+    heard: list = []
+
+    class Recorder(Callback):
+        def on_start(self, run):
+            heard.append(("start", run.step, run.peak.flops, run.peak.source, run.precision))
+
+        def on_step(self, step):
+            heard.append(("step", step.step, step.line["mfu"], "val_loss" in step.line))
+
+        def on_step_end(self, log):
+            heard.append(("step_end", log.step.step))
+
+        def on_log(self, log):
+            heard.append(("log", json.loads(json.dumps(log.line))))
+
+        def on_close(self):
+            heard.append(("close",))
+
+        def on_end(self):
+            heard.append(("end",))
+
+    real = loop.reporting_callbacks
+    monkeypatch.setattr(loop, "reporting_callbacks",
+                        lambda cfg, is_main: CallbackList([*real(cfg, is_main).callbacks, Recorder()]))
+    run = tmp_path / "run"
+    summary = train(small_cfg(dataset, **{"training.max_steps": 4, "training.eval_every_steps": 2,
+                                          "training.debug_nan_at_step": 3, "logging.peak_flops": 1e14}), run)
+    run_json = json.loads((run / "run.json").read_text())
+    assert heard[0] == ("start", 0, run_json["peak_flops"], run_json["peak_source"], run_json["precision"])
+    assert [h[0] for h in heard[1:]] == ["step", "step_end", "log"] * 4 + ["close", "end"]
+    steps = [h for h in heard if h[0] == "step"]
+    assert [h[1] for h in steps] == [1, 2, 3, 4] and all(h[2] > 0 for h in steps)
+    assert not any(h[3] for h in steps)  # validation comes after on_step
+    lines = [h[1] for h in heard if h[0] == "log"]
+    assert all("kwh" in line and "mfu" in line for line in lines)
+    assert [line["step"] for line in lines if "val_loss" in line] == [1, 2, 4]
+    assert lines[2].get("skipped") and lines[2]["loss"] is None
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records == lines  # every line is due here: validation at 1, 2 and 4, the skip at 3
+    assert summary == json.loads((run / "summary.json").read_text()) and summary["skipped_steps"] == 1

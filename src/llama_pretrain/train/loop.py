@@ -7,8 +7,9 @@ It reads as five parts:
 2. ``Trainer``    builds the model, applies parallelism, builds the optimizer and the ``TrainState``;
 3. ``resume``     loads the latest valid checkpoint, when there is one;
 4. the loop       ``train_step`` / ``validate`` / downstream eval (``downstream.py``) /
-                  ``save_checkpoint``, reported by ``Reporter``; a stop signal checkpoints the last
-                  step and ends it (``preemption.py``);
+                  ``save_checkpoint``, reported through callbacks (``callbacks.py``: the events;
+                  ``report.py``: one callback per report); a stop signal checkpoints the last step
+                  and ends it (``preemption.py``);
 5. ``finish``     exports the final weights and writes the summary.
 
 Per optimizer step each rank runs ``accumulation_steps`` micro-batches of ``micro_batch_size``
@@ -42,6 +43,7 @@ from ..interop import training_checkpoint as ckpt_files
 from ..losses import loss_parallel_context
 from ..model import Transformer
 from . import metrics
+from .callbacks import CallbackList, LogEvent, Peak, RunStart, StepEvent
 from .checkpoint import restore_checkpoint, save_checkpoint
 from .config import RunConfig
 from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, gather_object, init_distributed
@@ -49,9 +51,10 @@ from .downstream import Downstream, check_eval_data
 from .guards import NonFiniteGuard, SpikeDetector
 from .init_from import check_tokenizer, load_weights
 from .optim import Schedule, build_optimizer, continue_schedule, planned_schedule, saved_schedule, set_lr
-from .parallelize import check_parallel, eager_no_grad, grad_sync, parallelize, precompute_float8_scales
+from .parallelize import (check_parallel, eager_no_grad, float8_summary, grad_sync, parallelize,
+                          precompute_float8_scales)
 from .preemption import Preempted, StopSignals
-from .report import Reporter, say
+from .report import reporting_callbacks, resumed_peak, say
 from .runlock import RunLock
 from .state import TrainState
 from .wandb_log import check_available as check_wandb_available
@@ -67,23 +70,49 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str
         plan = preflight(cfg, Path(run_dir), info, resume, lock)
         trainer = Trainer(cfg, plan, info)
         trainer.resume()
-        report = Reporter(trainer, plan.run_dir)
+        callbacks = reporting_callbacks(cfg, info.is_main)
+        callbacks.on_start(run_start(trainer))
         trainer.start_clock()
         while trainer.state.step < cfg.training.max_steps:
-            stop_if_signalled(trainer, report, signals)
-            record = report.record(trainer.train_step())
-            if trainer.validation_due():
-                record.update(trainer.validate())
-            if trainer.downstream.due(trainer.state.step):
-                record.update(trainer.downstream.run(trainer.model))
-            report.log(record)
-            trainer.state.nonfinite.record(trainer.state.step, "skipped" in record)  # raises after K in a row
+            stop_if_signalled(trainer, callbacks, signals)
+            step = trainer.train_step()
+            callbacks.on_step(step)
+            log = evaluate(trainer, step)
+            callbacks.on_step_end(log)
+            callbacks.on_log(log)
+            if "kwh" in step.line:  # rank 0's energy so far, which its checkpoints keep
+                trainer.state.energy = {k: step.line[k] for k in ("kwh", "tco2eq")}
+            trainer.state.nonfinite.record(step.step, step.skipped)  # raises after K in a row
             if trainer.checkpoint_due():
                 trainer.save_checkpoint()
-        return finish(trainer, report)
+        return finish(trainer, callbacks)
 
 
-def stop_if_signalled(trainer: "Trainer", report: Reporter, signals: StopSignals) -> None:
+def run_start(trainer: "Trainer") -> RunStart:
+    """What the reports start from; rank 0 keeps the measured peak its run started with
+    (``report.resumed_peak``)."""
+    plan, info, state = trainer.plan, trainer.info, trainer.state
+    peak = resumed_peak(plan.run_dir, trainer.peak, state.precision, state.step) if info.is_main else trainer.peak
+    return RunStart(run_dir=plan.run_dir, cfg=trainer.cfg, info=info, identity=plan.identity,
+                    model_cfg=plan.model_cfg, seq_len=plan.seq_len, accum=plan.accum, precision=state.precision,
+                    peak=peak, flops_per_token=trainer.flops_per_token,
+                    n_params=sum(p.numel() for p in trainer.model.parameters()),
+                    float8=float8_summary(trainer.model, trainer.parallel),
+                    step=state.step, elapsed_s=state.elapsed_s, energy=dict(state.energy))
+
+
+def evaluate(trainer: "Trainer", step: StepEvent) -> LogEvent:
+    """Validation and downstream scores, when due, into the step's metrics line."""
+    if trainer.validation_due():
+        step.line.update(trainer.validate())
+    headline = None
+    if trainer.downstream.due(step.step):
+        step.line.update(trainer.downstream.run(trainer.model))
+        headline = trainer.downstream.headline(step.line)
+    return LogEvent(step, headline)
+
+
+def stop_if_signalled(trainer: "Trainer", callbacks: CallbackList, signals: StopSignals) -> None:
     """Between steps, once every rank knows of a stop signal: checkpoint the last finished step
     (unless it has one already), close the reports and raise ``Preempted``."""
     signum = signals.agreed()
@@ -92,14 +121,15 @@ def stop_if_signalled(trainer: "Trainer", report: Reporter, signals: StopSignals
     trained = trainer.state.step > trainer.saved_step
     if trained:
         trainer.save_checkpoint()
-    report.close_streams()
+    callbacks.on_close()
     raise Preempted(signum, trainer.state.step, trainer.last_checkpoint, trained)
 
 
 # -- 1. preflight ---------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """What preflight found: the run's shape, its data, and where it resumes from."""
+    """What preflight found: the run's shape, its data, and where it resumes from. Built once, by
+    ``preflight``, and fixed from then on."""
     run_dir: Path
     model_cfg: ModelConfig
     seq_len: int
@@ -108,11 +138,11 @@ class Plan:
     validate: bool
     identity: dict[str, Any]
     tokenizer_model: Path | None
+    schedule: Schedule
     start_ckpt: Path | None = None
     start_state: dict[str, Any] | None = None
     init_from: str = ""
     """checkpoint.init_from when this run starts from it; empty when it resumes from its own checkpoint."""
-    schedule: Schedule | None = None
     eval_tasks: tuple[str, ...] = ()
     """``eval.tasks`` resolved to task ids, their data checked."""
 
@@ -145,16 +175,17 @@ def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock:
                         f"to train without validation")
     for split in ["train"] + ([cfg.data.val_split] if validate else []):  # a bad id would fail mid-run
         check_token_ids(cfg.data.path, split, model_cfg.vocab_size)
-    plan = Plan(run_dir, model_cfg, cfg.seq_len, accum, loader, validate, run_identity(model_cfg, loader),
-                dataset_tokenizer(cfg.data.path, cfg.data.tokenizer or None))
-    plan.eval_tasks = tuple(cfg.eval_task_ids())
-    check_eval_data(cfg, list(plan.eval_tasks), plan.tokenizer_model)
+    identity = run_identity(model_cfg, loader)
+    tokenizer_model = dataset_tokenizer(cfg.data.path, cfg.data.tokenizer or None)
+    eval_tasks = tuple(cfg.eval_task_ids())
+    check_eval_data(cfg, list(eval_tasks), tokenizer_model)
     lock.acquire()
-    check_run_dir(plan)
-    find_start(plan, cfg, info, resume)
-    plan.init_from = "" if plan.start_ckpt else cfg.checkpoint.init_from  # never again once it has checkpoints
-    plan.schedule = choose_schedule(cfg, plan, info)
-    return plan
+    check_run_dir(run_dir, identity)
+    start_ckpt, start_state = find_start(run_dir, identity, cfg, info, resume)
+    return Plan(run_dir, model_cfg, cfg.seq_len, accum, loader, validate, identity, tokenizer_model,
+                schedule=choose_schedule(cfg, start_ckpt, start_state, info), start_ckpt=start_ckpt,
+                start_state=start_state, eval_tasks=eval_tasks,
+                init_from="" if start_ckpt else cfg.checkpoint.init_from)  # never again once it has checkpoints
 
 
 # What a model or checkpoint dir holds at its top level and a run dir never does.
@@ -191,71 +222,73 @@ def identity_diff(a: dict, b: dict) -> str | None:
     return None
 
 
-def check_run_dir(plan: Plan) -> None:
+def check_run_dir(run_dir: Path, identity: dict[str, Any]) -> None:
     """A run dir that holds another run (per its run.json) is refused."""
-    run_file = plan.run_dir / "run.json"
+    run_file = run_dir / "run.json"
     if not run_file.is_file():
         return
     try:
         previous = parse_json(run_file.read_text())["identity"]
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{run_file} is unreadable; use another --run-dir") from None
-    diff = identity_diff(previous, plan.identity)
+    diff = identity_diff(previous, identity)
     if diff:
-        raise UserError(f"{plan.run_dir} holds another run ({diff}); use another --run-dir")
+        raise UserError(f"{run_dir} holds another run ({diff}); use another --run-dir")
 
 
-def find_start(plan: Plan, cfg: RunConfig, info: DistInfo, resume: bool) -> None:
-    """Set ``plan.start_ckpt``/``start_state`` to the newest valid checkpoint of this same run."""
-    root = plan.run_dir / "checkpoints"
+def find_start(run_dir: Path, identity: dict[str, Any], cfg: RunConfig, info: DistInfo,
+               resume: bool) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest valid checkpoint of this same run and its trainer state; (None, None) for a new run."""
+    root = run_dir / "checkpoints"
     if not ckpt_files.list_checkpoints(root):
         if resume:
             raise UserError(f"--resume: no checkpoint in {root}")
-        return
+        return None, None
     ckpt = ckpt_files.latest_valid(root, warn=lambda m: say(m, info.is_main))
     if ckpt is None:
         raise UserError(f"every checkpoint in {root} is damaged; nothing to resume from")
     state = ckpt_files.read_trainer_state(ckpt)
-    diff = identity_diff(state.get("identity", {}), plan.identity)
+    diff = identity_diff(state.get("identity", {}), identity)
     if diff:
-        raise UserError(f"{plan.run_dir} holds checkpoints of another run ({diff}); use another --run-dir")
+        raise UserError(f"{run_dir} holds checkpoints of another run ({diff}); use another --run-dir")
     if int(state.get("step", 0)) > cfg.training.max_steps:  # would export the later weights as this run's
         raise UserError(f"{ckpt} is at step {state['step']}, past training.max_steps="
                         f"{cfg.training.max_steps}; use another --run-dir (to train on, raise max_steps "
                         f"and choose --schedule.extend=constant or replan)")
-    plan.start_ckpt, plan.start_state = ckpt, state
+    return ckpt, state
 
 
-def choose_schedule(cfg: RunConfig, plan: Plan, info: DistInfo) -> Schedule:
+def choose_schedule(cfg: RunConfig, start_ckpt: Path | None, start_state: dict[str, Any] | None,
+                    info: DistInfo) -> Schedule:
     """The config's schedule for a new run; for a resumed one, the checkpoint's unless the config
     changed it, and then as ``schedule.extend`` says (train/optim.py, ``continue_schedule``)."""
     s = cfg.schedule
     planned = planned_schedule(cfg.peak_lr, s.warmup_steps, cfg.training.max_steps, s.min_lr_ratio)
-    if plan.start_state is None:
+    if start_state is None:
         return planned
-    saved = saved_schedule(plan.start_state.get("schedule"))
+    saved = saved_schedule(start_state.get("schedule"))
     if saved is not None:
-        return continue_schedule(saved, planned, s.extend, int(plan.start_state["step"]))
+        return continue_schedule(saved, planned, s.extend, int(start_state["step"]))
     if s.extend == "constant":
-        raise UserError(f"{plan.start_ckpt} does not record its LR schedule, so --schedule.extend=constant "
+        raise UserError(f"{start_ckpt} does not record its LR schedule, so --schedule.extend=constant "
                         f"cannot know its final LR; use --schedule.extend=replan")
-    say(f"warning: {plan.start_ckpt} does not record its LR schedule; following this config's "
+    say(f"warning: {start_ckpt} does not record its LR schedule; following this config's "
         f"({planned.describe()})", info.is_main)
     return planned
 
 
 # -- 2.-4. the trainer ----------------------------------------------------------------------------
-@dataclass
-class StepResult:
-    loss: float
-    """Mean loss over the global batch (all ranks)."""
-    grad_norm: float
-    """Global gradient norm before clipping."""
-    lr: float
-    seconds: float
-    skipped: bool
-    """A non-finite loss or gradient: the optimizer step was skipped on every rank."""
-    spike_sigma: float | None = None
+def choose_precision(cfg: RunConfig, plan: Plan, info: DistInfo) -> tuple[str, Peak]:
+    """bf16 or fp32, and the peak FLOP/s for MFU; every rank follows rank 0's (timing-based) choice."""
+    requested = cfg.parallel.mixed_precision
+    if requested == "auto" and plan.start_state is not None:  # a resumed run keeps its choice
+        requested = plan.start_state.get("precision", "auto")
+    device, configured = info.device, cfg.logging.peak_flops
+    precision, flops, source = metrics.resolve_precision(device, requested, configured)
+    chosen = gather_object(precision)[0]
+    if chosen != precision:
+        precision, flops, source = metrics.resolve_precision(device, chosen, configured)
+    return precision, Peak(flops, source)
 
 
 class Trainer:
@@ -265,7 +298,7 @@ class Trainer:
         self.cfg, self.plan, self.info = cfg, plan, info
         t = cfg.training
         torch.manual_seed(t.seed)
-        precision = self._choose_precision()
+        precision, self.peak = choose_precision(cfg, plan, info)
         with torch.device(info.device):
             model = Transformer(plan.model_cfg)
         if plan.init_from:  # before parallelize, so DDP broadcasts and FSDP shards these weights
@@ -293,18 +326,6 @@ class Trainer:
     def start_clock(self) -> None:
         """Training time counts from here (after build, resume and the reports' start-up)."""
         self._elapsed_base, self._t_start = self.state.elapsed_s, time.perf_counter()
-
-    def _choose_precision(self) -> str:
-        """bf16 or fp32, and the peak FLOP/s for MFU; every rank follows rank 0's (timing-based) choice."""
-        requested = self.cfg.parallel.mixed_precision
-        if requested == "auto" and self.plan.start_state is not None:  # a resumed run keeps its choice
-            requested = self.plan.start_state.get("precision", "auto")
-        device, configured = self.info.device, self.cfg.logging.peak_flops
-        precision, self.peak, self.peak_source = metrics.resolve_precision(device, requested, configured)
-        chosen = gather_object(precision)[0]
-        if chosen != precision:
-            precision, self.peak, self.peak_source = metrics.resolve_precision(device, chosen, configured)
-        return precision
 
     def resume(self) -> None:
         """Load the checkpoint preflight found (weights, optimizer moments, ``TrainState``)."""
@@ -334,8 +355,8 @@ class Trainer:
         with ctx:
             return self.model(inputs, targets, chunked_loss=chunked)
 
-    def train_step(self) -> StepResult:
-        """One optimizer step over the global batch: accumulate, check, clip, step."""
+    def train_step(self) -> StepEvent:
+        """One optimizer step over the global batch: accumulate, check, clip, step; its figures."""
         t, state = self.cfg.training, self.state
         t0 = time.perf_counter()
         lr = self.lr(state.step)
@@ -366,7 +387,8 @@ class Trainer:
         seconds = time.perf_counter() - t0
         state.elapsed_s = self._elapsed_base + time.perf_counter() - self._t_start
         spike = None if skipped else state.spikes.update(loss_val)
-        return StepResult(loss_val, grad_norm, lr, seconds, skipped, spike)
+        return StepEvent(state.step, loss_val, grad_norm, lr, seconds, skipped, spike, state.tokens_seen,
+                         t.global_batch_tokens / seconds, state.elapsed_s)
 
     def validation_due(self) -> bool:
         step, t = self.state.step, self.cfg.training
@@ -423,14 +445,15 @@ def clip_gradients_(params, grad_norm: float, max_norm: float) -> None:
 
 
 # -- 5. finish ------------------------------------------------------------------------------------
-def finish(trainer: Trainer, report: Reporter) -> dict[str, Any]:
+def finish(trainer: Trainer, callbacks: CallbackList) -> dict[str, Any]:
     """Export the final weights (RUN_DIR/final), close the reports; rank 0 returns the summary."""
     if trainer.cfg.checkpoint.export_final:
         export_final(trainer.model, trainer.plan.model_cfg, trainer.plan.run_dir / "final",
                      trainer.plan.tokenizer_model, trainer.info.is_main)
-    summary = report.close()
+    callbacks.on_close()
+    summary = callbacks.on_end()
     barrier()
-    return summary or {}
+    return summary
 
 
 def export_final(model, model_cfg: ModelConfig, out: Path, tokenizer_model: Path | None, is_main: bool) -> None:
