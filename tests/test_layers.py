@@ -124,3 +124,17 @@ def test_the_checker_sees_loops_and_lazy_imports(tmp_path):
     g = graph()
     assert f"{PKG}.train.loop" in g[f"{PKG}.commands.train"]  # imported inside a function there
     assert f"{PKG}.model" in g[f"{PKG}.train.loop"]
+
+
+# Readers that catch RecursionError themselves (on the per-line hot path of data prepare and eval).
+_OWN_JSON_GUARD = {"config.py", "data/sources.py", "eval/tasks/data.py"}
+
+
+def test_json_is_parsed_through_the_guarded_reader():
+    # json.loads recurses per nested array / object: a file nested thousands deep is a
+    # RecursionError traceback unless it goes through config.parse_json / read_json_object.
+    bare = [f"{p.relative_to(SRC)}:{n}" for p in sorted(SRC.rglob("*.py"))
+            if str(p.relative_to(SRC)) not in _OWN_JSON_GUARD
+            for n, line in enumerate(p.read_text().splitlines(), 1)
+            if "json.loads(" in line or "json.load(" in line]
+    assert bare == [], bare

@@ -48,6 +48,10 @@ class ModelConfig:
     """RoPE base frequency."""
     max_seq_len: int = setting(4096, POSITIVE)
     """Context length the model is trained for (size of the RoPE table and of KV caches)."""
+    tie_embeddings: bool = False
+    """One matrix for the token embedding and the output head (Hugging Face's
+    ``tie_word_embeddings``: Llama 3.2 1B/3B, SmolLM2), saved once as ``tok_embeddings.weight``;
+    False (the paper's Llama 1 and 2, every preset) gives the head its own matrix."""
     peak_lr: float = setting(3.0e-4, POSITIVE)
     """Peak learning rate from Table 1 (not part of the architecture; used by training)."""
 
@@ -109,7 +113,13 @@ class ModelConfig:
         return cls.from_dict({k: v for k, v in data.items() if k not in NON_MODEL_KEYS}, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field, except those of features added later left at their default (off): a
+        config written before them (a run's identity, a model's config.json) stays the same."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in _LATER and v == _LATER[k])}
+
+
+# Fields added after configs were first written, with the value that means "not used".
+_LATER: dict[str, Any] = {"tie_embeddings": False}
 
 
 # Keys that may appear in a saved config next to the model fields (format markers, Meta extras).

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .config import parse_json
 from .errors import UserError
 
 _OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -145,7 +145,7 @@ class Owned:
 
     def _marked(self, path: Path) -> bool:
         try:
-            data = json.loads(path.read_text())
+            data = parse_json(path.read_text())
         except (OSError, ValueError, UnicodeDecodeError):
             return False
         return isinstance(data, dict) and bool(self.is_ours(data))

@@ -2,9 +2,11 @@
 
 Pre-norm decoder blocks: RMSNorm -> causal self-attention (RoPE, grouped-query attention through
 ``scaled_dot_product_attention``) -> residual; RMSNorm -> SwiGLU feed-forward -> residual; a final
-RMSNorm and an untied output head. Parameter names are Meta's (``tok_embeddings``,
-``layers.N.attention.wq``, ...), and RoPE rotates interleaved pairs as Meta's reference does, so
-Meta checkpoints load as they are; the Hugging Face layout is handled in ``interop/hf.py``.
+RMSNorm and an output head, untied as in the paper or tied to the embedding
+(``ModelConfig.tie_embeddings``: one Parameter under both names). Parameter names are Meta's
+(``tok_embeddings``, ``layers.N.attention.wq``, ...), and RoPE rotates interleaved pairs as Meta's
+reference does, so Meta checkpoints load as they are; the Hugging Face layout is handled in
+``interop/hf.py``.
 
 One forward serves training and inference: ``model(tokens, targets)`` runs SDPA's causal kernel
 with no mask tensor, while generation and evaluation add per-row ``positions``, a padding ``mask``
@@ -280,6 +282,17 @@ def _low_precision_on_cpu(h: torch.Tensor, weight: torch.Tensor) -> bool:
     return weight.dtype in (torch.bfloat16, torch.float16)
 
 
+def _drop_tied_head(module, state_dict, prefix, local_metadata):
+    """A tied model's state dict holds the shared matrix once, as ``tok_embeddings.weight``."""
+    state_dict.pop(prefix + "output.weight", None)
+
+
+def _fill_tied_head(module, state_dict, prefix, *args):
+    """Loading a tied model: the head is the embedding (it need not be in the state dict)."""
+    if prefix + "tok_embeddings.weight" in state_dict:
+        state_dict.setdefault(prefix + "output.weight", state_dict[prefix + "tok_embeddings.weight"])
+
+
 class Transformer(nn.Module):
     rope_cos: torch.Tensor  # buffers, registered in __init__
     rope_sin: torch.Tensor
@@ -292,10 +305,22 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, config) for i in range(config.n_layers)})
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            # One Parameter under both names: one gradient (the sum of both uses), one optimizer
+            # state, saved once as tok_embeddings.weight (the hooks below).
+            self.output.weight = self.tok_embeddings.weight
+            self._register_state_dict_hook(_drop_tied_head)
+            self._register_load_state_dict_pre_hook(_fill_tied_head, with_module=True)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         if self.output.weight.device.type != "meta":
             self.init_weights()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.config.tie_embeddings:  # to_empty() (from the meta device) makes a Parameter per name
+            self.output.weight = self.tok_embeddings.weight
+        return self
 
     @torch.no_grad()
     def init_weights(self) -> None:

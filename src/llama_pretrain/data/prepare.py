@@ -715,7 +715,7 @@ def _foreign(d: Path, layout: dict[str, Any]) -> str | None:
 def _listed_shards(path: Path) -> dict[str, set[str]] | None:
     """Per split, the file names a data prepare manifest lists; None if ``path`` is not one."""
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
+        m = parse_json(path.read_text(encoding="utf-8"))
         if m.get("format") != FORMAT:
             return None
         listed: dict[str, set[str]] = {"train": set(), "val": set()}

@@ -18,7 +18,8 @@ from ..errors import UserError
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor of ``Transformer(cfg).state_dict()``."""
+    """Name -> shape of every tensor of ``Transformer(cfg).state_dict()``: a tied model's shared
+    matrix once, as ``tok_embeddings.weight``, with no ``output.weight``."""
     dim, q_rows, kv_rows, hidden = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.hidden_dim
     block = {
         "attention.wq.weight": (q_rows, dim), "attention.wk.weight": (kv_rows, dim),
@@ -27,10 +28,12 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         "feed_forward.w3.weight": (hidden, dim),
         "attention_norm.weight": (dim,), "ffn_norm.weight": (dim,),
     }
-    shapes = {"tok_embeddings.weight": (cfg.vocab_size, dim)}
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (cfg.vocab_size, dim)}
     for i in range(cfg.n_layers):
         shapes.update({f"layers.{i}.{name}": shape for name, shape in block.items()})
-    shapes.update({"norm.weight": (dim,), "output.weight": (cfg.vocab_size, dim)})
+    shapes["norm.weight"] = (dim,)
+    if not cfg.tie_embeddings:
+        shapes["output.weight"] = (cfg.vocab_size, dim)
     return shapes
 
 

@@ -5,7 +5,9 @@ What is written follows llama.cpp's ``convert_hf_to_gguf.py`` for a SentencePiec
 scores, token types) and its tensor names. No q/k permutation: the converter permutes Hugging
 Face's half-split rows back to Meta's interleaved RoPE pairs, which is the layout we keep.
 Norms stay float32 in every file type, as the converter keeps them; a matrix whose rows are not a
-whole number of q8_0 blocks falls back to f16, as there.
+whole number of q8_0 blocks falls back to f16, as there. A tied model's state holds no
+``output.weight``, so the file has no ``output`` tensor: llama.cpp then reads the head from
+``token_embd``, as for the tied models its converter writes.
 """
 
 from __future__ import annotations

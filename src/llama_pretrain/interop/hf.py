@@ -4,10 +4,16 @@ Meta's RoPE rotates interleaved pairs (x[2i], x[2i+1]); Hugging Face's rotates t
 each head (x[i], x[i + D/2]). The two are the same model once the rows of ``wq`` and ``wk`` are
 permuted within each head, which is what ``_to_hf_rows`` / ``_from_hf_rows`` do. Everything else is
 a rename. Weights are written as safetensors with a ``config.json`` that transformers loads.
+
+Tied embeddings (``_tied``): a checkpoint whose config sets ``tie_word_embeddings``, or that has
+no ``lm_head.weight``, is tied; a head written beside a tied embedding must equal it (transformers
+would silently untie a head that differs; that is refused here). A tied model is written with
+``tie_word_embeddings: true`` and no ``lm_head.weight``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -51,8 +57,11 @@ def _from_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     out = {}
+    """HF names and row order; a tied model has no ``lm_head.weight`` (``tie_word_embeddings``)."""
     for name, w in state.items():
         if name in _TOP_MAP:
+        if name == "output.weight" and cfg.tie_embeddings:
+            continue
             out[_TOP_MAP[name]] = w
             continue
         _, idx, rest = name.split(".", 2)
@@ -79,16 +88,42 @@ def _our_name(name: str, where: str) -> str | None:
 
 
 def _renamed(state: dict, where: str) -> dict:
-    """``state`` (tensors or shapes) under our names; tied-embedding checkpoints gain the head."""
-    out = {new: v for name, v in state.items() if (new := _our_name(name, where)) is not None}
-    if "output.weight" not in out and "tok_embeddings.weight" in out:
-        out["output.weight"] = out["tok_embeddings.weight"]
-    return out
+    """``state`` (tensors or shapes) under our names."""
+    return {new: v for name, v in state.items() if (new := _our_name(name, where)) is not None}
+
+
+def _tied(cfg: ModelConfig, shapes: dict, where) -> tuple[ModelConfig, dict]:
+    """(``cfg``, ``shapes``) with the embeddings tied where the checkpoint is: its config says so
+    (``tie_word_embeddings``), or it has no head (the head is then the embedding, the only reading
+    under which the checkpoint is a whole model). A tied checkpoint's written head must have the
+    embedding's shape; it is dropped here, and compared with the embedding once read
+    (``_check_written_head``)."""
+    cfg = dataclasses.replace(cfg, tie_embeddings=cfg.tie_embeddings or "output.weight" not in shapes)
+    if not cfg.tie_embeddings or "output.weight" not in shapes:
+        return cfg, shapes
+    head, embedding = tuple(shapes["output.weight"]), tuple(shapes.get("tok_embeddings.weight", ()))
+    if head != embedding:
+        raise UserError(f"{where}: the config ties the embeddings, but lm_head.weight has shape {head} "
+                        f"and embed_tokens.weight {embedding}")
+    return cfg, {k: v for k, v in shapes.items() if k != "output.weight"}
+
+
+def _check_written_head(state: dict[str, torch.Tensor], where) -> None:
+    """A tied checkpoint that writes its head as well: it must be the embedding (transformers would
+    silently untie the two; here the config is taken at its word or refused)."""
+    head = state.get("output.weight")
+    if head is not None and not torch.equal(head, state["tok_embeddings.weight"]):
+        raise UserError(f"{where}: config.json ties the embeddings (tie_word_embeddings) but lm_head.weight "
+                        f"differs from embed_tokens.weight; set tie_word_embeddings to false to keep both")
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str = "HF checkpoint") -> dict[str, torch.Tensor]:
     out = _renamed(state, where)
+    """Our names and row order; a tied ``cfg`` keeps the shared matrix once (no ``output.weight``)."""
     for name, w in out.items():
+    if cfg.tie_embeddings:
+        _check_written_head(out, where)
+        out.pop("output.weight", None)
         if name.endswith("attention.wq.weight"):
             out[name] = _from_hf_rows(w, cfg.n_heads)
         elif name.endswith("attention.wk.weight"):
@@ -112,7 +147,7 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
         "bos_token_id": 1,
@@ -159,6 +194,7 @@ def config_from_hf(data: dict, where: str) -> ModelConfig:
             rope_theta=float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
             max_seq_len=data.get("max_position_embeddings", 4096),
         ), where)
+            tie_embeddings=data.get("tie_word_embeddings", False),
     except KeyError as e:
         raise UserError(f"{where}: missing field {e.args[0]!r}") from None
     except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # a field of the wrong type
@@ -184,7 +220,7 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     path = Path(path)
     cfg = config_from_hf(read_model_json(path, "config.json"), str(path / "config.json"))
     files = weight_files(path)
-    check_shapes(cfg, _renamed(_declared_shapes(files, backed=True), str(path)), path)
+    cfg = _checked_config(path, cfg, _declared_shapes(files, backed=True))
     state: dict[str, torch.Tensor] = {}
     for f, _ in files:
         state.update(read_safetensors(f) if f.suffix == ".safetensors" else read_torch_file(f))
@@ -192,6 +228,14 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 
 def _declared_shapes(files, backed: bool) -> dict[str, tuple[int, ...]]:
+def _checked_config(path: Path, cfg: ModelConfig, shapes: dict) -> ModelConfig:
+    """``cfg`` of an HF Llama dir tied as ``_tied`` says, its weights' declared ``shapes`` (HF
+    names) checked against it."""
+    cfg, ours = _tied(cfg, _renamed(shapes, str(path)), path)
+    check_shapes(cfg, ours, path)
+    return cfg
+
+
     """Name -> shape over ``weight_files``, from safetensors headers and torch files' pickles (no
     tensor read), each file holding exactly the tensors its index names; ``backed``: a torch
     file's tensors must not share bytes (see ``check_backed``)."""
@@ -220,8 +264,7 @@ def check_hf_dir(path: Path) -> None:
     llama = data.get("model_type") == "llama"
     shapes = _declared_shapes(weight_files(path), backed=llama)
     if llama:
-        cfg = config_from_hf(data, str(path / "config.json"))
-        check_shapes(cfg, _renamed(shapes, str(path)), path)
+        _checked_config(path, config_from_hf(data, str(path / "config.json")), shapes)
 
 
 def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import json
 import math
 import pickle
 import re
@@ -32,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, parse_json
 from ..errors import UserError
 from ..fsutil import sha256_file
 from .checks import check_shapes, model_config
@@ -95,7 +94,7 @@ def latest_valid(ckpt_root: Path, warn=None) -> Path | None:
 
 def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     try:
-        state = json.loads((Path(ckpt) / STATE_FILE).read_text())
+        state = parse_json((Path(ckpt) / STATE_FILE).read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{ckpt}: cannot read {STATE_FILE} ({e})") from None
     if not isinstance(state, dict):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import parse_json, read_toml
+from ..config import parse_json, read_json_object, read_toml
 from ..config_fields import NON_NEGATIVE, POSITIVE, coerce
 from ..errors import UserError
 from .config import RunConfig, load_run_config
@@ -201,7 +201,7 @@ def member_record(m: Member) -> dict[str, Any]:
     """One entry of ladder.json, from the member's config and its summary.json."""
     from ..compute.flops import param_counts
 
-    summary = json.loads((m.run_dir / "summary.json").read_text())
+    summary = read_json_object(m.run_dir / "summary.json")
     model = m.cfg.model_config()
     counts = param_counts(model)
     return {"name": m.name, "params": counts.total, "non_embedding_params": counts.non_embedding,

@@ -100,7 +100,7 @@ def cpu_model() -> str:
 def _read_peak_cache() -> dict[str, dict[str, float]]:
     """The cache as {machine key: {precision: FLOP/s}}; unreadable or damaged: empty (re-measure)."""
     try:
-        data = json.loads(peak_cache_file().read_text())
+        data = parse_json(peak_cache_file().read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict):

@@ -6,7 +6,9 @@ the RMSNorm gains (1-D scales whose "natural" value is 1, not 0: decaying them p
 normalised activation towards zero) nor, by default, the token-embedding table: an embedding row
 receives a gradient only when its token occurs, so decay would shrink the rows of rare tokens on
 every step they are absent (the GPT-2/nanoGPT/Megatron practice; ``optimizer.decay_embeddings``
-switches it on).
+switches it on). A tied embedding (``model.tie_embeddings``) is the output head's matrix too and is
+decayed as the head is: through the softmax every row gets a gradient on every step, so the
+rare-token argument does not hold for it (nanoGPT and Hugging Face's Trainer decay it as well).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from ..errors import UserError
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
-    """Two AdamW groups: decayed (linear weights [+ embeddings]) and not decayed (everything else)."""
+    """Two AdamW groups: decayed (linear weights [+ embeddings]) and not decayed (everything else);
+    a tied embedding is the head's weight, so it is decayed (each parameter is in one group once)."""
     decay_ids = set()
     for module in model.modules():
         if isinstance(module, nn.Linear) or (decay_embeddings and isinstance(module, nn.Embedding)):

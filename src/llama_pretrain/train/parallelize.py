@@ -16,7 +16,8 @@ FSDP shards over the ``dp`` axis. Within a group (Megatron-style, through DTenso
 ``wo w2`` by input features, the RMSNorms run on sequence shards (sequence parallelism: between
 blocks each rank holds T/tp positions of the residual stream), the embedding table is split by
 vocabulary rows and the output head by vocabulary columns, and the loss runs on the vocabulary
-shards (``loss_parallel``), so no rank ever holds the full [tokens, vocab] logits.
+shards (``loss_parallel``), so no rank ever holds the full [tokens, vocab] logits. Both split the
+[vocab, dim] matrix by its rows, so a tied head and embedding share one sharded Parameter.
 
 DDP and FSDP act through the module's ``forward`` hooks, so the training loop calls the wrapped
 model itself (``model(inputs, targets)``, the loss path of ``Transformer.forward``), never a
@@ -255,6 +256,10 @@ def apply_tensor_parallel(model: Transformer, p: ParallelConfig, info: DistInfo)
         "norm": SequenceParallel(),
         "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
     })
+    if model.config.tie_embeddings:
+        # Both plans split the [vocab, dim] matrix by vocabulary rows (Shard(0)), each into a new
+        # Parameter: the head takes the embedding's, so the two stay one.
+        model.output.weight = model.tok_embeddings.weight
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),

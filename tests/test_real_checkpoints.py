@@ -1,0 +1,184 @@
+"""Llama checkpoints as people ship them, on small models made here and compared with
+transformers: tied input/output embeddings (import, export, GGUF, training under FSDP2 and tensor
+parallelism, resume)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llama_pretrain import ModelConfig, Transformer, UserError, load_model
+from llama_pretrain.interop import load_checkpoint, save_hf, save_native
+from llama_pretrain.train.optim import param_groups
+
+from helpers.parallel import assert_same_run, losses, train, weights
+from helpers.train_data import make_dataset
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+VOCAB = 512
+
+
+def hf_llama(out: Path, tie: bool, **config) -> tuple[Path, torch.nn.Module]:
+    """A 2-layer transformers Llama (dim 64, GQA 4/2, vocab 512) saved to ``out``, norms away from 1."""
+    torch.manual_seed(0)
+    fields = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  tie_word_embeddings=tie)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**fields, **config})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out)
+    return out, model
+
+
+def max_diff(ours: torch.nn.Module, theirs: torch.nn.Module, tokens: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (ours(tokens) - theirs(tokens).logits).abs().max().item()
+
+
+# -- tied embeddings ----------------------------------------------------------------------------
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_hf_dir_imports_tied_or_untied_with_transformers_logits(tie, tmp_path):
+    src, hf = hf_llama(tmp_path / "hf", tie)
+    assert ("lm_head.weight" in load_file(str(src / "model.safetensors"))) is not tie
+    cfg, state, fmt = load_checkpoint(src)
+    assert fmt == "hf" and cfg.tie_embeddings is tie and ("output.weight" in state) is not tie
+    ours = load_model(src)
+    assert (ours.output.weight is ours.tok_embeddings.weight) is tie
+    tokens = torch.randint(0, VOCAB, (2, 200))
+    assert max_diff(ours, hf, tokens) <= 1e-4
+
+    # Our format holds the shared matrix once, as tok_embeddings.weight, and reads back tied.
+    save_native(state, cfg, tmp_path / "ours")
+    assert ("output.weight" in load_file(str(tmp_path / "ours" / "model.safetensors"))) is not tie
+    again = load_model(tmp_path / "ours")
+    with torch.no_grad():
+        assert torch.equal(again(tokens), ours(tokens))
+
+    # Export: transformers loads it tied (no lm_head written), every tensor bit-identical.
+    save_hf(load_checkpoint(tmp_path / "ours")[1], cfg, tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["tie_word_embeddings"] is tie
+    a, b = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert (back.lm_head.weight is back.model.embed_tokens.weight) is tie
+    with torch.no_grad():
+        assert torch.equal(back(tokens).logits, hf(tokens).logits)
+
+
+@pytest.mark.parametrize("head", ["equal", "different", "absent, config untied"])
+def test_tied_checkpoints_written_other_ways(head, tmp_path):
+    # Some writers keep lm_head.weight beside a tied embedding: the same matrix is tied, one that
+    # differs contradicts the config (transformers would silently untie it) and is refused in one
+    # line. A checkpoint with no head is tied whatever its config says.
+    src, hf = hf_llama(tmp_path / "hf", True)
+    weights_file = src / "model.safetensors"
+    state = load_file(str(weights_file))
+    emb = state["model.embed_tokens.weight"]
+    if head == "absent, config untied":
+        config = json.loads((src / "config.json").read_text())
+        (src / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    else:
+        state["lm_head.weight"] = emb.clone() if head == "equal" else emb + 1
+        save_file(state, str(weights_file), metadata={"format": "pt"})
+    if head == "different":
+        with pytest.raises(UserError, match="lm_head.weight differs from embed_tokens.weight") as e:
+            load_checkpoint(src)
+        assert "\n" not in str(e.value)
+        return
+    cfg, ours, _ = load_checkpoint(src)
+    assert cfg.tie_embeddings and "output.weight" not in ours
+    assert max_diff(load_model(src), hf, torch.randint(0, VOCAB, (1, 64))) <= 1e-4
+
+
+def test_gguf_of_a_tied_model_has_no_output_tensor(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from llama_pretrain.interop.gguf import save_gguf
+    from llama_pretrain.tokenizer import train_tokenizer
+
+    text = [f"line {i} says {'yes' if i % 3 else 'no'} to the tied head." for i in range(200)]
+    tok = train_tokenizer(text, tmp_path / "tok.model", vocab_size=320, progress=False)
+    cfg = ModelConfig.from_preset("llama2-debug", vocab_size=320, tie_embeddings=True)
+    model = Transformer(cfg)
+    save_gguf(model.state_dict(), cfg, tmp_path / "m.gguf", tok)
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names  # llama.cpp's convention
+    assert len(names) == 2 + 9 * cfg.n_layers
+
+
+def test_tied_matrix_gets_one_gradient_the_sum_of_both_uses():
+    cfg = ModelConfig.from_preset("llama2-debug", tie_embeddings=True)
+    torch.manual_seed(0)
+    tied = Transformer(cfg)
+    untied = Transformer(ModelConfig.from_preset("llama2-debug"))
+    untied.load_state_dict({**tied.state_dict(), "output.weight": tied.tok_embeddings.weight.detach().clone()})
+    assert len(list(tied.parameters())) == len(list(untied.parameters())) - 1
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33))
+    for fused in ("head", False):  # the output head fused with the loss, and the plain logits path
+        for m in (tied, untied):
+            m.zero_grad()
+            m(tokens[:, :-1], tokens[:, 1:], chunked_loss=fused).backward()
+        want = untied.tok_embeddings.weight.grad + untied.output.weight.grad
+        torch.testing.assert_close(tied.tok_embeddings.weight.grad, want, rtol=1e-5, atol=1e-7)
+    # Weight decay: the shared matrix is the head's, decayed, and in one group once.
+    decay, no_decay = param_groups(tied, 0.1)
+    assert sum(p is tied.tok_embeddings.weight for p in decay["params"]) == 1
+    assert not any(p is tied.tok_embeddings.weight for p in no_decay["params"])
+
+
+TIED = ["--model.tie_embeddings=true"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("tdata") / "data", vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def tied_reference(data, tmp_path_factory) -> Path:
+    """One process, a tied llama2-debug, 6 steps (a checkpoint every 2)."""
+    run = tmp_path_factory.mktemp("tref") / "run"
+    train(0, data, run, "--training.max_steps=6", *TIED)
+    return run
+
+
+def test_tied_run_resumes_exactly(data, tied_reference, tmp_path):
+    run = tmp_path / "run"
+    train(0, data, run, "--training.max_steps=4", *TIED)
+    ckpt = run / "checkpoints" / "step-0000004"
+    from torch.distributed.checkpoint import FileSystemReader
+    keys = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    assert "model.tok_embeddings.weight" in keys and "model.output.weight" not in keys  # saved once
+    train(0, data, run, "--training.max_steps=6", *TIED)
+    assert losses(run) == losses(tied_reference)  # bit-identical, steps 5 and 6 after the resume
+    a, b = weights(run), weights(tied_reference)
+    assert "output.weight" not in a and all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.parametrize("layout", [["--parallel.mode=fsdp"], ["--parallel.mode=fsdp", "--parallel.tp=2"]],
+                         ids=["fsdp2", "tp2"])
+def test_tied_training_on_two_ranks_equals_one_process(layout, data, tied_reference, tmp_path):
+    run = tmp_path / "run"
+    train(2, data, run, "--training.max_steps=6", *TIED, *layout)
+    assert_same_run(tied_reference, run, atol=1e-5)
+
+
+def test_init_from_a_tied_hf_dir_builds_a_tied_model(tmp_path):
+    from llama_pretrain.train.init_from import load_weights, resolve_architecture
+
+    src, hf = hf_llama(tmp_path / "hf", True)
+    cfg = resolve_architecture(str(src), {})
+    assert cfg.tie_embeddings
+    with pytest.raises(UserError, match="model.tie_embeddings gives tie_embeddings=False"):
+        resolve_architecture(str(src), {"tie_embeddings": False})
+    model = Transformer(cfg)
+    assert load_weights(model, str(src), cfg) == "hf"
+    assert model.output.weight is model.tok_embeddings.weight
+    assert max_diff(model.eval(), hf, torch.randint(0, VOCAB, (1, 64))) <= 1e-4
