@@ -56,12 +56,12 @@ def _from_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {}
     """HF names and row order; a tied model has no ``lm_head.weight`` (``tie_word_embeddings``)."""
+    out = {}
     for name, w in state.items():
-        if name in _TOP_MAP:
         if name == "output.weight" and cfg.tie_embeddings:
             continue
+        if name in _TOP_MAP:
             out[_TOP_MAP[name]] = w
             continue
         _, idx, rest = name.split(".", 2)
@@ -118,12 +118,12 @@ def _check_written_head(state: dict[str, torch.Tensor], where) -> None:
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str = "HF checkpoint") -> dict[str, torch.Tensor]:
-    out = _renamed(state, where)
     """Our names and row order; a tied ``cfg`` keeps the shared matrix once (no ``output.weight``)."""
-    for name, w in out.items():
+    out = _renamed(state, where)
     if cfg.tie_embeddings:
         _check_written_head(out, where)
         out.pop("output.weight", None)
+    for name, w in out.items():
         if name.endswith("attention.wq.weight"):
             out[name] = _from_hf_rows(w, cfg.n_heads)
         elif name.endswith("attention.wk.weight"):
@@ -193,8 +193,8 @@ def config_from_hf(data: dict, where: str) -> ModelConfig:
             multiple_of=multiple_of, ffn_dim_multiplier=mult, norm_eps=data.get("rms_norm_eps", 1e-5),
             rope_theta=float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
             max_seq_len=data.get("max_position_embeddings", 4096),
-        ), where)
             tie_embeddings=data.get("tie_word_embeddings", False),
+        ), where)
     except KeyError as e:
         raise UserError(f"{where}: missing field {e.args[0]!r}") from None
     except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:  # a field of the wrong type
@@ -227,7 +227,6 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return cfg, from_hf_state_dict(state, cfg, where=str(path))
 
 
-def _declared_shapes(files, backed: bool) -> dict[str, tuple[int, ...]]:
 def _checked_config(path: Path, cfg: ModelConfig, shapes: dict) -> ModelConfig:
     """``cfg`` of an HF Llama dir tied as ``_tied`` says, its weights' declared ``shapes`` (HF
     names) checked against it."""
@@ -236,6 +235,7 @@ def _checked_config(path: Path, cfg: ModelConfig, shapes: dict) -> ModelConfig:
     return cfg
 
 
+def _declared_shapes(files, backed: bool) -> dict[str, tuple[int, ...]]:
     """Name -> shape over ``weight_files``, from safetensors headers and torch files' pickles (no
     tensor read), each file holding exactly the tensors its index names; ``backed``: a torch
     file's tensors must not share bytes (see ``check_backed``)."""
