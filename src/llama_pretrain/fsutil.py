@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -307,3 +308,35 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# A model directory's files (interop.model_dir says what is read from one, and why so).
+def _allowed_roots(root: Path) -> list[Path]:
+    """Where a file of ``root`` may really live: in it, or for an HF cache snapshot
+    (``models--org--name/snapshots/REV``) in that model's ``blobs``."""
+    real = root.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots":
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def model_file(root: str | Path, name: str, required: bool = True) -> Path | None:
+    """``root/name`` if it is a regular file inside ``root`` (through symlinks that stay there);
+    None when absent and not ``required``; a one-line UserError otherwise."""
+    root = Path(root)
+    path = root / name
+    if not os.path.lexists(path):
+        if required:
+            raise UserError(f"{path}: no such file")
+        return None
+    real = path.resolve()
+    if not any(real.is_relative_to(r) for r in _allowed_roots(root)):
+        raise UserError(f"{path}: a symlink to {real}, outside {root}; a model directory's files must be in it")
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{path}: not a regular file")
+    return path

@@ -1,9 +1,10 @@
 """Llama's tokenizer: SentencePiece BPE, loaded from any ``.model`` or trained with Llama's spec.
 
 ``Tokenizer`` wraps ``sentencepiece.SentencePieceProcessor`` (so ids are sentencepiece's own) and
-adds a multi-process ``encode_batch``. ``train_tokenizer`` samples a corpus of any size to a
-bounded number of lines and trains with the ``trainer_spec`` / ``normalizer_spec`` read from Meta's
-Llama 2 ``tokenizer.model`` (``LLAMA_TRAINER_SPEC``).
+adds a multi-process ``encode_batch``. ``Tokenizer(path)`` of a Hugging Face ``tokenizer.json``
+gives an ``HFTokenizer`` (at the end of this module) with the same interface. ``train_tokenizer``
+samples a corpus of any size to a bounded number of lines and trains with the ``trainer_spec`` /
+``normalizer_spec`` read from Meta's Llama 2 ``tokenizer.model`` (``LLAMA_TRAINER_SPEC``).
 
 Round trip: with ``add_dummy_prefix`` SentencePiece encodes a leading "▁" before the text, and its
 decoder drops exactly that one space again, so ``decode(encode(x)) == x`` for every string
@@ -29,7 +30,7 @@ from typing import Any, Iterable, Sequence
 
 from .config import read_json_object
 from .errors import UserError
-from .fsutil import atomic_file
+from .fsutil import atomic_file, model_file
 
 # Llama 2's trainer_spec and normalizer_spec as read from Meta's tokenizer.model
 # (../shared/REFERENCE.md). Input paths, vocab size, sample size and thread count are per run.
@@ -101,7 +102,20 @@ def check_text(text: str, what: str) -> None:
 
 
 class Tokenizer:
-    """A SentencePiece model: ``Tokenizer(path)`` loads any ``.model`` (Meta's included)."""
+    """A SentencePiece model: ``Tokenizer(path)`` loads any ``.model`` (Meta's included); a ``.json``
+    path is a Hugging Face ``tokenizer.json`` and gives an ``HFTokenizer``.
+
+    ``encode(text, bos=None, eos=None)``: None adds what the tokenizer itself adds (SentencePiece:
+    BOS; a tokenizer.json: what its post-processor adds, ``add_bos`` / ``add_eos``), True makes
+    sure the token is there (once), False leaves it out. ``stop_ids``: where generation stops.
+    """
+
+    kind = "sentencepiece"
+
+    def __new__(cls, path: str | Path | None = None):
+        if cls is Tokenizer and path is not None and is_hf_tokenizer(path):
+            cls = HFTokenizer
+        return super().__new__(cls)
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -132,6 +146,9 @@ class Tokenizer:
         self.eos_id: int = sp.eos_id()
         self.pad_id: int = sp.pad_id()
         self.unk_id: int = sp.unk_id()
+        self.add_bos: bool = self.bos_id >= 0  # as Llama 2's tokenizer config says
+        self.add_eos: bool = False
+        self.stop_ids: list[int] = [self.eos_id] if self.eos_id >= 0 else []
 
     # Pickles as the model bytes, so a Tokenizer can go to DataLoader / pool workers.
     def __getstate__(self):
@@ -150,11 +167,12 @@ class Tokenizer:
         """The serialized ModelProto (the .model file's bytes)."""
         return self._data
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
         try:
-            return self.sp.encode(text, add_bos=bos, add_eos=eos)
+            return self.sp.encode(text, add_bos=self.add_bos if bos is None else bos,
+                                  add_eos=self.add_eos if eos is None else eos)
         except RuntimeError:  # checked only on failure: the check costs a copy of the text
             check_text(text, "the text to encode")
             raise
@@ -172,7 +190,7 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
-    def encode_batch(self, texts: Sequence[str], bos: bool = True, eos: bool = False,
+    def encode_batch(self, texts: Sequence[str], bos: bool | None = None, eos: bool | None = None,
                      workers: int = 1) -> list[list[int]]:
         """Encode many texts; ``workers > 1`` spreads chunks over that many processes.
 
@@ -183,6 +201,7 @@ class Tokenizer:
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"encode_batch() takes str items, got {type(t).__name__}")
+        bos, eos = self.add_bos if bos is None else bos, self.add_eos if eos is None else eos
         try:
             return self._encode_batch(texts, bos, eos, max(1, int(workers)))
         except (RuntimeError, TypeError):  # what sentencepiece raises for a batch with a lone surrogate
@@ -223,6 +242,19 @@ class Tokenizer:
         for pool in self._pools.values():
             pool.terminate()
         self._pools.clear()
+
+
+def is_hf_tokenizer(path: str | Path) -> bool:
+    """Whether ``path`` names a Hugging Face tokenizer.json (by its .json suffix)."""
+    return Path(path).suffix == ".json"
+
+
+def tokenizer_files(path: str | Path) -> dict[str, Path]:
+    """The files of the tokenizer at ``path`` by the names they take in a model directory:
+    ``tokenizer.model``, or ``tokenizer.json`` and the config files beside it."""
+    if is_hf_tokenizer(path):
+        return hf_files(Path(path))
+    return {"tokenizer.model": Path(path)}
 
 
 def _chunks(texts: list[str], total: int, workers: int) -> Iterable[list[str]]:
@@ -439,3 +471,223 @@ def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int, *,
     _write_model(out, data, {"seed": int(seed), "input": {**(input_summary or {}), **stats,
                                                           "input_sentences": int(input_sentences)}})
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json
+
+MODEL_TYPES = ("BPE", "Unigram", "WordLevel", "WordPiece")
+# The files of a Hugging Face tokenizer besides tokenizer.json (each optional).
+HF_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+NAMED_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _tokenizers():
+    try:
+        import tokenizers
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise UserError("reading a tokenizer.json needs the tokenizers package (pip install tokenizers)") from None
+    return tokenizers
+
+
+def _content(value: Any) -> str | None:
+    """A special token as a config spells it: a string, or an AddedToken object's ``content``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def hf_files(path: Path) -> dict[str, Path]:
+    """The files of the tokenizer at ``path`` (a tokenizer.json): it, and beside it the side files
+    that exist, by the names they have in a model directory."""
+    root = path.parent
+    files = {"tokenizer.json": model_file(root, path.name)}
+    for name in HF_SIDE_FILES:
+        found = model_file(root, name, required=False)
+        if found is not None:
+            files[name] = found
+    return {name: p for name, p in files.items() if p is not None}
+
+
+def _read_hf(path: Path) -> tuple[bytes, dict, dict[str, dict]]:
+    """(tokenizer.json's bytes, its JSON, the side files' JSON by name)."""
+    files = hf_files(path)
+    main = files.pop("tokenizer.json")
+    try:
+        data = main.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read tokenizer {main}: {e.strerror or e}") from None
+    spec = read_json_object(main)
+    model = spec.get("model")
+    kind = model.get("type") if isinstance(model, dict) else None
+    if kind not in MODEL_TYPES:
+        raise UserError(f"{main}: tokenizer model type {kind!r} is not one of {', '.join(MODEL_TYPES)}")
+    side = {name: read_json_object(p) for name, p in files.items()}
+    if "auto_map" in side.get("tokenizer_config.json", {}):  # its tokenizer is code, not this file
+        raise UserError(f"{files['tokenizer_config.json']}: auto_map names code shipped with the model; "
+                        "llama-pretrain never runs a model directory's code")
+    return data, spec, side
+
+
+def _special_tokens(side: dict[str, dict]) -> tuple[dict[str, str | None], list[str], dict]:
+    """(named special tokens, extra special tokens, the tokenizer config) as transformers 5 reads them."""
+    cfg = dict(side.get("tokenizer_config.json", {}))
+    if "added_tokens_decoder" not in cfg:  # the legacy map overrides the config
+        cfg.update(side.get("special_tokens_map.json", {}))
+    named = {key: _content(cfg.get(key)) for key in NAMED_TOKENS}
+    extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens") or []
+    if isinstance(extra, dict):
+        extra = list(extra.values())
+    extras = [t for t in map(_content, extra if isinstance(extra, list) else []) if t]
+    return named, extras, cfg
+
+
+def _stop_ids(side: dict[str, dict], eos_id: int, vocab_size: int, where: Path) -> list[int]:
+    """generation_config.json's ``eos_token_id`` (an id or a list), else the tokenizer's EOS."""
+    got = side.get("generation_config.json", {}).get("eos_token_id")
+    if got is None:
+        return [eos_id] if eos_id >= 0 else []
+    ids = got if isinstance(got, list) else [got]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+        raise UserError(f"{where.parent / 'generation_config.json'}: eos_token_id {got!r} is not token ids "
+                        f"of a vocabulary of {vocab_size}")
+    return list(dict.fromkeys(ids))
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json`` read with the ``tokenizers`` library (made by
+    ``Tokenizer(path)``), giving the ids ``AutoTokenizer.from_pretrained(dir)`` gives
+    (transformers 5), special and added tokens included. Beside it, as transformers reads them:
+
+    - ``tokenizer_config.json``: the named special tokens (``bos_token``, ``eos_token``,
+      ``pad_token``, ...; a string or an AddedToken object), ``additional_special_tokens`` /
+      ``extra_special_tokens``, ``split_special_tokens``, ``clean_up_tokenization_spaces``;
+      ``special_tokens_map.json`` overrides the named tokens where the config has no
+      ``added_tokens_decoder`` (transformers' legacy rule). A named token that is not yet an added
+      token becomes one (special, matched whole in text), as transformers makes it.
+    - The start and end tokens are those the tokenizer.json post-processor puts around a text
+      (SmolLM2's adds none; Llama 3's TemplateProcessing adds ``<|begin_of_text|>``): with a
+      tokenizer.json, transformers ignores the config's ``add_bos_token`` / ``add_eos_token``.
+    - ``generation_config.json``: its ``eos_token_id`` (one id or several) are the ``stop_ids``.
+
+    Every file goes through ``model_file`` (a regular file of the directory), JSON through
+    ``read_json_object``; a model type the tokenizers library does not have is one line.
+    """
+
+    kind = "hf"
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        data, spec, side = _read_hf(self.path)
+        self._load(data, spec, side)
+        self._pools: dict[int, Any] = {}
+
+    def _load(self, data: bytes, spec: dict, side: dict[str, dict]) -> None:  # type: ignore[override]
+        tk = _tokenizers()
+        try:
+            tok = tk.Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:  # noqa: BLE001 - the Rust parser's errors are plain Exceptions
+            detail = " ".join(str(e).split())[:300]
+            raise UserError(f"{self.path}: not a tokenizer the tokenizers library reads ({detail})") from None
+        tok.no_truncation()  # transformers encodes without them unless a call asks
+        tok.no_padding()
+        named, extras, cfg = _special_tokens(side)
+        tok.encode_special_tokens = bool(cfg.get("split_special_tokens", False))
+        present = {t.content for t in tok.get_added_tokens_decoder().values()}
+        new = [t for t in dict.fromkeys([*named.values(), *extras]) if t and t not in present]
+        if new:  # transformers makes every named token a special added token
+            tok.add_special_tokens([tk.AddedToken(t, special=True, normalized=False) for t in new])
+        self._data, self.spec, self._side, self.hf = data, spec, side, tok
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+        if self.vocab_size == 0:
+            raise UserError(f"{self.path}: the tokenizer has no tokens")
+        ids: dict[str, int] = {}
+        for key, t in named.items():
+            i = tok.token_to_id(t) if t else None
+            ids[key] = -1 if i is None else int(i)
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (
+            ids[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token"))
+        self._prefix, self._suffix = self._template()
+        self.add_bos, self.add_eos = bool(self._prefix), bool(self._suffix)
+        self.stop_ids = _stop_ids(side, self.eos_id, self.vocab_size, self.path)
+        self._clean_up = bool(cfg.get("clean_up_tokenization_spaces", False)) and spec["model"]["type"] != "BPE"
+
+    def _template(self) -> tuple[list[int], list[int]]:
+        """The ids the post-processor puts before and after a text's own."""
+        plain = self.hf.encode("a", add_special_tokens=False).ids
+        full = self.hf.encode("a", add_special_tokens=True).ids
+        for k in range(len(full) - len(plain) + 1):
+            if full[k:k + len(plain)] == plain:
+                return full[:k], full[k + len(plain):]
+        raise UserError(f"{self.path}: its post-processor changes a text's own tokens; "
+                        "only tokens added before or after it are supported")
+
+    def __getstate__(self):
+        return {"path": self.path, "data": self._data, "spec": self.spec, "side": self._side}
+
+    def __setstate__(self, state):
+        self.path = state["path"]
+        self._pools = {}
+        self._load(state["data"], state["spec"], state["side"])
+
+    @property
+    def model_proto(self) -> bytes:
+        raise TypeError(f"{self.path} is a Hugging Face tokenizer, not a SentencePiece model")
+
+    def _around(self, ids: list[int], bos: bool | None, eos: bool | None) -> list[int]:
+        head = self._prefix if bos is None else (self._prefix or self._one(self.bos_id)) if bos else []
+        tail = self._suffix if eos is None else (self._suffix or self._one(self.eos_id)) if eos else []
+        return [*head, *ids, *tail] if head or tail else ids
+
+    @staticmethod
+    def _one(i: int) -> list[int]:
+        return [i] if i >= 0 else []
+
+    def encode(self, text: str, bos: bool | None = None, eos: bool | None = None) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        try:
+            ids = self.hf.encode(text, add_special_tokens=False).ids
+        except Exception:  # noqa: BLE001 - a lone surrogate cannot cross into Rust
+            check_text(text, "the text to encode")
+            raise
+        return self._around(ids, bos, eos)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` as transformers' ``decode`` gives it (special tokens kept by default)."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise UserError(f"token id {i} is out of range for a vocabulary of {self.vocab_size}")
+        text = self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        return _clean_up(text) if self._clean_up else text
+
+    def id_to_piece(self, i: int) -> str:
+        return self.hf.id_to_token(int(i))
+
+    def encode_batch(self, texts: Sequence[str], bos: bool | None = None, eos: bool | None = None,
+                     workers: int = 1) -> list[list[int]]:
+        """``encode`` of each text; the tokenizers library spreads a batch over its own threads."""
+        texts = list(texts)
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"encode_batch() takes str items, got {type(t).__name__}")
+        run = getattr(self.hf, "encode_batch_fast", self.hf.encode_batch)
+        try:
+            out = run(texts, add_special_tokens=False)
+        except Exception:  # noqa: BLE001
+            for i, t in enumerate(texts):
+                check_text(t, f"text {i} of the batch")
+            raise
+        return [self._around(e.ids, bos, eos) for e in out]
+
+
+def _clean_up(text: str) -> str:
+    """transformers' ``clean_up_tokenization`` (which it skips for BPE models)."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--input", nargs="+", metavar="PATH",
                      help="one source from files, directories or globs (JSONL / JSONL.gz with a "
                           "`text` field, Parquet, or plain-text files, one document each)")
-    pr.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
+    pr.add_argument("--tokenizer", required=True, help="SentencePiece .model or Hugging Face tokenizer.json")
     pr.add_argument("--out", required=True, help="output dataset directory")
     pr.add_argument("--text-field", default="text", help="JSON/Parquet field with the text (--input only)")
     pr.add_argument("--url-field", default=None, help="field with the page URL, for the blocklist (--input only)")

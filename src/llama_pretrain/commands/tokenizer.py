@@ -79,16 +79,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = tsub.add_parser("encode", help="print the token ids of a text",
                         description="Encode TEXT (or standard input when TEXT is omitted) and print "
                                     "the ids, space-separated.")
-    e.add_argument("--model", required=True, metavar="FILE", help="SentencePiece .model")
+    e.add_argument("--model", required=True, metavar="FILE", help="SentencePiece .model or tokenizer.json")
     e.add_argument("text", nargs="?", metavar="TEXT", help="text to encode (default: read stdin)")
-    e.add_argument("--no-bos", action="store_true", help="do not prepend <s>")
-    e.add_argument("--eos", action="store_true", help="append </s>")
+    e.add_argument("--no-bos", action="store_true",
+                   help="no start token (default: as the tokenizer adds it; SentencePiece: <s>)")
+    e.add_argument("--eos", action="store_true", help="append the end token (</s>)")
     e.add_argument("--pieces", action="store_true", help="print the pieces next to the ids")
     e.set_defaults(func=run_encode)
 
     d = tsub.add_parser("decode", help="print the text of token ids",
                         description="Decode ids (separated by spaces or commas) back to text.")
-    d.add_argument("--model", required=True, metavar="FILE", help="SentencePiece .model")
+    d.add_argument("--model", required=True, metavar="FILE", help="SentencePiece .model or tokenizer.json")
     d.add_argument("ids", nargs="*", metavar="ID", help="token ids (default: read stdin)")
     d.set_defaults(func=run_decode)
 
@@ -175,7 +176,7 @@ def run_encode(args) -> int:
         check_text(args.text, "TEXT")
     tok = Tokenizer(args.model)
     text = args.text if args.text is not None else _stdin_text()
-    ids = tok.encode(text, bos=not args.no_bos, eos=args.eos)
+    ids = tok.encode(text, bos=False if args.no_bos else None, eos=True if args.eos else None)
     if args.pieces:
         for i in ids:
             print(f"{i}\t{tok.id_to_piece(i)}")

@@ -12,6 +12,8 @@ text without a run of spaces, a leading or trailing space or a literal "▁", th
 exactly ``"▁" + w`` for the words ``w`` of ``text.split(" ")``, which is what encoding ``w`` alone
 gives (the dummy prefix supplies its "▁"). Every other text, and every model that fails the
 checks, is encoded whole by sentencepiece. tests/test_data_fastpaths.py compares with ``encode``.
+A Hugging Face tokenizer.json is always encoded whole (its ``encode_batch`` is the tokenizers
+library's, threaded in Rust).
 """
 
 from __future__ import annotations
@@ -57,13 +59,16 @@ def _decomposable(tok) -> bool:
 
 
 class WordCacheEncoder:
-    """``encode(texts)``: the batch's ids with BOS and EOS around each text, as one flat int32
-    array and the per-text lengths (what ``Tokenizer.encode_batch(texts, True, True)`` gives)."""
+    """``encode(texts)``: the batch's ids of each text as the tokenizer encodes it (SentencePiece:
+    with BOS) and EOS after it, as one flat int32 array and the per-text lengths (what
+    ``Tokenizer.encode_batch(texts, eos=True)`` gives)."""
 
     def __init__(self, tok):
-        self.tok, self.sp = tok, tok.sp
-        self.enabled = _decomposable(tok)
-        sp = tok.sp
+        self.tok = tok
+        self.enabled = tok.kind == "sentencepiece" and _decomposable(tok)
+        if not self.enabled:
+            return
+        sp = self.sp = tok.sp
         # pieces that begin with "▁" (byte, control and unknown pieces never do)
         self.word_start = np.array([sp.id_to_piece(i).startswith(SPACE) and not sp.is_byte(i) and not sp.is_control(i)
                                     and not sp.is_unknown(i) for i in range(sp.get_piece_size())], dtype=bool)
@@ -107,7 +112,7 @@ class WordCacheEncoder:
         self.n_ids, self.n_entries = i1, e1
 
     def _whole(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        ids = self.tok.encode_batch(texts, bos=True, eos=True, workers=1)
+        ids = self.tok.encode_batch(texts, eos=True, workers=1)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         return np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum())), lengths
 

@@ -16,11 +16,11 @@
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 from ..config import read_json_object
 from ..errors import UserError
+from ..fsutil import model_file
 
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -29,37 +29,6 @@ BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 TRANSFORMERS_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                       "special_tokens_map.json", "added_tokens.json", "tokenizer.model", "vocab.json",
                       "merges.txt", "chat_template.jinja", "chat_template.json")
-
-
-def _allowed_roots(root: Path) -> list[Path]:
-    """Where a file of ``root`` may really live: in it, or for an HF cache snapshot
-    (``models--org--name/snapshots/REV``) in that model's ``blobs``."""
-    real = root.resolve()
-    roots = [real]
-    if real.parent.name == "snapshots":
-        roots.append(real.parent.parent / "blobs")
-    return roots
-
-
-def model_file(root: str | Path, name: str, required: bool = True) -> Path | None:
-    """``root/name`` if it is a regular file inside ``root`` (through symlinks that stay there);
-    None when absent and not ``required``; a one-line UserError otherwise."""
-    root = Path(root)
-    path = root / name
-    if not os.path.lexists(path):
-        if required:
-            raise UserError(f"{path}: no such file")
-        return None
-    real = path.resolve()
-    if not any(real.is_relative_to(r) for r in _allowed_roots(root)):
-        raise UserError(f"{path}: a symlink to {real}, outside {root}; a model directory's files must be in it")
-    try:
-        mode = os.stat(real).st_mode
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    if not stat.S_ISREG(mode):
-        raise UserError(f"{path}: not a regular file")
-    return path
 
 
 def read_model_json(root: str | Path, name: str) -> dict:
