@@ -157,10 +157,10 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
 
 def test_contamination_finds_planted_overlaps(setup, tmp_path, capsys):
     from llama_pretrain.data.shards import FORMAT, ShardWriter
-    from llama_pretrain.eval.tokenization import SentencePieceText
+    from llama_pretrain.eval.tokenization import TokenizerText
 
     root, data = setup
-    tok = SentencePieceText(root / "tok.model")
+    tok = TokenizerText(root / "tok.model")
     goals = ["how do I paint wooden fences quickly with a brush and rollers on a sunny day",
              "what keeps a bicycle chain from rusting during a long wet winter",
              "where should young seedlings stand to get plenty of morning light",

@@ -9,7 +9,7 @@ over our ``Transformer`` and over transformers' models alike. Sampling draws fro
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 import torch
 
@@ -39,13 +39,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 @torch.inference_mode()
 def decode(step: Step, tokens: torch.Tensor, mask: torch.Tensor | None, budgets: Sequence[int], *,
            temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-           eos_id: int | None = None, stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+           eos_id: int | Collection[int] | None = None,
+           stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
     """New token ids for each row of the prompts ``tokens`` [B, T] (prompts not included).
 
     ``mask`` marks the real tokens of left-padded prompts (None: no padding) and gains a column per
-    step. Row r stops after ``budgets[r]`` tokens, at ``eos_id`` (not included) or once
-    ``stop(r, its ids)`` is true; rows that stop early ride along until every row has.
+    step. Row r stops after ``budgets[r]`` tokens, at ``eos_id`` (one id or several, e.g.
+    generation_config.json's; not included) or once ``stop(r, its ids)`` is true; rows that stop
+    early ride along until every row has.
     """
+    stops = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
     B = tokens.shape[0]
     new: list[list[int]] = [[] for _ in range(B)]
     done = [b <= 0 for b in budgets]
@@ -57,7 +60,7 @@ def decode(step: Step, tokens: torch.Tensor, mask: torch.Tensor | None, budgets:
         for r, t in enumerate(nxt.tolist()):
             if done[r]:
                 continue
-            if t == eos_id:
+            if t in stops:
                 done[r] = True
                 continue
             new[r].append(t)
@@ -87,7 +90,7 @@ def recompute_step(model: Transformer) -> Step:
 
 
 def generate_ids(model: Transformer, prompt: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
+                 top_p: float = 1.0, seed: int | None = None, eos_id: int | Collection[int] | None = None,
                  use_cache: bool = True) -> list[int]:
     """Token ids that continue ``prompt`` (the prompt itself is not included).
 
@@ -110,10 +113,11 @@ def generate_ids(model: Transformer, prompt: list[int], max_new_tokens: int = 64
 
 def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None) -> str:
-    """Text continuing ``prompt``: encoded with BOS, decoded without the prompt; stops at EOS."""
-    ids = tokenizer.encode(prompt, bos=True, eos=False)
+    """Text continuing ``prompt``: encoded as the tokenizer encodes it (with BOS where it adds one),
+    decoded without the prompt; stops at the tokenizer's ``stop_ids``."""
+    ids = tokenizer.encode(prompt, eos=False)
     new = generate_ids(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                       seed=seed, eos_id=tokenizer.eos_id)
+                       seed=seed, eos_id=tokenizer.stop_ids)
     # Decode prompt + continuation together so a word split across the boundary keeps its spacing.
     full = tokenizer.decode(ids + new)
     head = tokenizer.decode(ids)

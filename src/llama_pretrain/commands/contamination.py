@@ -101,7 +101,7 @@ def _shards_tokenizer(args):
 
     from ..data.shards import read_manifest
     from ..errors import UserError
-    from ..eval.tokenization import SentencePieceText
+    from ..eval.tokenization import TokenizerText
 
     tok_info = read_manifest(args.shards).get("tokenizer") or {}
     tok_path = args.tokenizer or tok_info.get("path")
@@ -109,7 +109,7 @@ def _shards_tokenizer(args):
         raise UserError(f"{args.shards}: the manifest names no tokenizer; pass --tokenizer")
     if not Path(tok_path).is_file():
         raise UserError(f"tokenizer {tok_path} not found; pass --tokenizer (the one the shards were made with)")
-    tok = SentencePieceText(tok_path)
+    tok = TokenizerText(tok_path)
     if tok_info.get("sha256") and tok.tok.sha256 != tok_info["sha256"]:
         raise UserError(f"{tok_path} is not the tokenizer the shards were made with (sha256 differs)")
     return tok, tok_path

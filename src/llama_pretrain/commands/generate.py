@@ -12,7 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "restricts sampling to the nucleus. The same --seed gives the same text.")
     p.add_argument("model", help="checkpoint dir (llama-pretrain, Hugging Face or Meta layout)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--tokenizer", help="SentencePiece .model (default: MODEL/tokenizer.model)")
+    p.add_argument("--tokenizer", help="SentencePiece .model or Hugging Face tokenizer.json "
+                                       "(default: MODEL/tokenizer.model, else MODEL/tokenizer.json)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
@@ -39,14 +40,17 @@ def run(args) -> int:
         raise UserError(f"{args.model}: no such checkpoint (the path does not exist)")
     tok_path = args.tokenizer or find_tokenizer(args.model)
     if tok_path is None:
-        raise UserError(f"{args.model}: no tokenizer.model in the checkpoint; pass --tokenizer FILE.model")
+        raise UserError(f"{args.model}: no tokenizer.model or tokenizer.json in the checkpoint; "
+                        "pass --tokenizer FILE")
     tokenizer = Tokenizer(tok_path)
     device = resolve_device(args.device)
     model = load_model(args.model, device=device)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is "
                         f"{model.config.vocab_size}")
-    n_prompt = len(tokenizer.encode(args.prompt, bos=True, eos=False))
+    n_prompt = len(tokenizer.encode(args.prompt, eos=False))
+    if n_prompt == 0:
+        raise UserError("--prompt is empty and the tokenizer adds no start token: give some text")
     if n_prompt >= model.config.max_seq_len:
         raise UserError(f"the prompt is {n_prompt} tokens; the model's context is {model.config.max_seq_len}, "
                         f"which leaves no room to generate")

@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     imp = sub.add_parser("import-hf", help="convert a Hugging Face Llama dir to a llama-pretrain checkpoint",
                          description="Reads config.json + safetensors (or pytorch_model*.bin), undoes HF's "
                                      "q/k RoPE permutation, and writes model.safetensors + config.json "
-                                     "(+ tokenizer.model when the HF dir has one). Meta-layout dirs "
+                                     "(+ its tokenizer: tokenizer.model, or tokenizer.json with its "
+                                     "config files). Meta-layout dirs "
                                      "(params.json + consolidated.*.pth) are accepted too.")
     imp.add_argument("hf_dir")
     imp.add_argument("--out", required=True, help="checkpoint dir to write")
@@ -24,26 +25,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp = sub.add_parser("export-hf", help="convert a checkpoint to a Hugging Face Llama dir",
                          description="Writes model.safetensors + config.json that "
                                      "transformers.LlamaForCausalLM.from_pretrained loads, and the "
-                                     "tokenizer (tokenizer.model + tokenizer_config.json) when the "
-                                     "checkpoint has one.")
+                                     "tokenizer when the checkpoint has one (tokenizer.model + "
+                                     "tokenizer_config.json, or a tokenizer.json with its config "
+                                     "files as they are).")
     exp.add_argument("ckpt_dir", help="llama-pretrain checkpoint dir (or a Meta / HF dir)")
     exp.add_argument("--out", required=True, help="HF dir to write")
     exp.add_argument("--dtype", choices=DTYPE_CHOICES, metavar="{fp32,bf16,fp16}",
                      help="cast weights (default: keep)")
-    exp.add_argument("--tokenizer", help="SentencePiece .model to include (default: the checkpoint's)")
+    exp.add_argument("--tokenizer", help="SentencePiece .model or tokenizer.json to include "
+                                         "(default: the checkpoint's)")
     exp.add_argument("--force", action="store_true", help="replace --out if it exists")
     exp.set_defaults(func=run_export)
 
     gg = sub.add_parser("export-gguf", help="convert a checkpoint to a GGUF file for llama.cpp / Ollama",
                         description="Writes one GGUF file (llama.cpp's `llama` architecture: its "
-                                    "hyperparameters, the SentencePiece vocabulary as its `llama` "
-                                    "tokenizer, its tensor names) through the gguf package. Norms stay "
+                                    "hyperparameters, a SentencePiece vocabulary as its `llama` "
+                                    "tokenizer or a byte-level BPE tokenizer.json as its `gpt2` one, "
+                                    "its tensor names) through the gguf package. Norms stay "
                                     "f32 in every --dtype.")
     gg.add_argument("ckpt_dir", help="llama-pretrain checkpoint dir (or a Meta / HF dir)")
     gg.add_argument("--out", required=True, help="the .gguf file to write")
     gg.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], default="f32",
                     help="tensor type of the weight matrices (default f32)")
-    gg.add_argument("--tokenizer", help="SentencePiece .model to include (default: the checkpoint's)")
+    gg.add_argument("--tokenizer", help="SentencePiece .model or tokenizer.json to include "
+                                        "(default: the checkpoint's)")
     gg.add_argument("--force", action="store_true", help="replace --out if it exists")
     gg.set_defaults(func=run_export_gguf)
 
@@ -102,8 +107,8 @@ def run_export_gguf(args) -> int:
     cfg, state, _ = load_checkpoint(args.ckpt_dir)
     tok = args.tokenizer or find_tokenizer(args.ckpt_dir)
     if tok is None:
-        raise UserError(f"{args.ckpt_dir} has no tokenizer.model and llama.cpp needs the vocabulary; "
-                        "pass --tokenizer PATH")
+        raise UserError(f"{args.ckpt_dir} has no tokenizer.model or tokenizer.json and llama.cpp needs "
+                        "the vocabulary; pass --tokenizer PATH")
     save_gguf(state, cfg, out, Path(tok), dtype=args.dtype, name=Path(args.ckpt_dir).resolve().name)
     print(f"wrote {out} (GGUF, llama, {args.dtype}, {sum(t.numel() for t in state.values()):,} parameters)")
     return 0

@@ -116,8 +116,9 @@ class CausalLM:
     """Scores text with a backend and a tokenizer (see the module docstring).
 
     ``batch_size`` bounds the rows of every forward pass (continuations in the log-likelihood
-    extension step, prompts in generation). A BOS token, when the tokenizer has one, starts every
-    sequence, as the Llama models were trained.
+    extension step, prompts in generation). A BOS token starts every sequence where the tokenizer
+    itself adds one (``add_bos``: Llama's SentencePiece, Llama 3's tokenizer.json; not SmolLM2's),
+    as lm-evaluation-harness does; an empty context is then its BOS, else its EOS.
     """
 
     def __init__(self, backend, tokenizer, batch_size: int = 16, progress: bool = False):
@@ -129,8 +130,19 @@ class CausalLM:
         self.device = backend.device
         self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
 
-    def _prefix(self) -> list[int]:
-        return [self.tok.bos_id] if self.tok.bos_id is not None else []
+    def _adds_bos(self) -> bool:
+        return getattr(self.tok, "add_bos", True) and self.tok.bos_id is not None
+
+    def _start_id(self) -> int:
+        """lm-eval's ``prefix_token_id``: what an empty context is (BOS, else EOS)."""
+        return self.tok.bos_id if self.tok.bos_id is not None else self.pad_id
+
+    def _prefix(self, ids: list[int]) -> list[int]:
+        """``ids`` after BOS where the tokenizer adds one and they do not start with it (never
+        twice); an empty context is ``_start_id`` alone."""
+        if self._adds_bos() and ids[:1] != [self.tok.bos_id]:
+            ids = [self.tok.bos_id] + ids
+        return ids or [self._start_id()]
 
     def _bar(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, unit="req")
@@ -148,7 +160,7 @@ class CausalLM:
         if not cont:  # the joint encoding swallowed the continuation into the context
             cont = self.tok.encode(continuation)
             ctx = whole[:len(whole) - len(cont)] if whole[len(whole) - len(cont):] == cont else ctx
-        return self._prefix() + ctx, cont
+        return self._prefix(ctx), cont
 
     # -- log-likelihood ----------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -240,9 +252,8 @@ class CausalLM:
         L = self.max_length
         windows: list[tuple[int, list[int], list[int]]] = []  # (text index, context, targets)
         for ti, text in enumerate(texts):
-            ids = self._prefix() + self.tok.encode(text)
-            if not self._prefix():
-                ids = [self.pad_id] + ids  # something to predict the first token from
+            ids = self.tok.encode(text)  # the first token needs a context: BOS, else _start_id
+            ids = self._prefix(ids) if self._adds_bos() else [self._start_id()] + ids
             for a in range(1, len(ids), L):
                 b = min(a + L, len(ids))
                 lo = max(0, b - 1 - L)
@@ -258,7 +269,7 @@ class CausalLM:
     # -- generation --------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenRequest | tuple]) -> list[str]:
         reqs = [r if isinstance(r, GenRequest) else GenRequest(*r) for r in requests]
-        encoded = [self._prefix() + self.tok.encode(r.context) for r in reqs]
+        encoded = [self._prefix(self.tok.encode(r.context)) for r in reqs]
         order = sorted(range(len(reqs)), key=lambda i: -len(encoded[i]))
         out: list[str | None] = [None] * len(reqs)
         bar = self._bar(len(reqs), "generate")
@@ -339,7 +350,7 @@ def load_lm(model: str, *, backend: str = "auto", tokenizer: str | None = None, 
         be: NativeBackend | HFBackend = NativeBackend(load_model(path, device=dev, dtype=torch_dtype))
     else:
         be = HFBackend(_transformers_model(model, torch_dtype).to(dev))
-    tok = load_tokenizer(tokenizer or model)
+    tok = load_tokenizer(tokenizer or model, native=backend == "native")
     return CausalLM(be, tok, batch_size=batch_size, progress=progress)
 
 

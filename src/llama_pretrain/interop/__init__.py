@@ -12,8 +12,8 @@ from ..errors import UserError
 from .checks import check_shapes, check_weights
 from .hf import is_hf_dir, load_hf, save_hf
 from .meta import is_meta_dir, load_meta
-from .model_dir import model_file, read_model_json
-from .native import TOKENIZER, is_native_dir, load_native, save_native
+from .model_dir import check_no_remote_code, model_file, read_model_json
+from .native import HF_TOKENIZER, TOKENIZER, is_native_dir, load_native, save_native
 from .training_checkpoint import is_training_checkpoint, load_training_checkpoint, training_checkpoint_tokenizer
 
 __all__ = ["load_checkpoint", "load_model", "find_tokenizer", "save_native", "save_hf"]
@@ -72,19 +72,22 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
 
 
 def find_tokenizer(path: str | Path) -> Path | None:
-    """The ``tokenizer.model`` stored in a checkpoint dir (or, for a training checkpoint, the one
-    its run was trained with), if any. It must be a regular file of the directory (``model_file``)
-    and parse as a SentencePiece model: it is copied into what export-hf / import-hf write."""
+    """The tokenizer stored in a checkpoint dir (or, for a training checkpoint, the one its run
+    was trained with), if any: ``tokenizer.model``, else a Hugging Face ``tokenizer.json``. It must
+    be a regular file of the directory (``model_file``) and load (a SentencePiece model, or a
+    tokenizer.json with its config files): it is copied into what export-hf / import-hf write."""
     from ..tokenizer import Tokenizer
 
-    found = model_file(path, TOKENIZER, required=False)
+    if Path(path).is_dir():  # a tokenizer that is code (auto_map) is not the file beside it
+        check_no_remote_code(path)
+    found = model_file(path, TOKENIZER, required=False) or model_file(path, HF_TOKENIZER, required=False)
     if found is None and is_training_checkpoint(path):
         try:
             found = training_checkpoint_tokenizer(Path(path))
         except UserError:
             return None
     if found is not None:
-        Tokenizer(found)  # a UserError unless it is a SentencePiece model
+        Tokenizer(found)  # a UserError unless it loads
     return found
 
 

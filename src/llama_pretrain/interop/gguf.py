@@ -2,7 +2,9 @@
 
 What is written follows llama.cpp's ``convert_hf_to_gguf.py`` for a SentencePiece Llama: the
 ``llama`` architecture's hyperparameters, the vocabulary as its "llama" tokenizer (pieces,
-scores, token types) and its tensor names. No q/k permutation: the converter permutes Hugging
+scores, token types) and its tensor names. A Hugging Face byte-level BPE tokenizer.json becomes its
+"gpt2" tokenizer (tokens, token types, merges, and the pre-tokenizer name llama.cpp knows it by;
+one it does not know is refused). No q/k permutation: the converter permutes Hugging
 Face's half-split rows back to Meta's interleaved RoPE pairs, which is the layout we keep.
 Norms stay float32 in every file type, as the converter keeps them; a matrix whose rows are not a
 whole number of q8_0 blocks falls back to f16, as there. A tied model's state holds no
@@ -13,6 +15,7 @@ whole number of q8_0 blocks falls back to f16, as there. A tied model's state ho
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,13 +92,16 @@ def _add_hparams(writer, cfg: ModelConfig, name: str, dtype: str) -> None:
 
 def vocabulary(tokenizer_model: Path) -> dict:
     """The SentencePiece model as llama.cpp's "llama" tokenizer: pieces, scores, token types,
-    special ids and the normaliser's dummy-prefix flag."""
+    special ids and the normaliser's dummy-prefix flag; a tokenizer.json as its "gpt2" one."""
     from sentencepiece import SentencePieceProcessor
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     from ..tokenizer import Tokenizer
 
-    sp: SentencePieceProcessor = Tokenizer(tokenizer_model).sp
+    tok = Tokenizer(tokenizer_model)
+    if tok.kind == "hf":
+        return _gpt2_vocabulary(tok)  # type: ignore[arg-type]
+    sp: SentencePieceProcessor = tok.sp
     types = _gguf().TokenType
     pieces, scores, kinds = [], [], []
     for i in range(sp.get_piece_size()):
@@ -105,23 +111,93 @@ def vocabulary(tokenizer_model: Path) -> dict:
                      else types.UNUSED if sp.is_unused(i) else types.BYTE if sp.is_byte(i) else types.NORMAL)
     proto = pb.ModelProto()
     proto.ParseFromString(Path(tokenizer_model).read_bytes())
-    return {"pieces": pieces, "scores": scores, "types": kinds, "bos": sp.bos_id(), "eos": sp.eos_id(),
-            "unk": sp.unk_id(), "pad": sp.pad_id(), "add_space_prefix": proto.normalizer_spec.add_dummy_prefix}
+    return {"model": "llama", "pre": "default", "pieces": pieces, "scores": scores, "types": kinds,
+            "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id(),
+            "add_bos": True, "add_eos": False,  # as our generate and eval encode prompts
+            "add_space_prefix": proto.normalizer_spec.add_dummy_prefix}
 
 
 def _add_vocabulary(writer, vocab: dict) -> None:
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_model(vocab["model"])
+    writer.add_tokenizer_pre(vocab["pre"])
     writer.add_token_list(vocab["pieces"])
-    writer.add_token_scores(vocab["scores"])
+    if vocab["model"] == "llama":
+        writer.add_token_scores(vocab["scores"])
     writer.add_token_types([int(t) for t in vocab["types"]])
+    if vocab["model"] == "gpt2":
+        writer.add_token_merges(vocab["merges"])
     for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                      ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
         if vocab[key] >= 0:
             add(vocab[key])
-    writer.add_add_bos_token(True)  # as our generate and eval encode prompts
-    writer.add_add_eos_token(False)
-    writer.add_add_space_prefix(bool(vocab["add_space_prefix"]))
+    writer.add_add_bos_token(bool(vocab["add_bos"]))
+    writer.add_add_eos_token(bool(vocab["add_eos"]))
+    if vocab["model"] == "llama":
+        writer.add_add_space_prefix(bool(vocab["add_space_prefix"]))
+
+
+# llama.cpp's names for byte-level BPE pre-tokenizers. Its converter knows them by a hash of the
+# ids of a probe text; here by the tokenizer.json's own steps, with the BPE model's ignore_merges
+# (llama.cpp's llama-bpe takes a word that is in the vocabulary whole, without merging).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GGUF_PRE_TOKENIZERS: dict[tuple, str] = {
+    ((("ByteLevel", True),), False): "gpt-2",
+    ((("Digits", True), ("ByteLevel", True)), False): "smollm",
+    ((("Split", _LLAMA3_SPLIT, "Isolated", False), ("ByteLevel", False)), True): "llama-bpe",
+}
+
+
+def _pre_steps(pre: Any) -> tuple | None:
+    """A tokenizer.json pre-tokenizer as comparable steps; None where a step is none of the above."""
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    out: list[tuple] = []
+    st: Any
+    for st in steps if isinstance(steps, list) else [None]:
+        kind = st.get("type") if isinstance(st, dict) else None
+        if kind == "ByteLevel" and not st.get("add_prefix_space"):
+            out.append(("ByteLevel", bool(st.get("use_regex", True))))
+        elif kind == "Digits":
+            out.append(("Digits", bool(st.get("individual_digits"))))
+        elif kind == "Split" and isinstance(st.get("pattern"), dict):
+            out.append(("Split", st["pattern"].get("Regex"), st.get("behavior"), bool(st.get("invert"))))
+        else:
+            return None
+    return tuple(out)
+
+
+def gguf_pre_tokenizer(spec: dict, where) -> str:
+    """llama.cpp's name for a tokenizer.json's pre-tokenizer; a one-line UserError when it has none."""
+    model, decoder = spec.get("model") or {}, spec.get("decoder")
+    key = (_pre_steps(spec.get("pre_tokenizer")), bool(model.get("ignore_merges", False)))
+    name = GGUF_PRE_TOKENIZERS.get(key) if key[0] is not None else None
+    byte_level = (model.get("type") == "BPE" and spec.get("normalizer") is None
+                  and isinstance(decoder, dict) and decoder.get("type") == "ByteLevel")
+    if name is None or not byte_level:
+        raise UserError(f"{where}: llama.cpp knows no tokenizer like this one (export-gguf takes byte-level BPE "
+                        f"with the pre-tokenizer of {', '.join(sorted(GGUF_PRE_TOKENIZERS.values()))})")
+    return name
+
+
+def _gpt2_vocabulary(tok) -> dict:
+    """A tokenizer.json as llama.cpp's "gpt2" tokenizer, as its converter writes it: tokens in id
+    order, special added tokens (and ones that look special, <|...|>) CONTROL, other added tokens
+    USER_DEFINED, merges as "a b"."""
+    types = _gguf().TokenType
+    pre = gguf_pre_tokenizer(tok.spec, tok.path)
+    added = tok.hf.get_added_tokens_decoder()
+    pieces, kinds = [], []
+    for i in range(tok.vocab_size):
+        piece = tok.hf.id_to_token(i)
+        pieces.append(piece if piece is not None else f"[PAD{i}]")
+        a = added.get(i)
+        kinds.append(types.UNUSED if piece is None else types.NORMAL if a is None
+                     else types.CONTROL if a.special or (piece.startswith("<|") and piece.endswith("|>"))
+                     else types.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok.spec["model"].get("merges", [])]
+    return {"model": "gpt2", "pre": pre, "pieces": pieces, "types": kinds, "merges": merges,
+            "bos": tok.bos_id, "eos": tok.eos_id, "unk": tok.unk_id, "pad": tok.pad_id,
+            "add_bos": tok.add_bos, "add_eos": tok.add_eos}
 
 
 def save_gguf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, tokenizer_model: Path,

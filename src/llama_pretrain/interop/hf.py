@@ -23,6 +23,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import UserError
 from ..fsutil import Owned, atomic_dir
+from ..tokenizer import Tokenizer, is_hf_tokenizer, tokenizer_files
 from .checks import check_shapes, model_config
 from .model_dir import check_file_tensors, check_transformers_dir, model_file, read_model_json, weight_files
 from .torch_files import check_backed, read_torch_file, torch_file_tensors
@@ -281,9 +282,10 @@ def save_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path,
     with atomic_dir(out, OUTPUT) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in hf_state.items()},
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, sample.dtype), indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(
-            json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n")
+        special = _special_ids(tokenizer_model)
+        config = {**hf_config_dict(cfg, sample.dtype), **special}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(special, indent=2) + "\n")
         if tokenizer_model is not None:
             write_hf_tokenizer(tokenizer_model, tmp)
     return out
@@ -301,8 +303,21 @@ OUTPUT = Owned("export-hf", frozenset({"model.safetensors", "config.json", "gene
                                        "special_tokens_map.json"}), "config.json", _is_our_hf_config)
 
 
+def _special_ids(tokenizer_model: str | Path | None) -> dict:
+    """config.json's and generation_config.json's start and end ids: a tokenizer.json's (its
+    generation stop ids, one or several), else SentencePiece Llama's <s> and </s>."""
+    if tokenizer_model is None or not is_hf_tokenizer(tokenizer_model):
+        return {"bos_token_id": 1, "eos_token_id": 2}
+    tok = Tokenizer(tokenizer_model)
+    stops = tok.stop_ids
+    return {"bos_token_id": tok.bos_id if tok.bos_id >= 0 else None,
+            "eos_token_id": stops[0] if len(stops) == 1 else (stops or None)}
+
+
 def write_hf_tokenizer(tokenizer_model: str | Path, out_dir: Path) -> None:
-    """Copy the SentencePiece model and describe it for ``AutoTokenizer``.
+    """Copy a Hugging Face tokenizer's files (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json) as they are; or copy a SentencePiece model and describe it for
+    ``AutoTokenizer``.
 
     A ``tokenizer.json`` that reproduces SentencePiece exactly is written when the ``tokenizers``
     package is present, and the config points at the generic fast tokenizer so it is loaded as
@@ -311,6 +326,11 @@ def write_hf_tokenizer(tokenizer_model: str | Path, out_dir: Path) -> None:
     different ids than SentencePiece). Special-token strings in text are split like ordinary
     text, as SentencePiece does.
     """
+    if is_hf_tokenizer(tokenizer_model):  # generation_config.json is save_hf's to write
+        for name, src in tokenizer_files(tokenizer_model).items():
+            if name != "generation_config.json":
+                shutil.copyfile(src, out_dir / name)
+        return
     shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
     fast = _sentencepiece_to_tokenizers(Path(tokenizer_model))
     if fast is not None:

@@ -1,8 +1,9 @@
 """llama-pretrain's own checkpoint format: ``model.safetensors`` + ``config.json``.
 
-The directory may also hold ``tokenizer.model`` (the SentencePiece model the weights were trained
-with). Writing goes through a temporary directory that is renamed into place, so an interrupted
-save never leaves a half-written checkpoint under its final name.
+The directory may also hold the tokenizer the weights were trained with: ``tokenizer.model`` (a
+SentencePiece model) or a Hugging Face ``tokenizer.json`` with its config files. Writing goes
+through a temporary directory that is renamed into place, so an interrupted save never leaves a
+half-written checkpoint under its final name.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from ..config import NON_MODEL_KEYS, ModelConfig, read_json_object
 from ..errors import UserError
 from ..fsutil import Owned, atomic_dir
+from ..tokenizer import HF_SIDE_FILES, tokenizer_files
 from .checks import check_shapes, model_config
 from .model_dir import model_file, read_model_json
 
@@ -24,9 +26,10 @@ FORMAT = "llama-pretrain"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
+HF_TOKENIZER = "tokenizer.json"
 
 # What save_native writes: a directory holding only these files, its config.json ours, it may replace.
-OUTPUT = Owned("llama-pretrain", frozenset({WEIGHTS, CONFIG, TOKENIZER}), CONFIG,
+OUTPUT = Owned("llama-pretrain", frozenset({WEIGHTS, CONFIG, TOKENIZER, HF_TOKENIZER, *HF_SIDE_FILES}), CONFIG,
                lambda cfg: cfg.get("format") == FORMAT)
 
 
@@ -51,7 +54,8 @@ def save_native(state_dict: dict[str, torch.Tensor], config: ModelConfig, out: s
         meta = {"format": FORMAT, "model": config.to_dict(), **(extra or {})}
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer_model is not None:
-            shutil.copyfile(tokenizer_model, tmp / TOKENIZER)
+            for name, src in tokenizer_files(tokenizer_model).items():
+                shutil.copyfile(src, tmp / name)
     return out
 
 

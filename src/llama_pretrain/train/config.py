@@ -28,7 +28,8 @@ class DataSection:
     val_split: str = "val"
     """Split used for validation loss; empty to disable validation."""
     tokenizer: str = ""
-    """tokenizer.model the shards were made with (copied into RUN_DIR/final); empty: look in data.path."""
+    """The tokenizer the shards were made with: a tokenizer.model, or a tokenizer.json (its config files
+    beside it), copied into RUN_DIR/final; empty: the one the dataset's manifest records."""
 
 
 @dataclass
@@ -101,7 +102,7 @@ class CheckpointSection:
     keep_last: int = setting(3, POSITIVE)
     """Checkpoints kept in RUN_DIR/checkpoints (oldest deleted first)."""
     export_final: bool = True
-    """Write RUN_DIR/final (model.safetensors + config.json + tokenizer.model) at the end."""
+    """Write RUN_DIR/final (model.safetensors + config.json + the data's tokenizer) at the end."""
     init_from: str = ""
     """Start a new run from these weights (our model dir, a Hugging Face or Meta Llama dir, a training
     checkpoint) with a fresh optimizer, schedule and step count; the architecture is the checkpoint's
