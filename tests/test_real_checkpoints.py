@@ -1,10 +1,13 @@
 """Llama checkpoints as people ship them, on small models made here and compared with
 transformers: tied input/output embeddings (import, export, GGUF, training under FSDP2 and tensor
-parallelism, resume)."""
+parallelism, resume) and Llama 3.1's RoPE scaling."""
 
 from __future__ import annotations
 
 import json
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,3 +185,85 @@ def test_init_from_a_tied_hf_dir_builds_a_tied_model(tmp_path):
     assert load_weights(model, str(src), cfg) == "hf"
     assert model.output.weight is model.tok_embeddings.weight
     assert max_diff(model.eval(), hf, torch.randint(0, VOCAB, (1, 64))) <= 1e-4
+
+
+# -- RoPE as the config says -------------------------------------------------------------------
+# Llama 3.1's scaling with a small original context (64), so that at head_dim 16 and theta 10,000
+# the frequencies fall in all three bands: kept (wavelength 6.3 < 64/4), blended (19.9 and 62.8)
+# and stretched by the factor (199 and up); the sequences run past the original context.
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+
+
+def llama_cpp_rope_factors(head_dim: int, theta: float, rope: dict) -> list[float]:
+    """What llama.cpp's converter writes as rope_freqs for a llama3 config, in float64."""
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    context = rope["original_max_position_embeddings"]
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < context / high:
+            out.append(1.0)
+        elif wavelen > context / low:
+            out.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+@pytest.mark.parametrize("key", ["rope_parameters", "rope_scaling"])
+def test_llama3_rope_scaling_equals_transformers_past_the_original_context(key, tmp_path):
+    # transformers 5 writes rope_parameters; Llama 3.1's own config.json (older transformers) has
+    # rope_scaling and a top-level rope_theta.
+    src, hf = hf_llama(tmp_path / "hf", True, max_position_embeddings=131072, rope_parameters=dict(LLAMA3))
+    if key == "rope_scaling":
+        config = json.loads((src / "config.json").read_text())
+        config["rope_scaling"] = {k: v for k, v in config.pop("rope_parameters").items() if k != "rope_theta"}
+        (src / "config.json").write_text(json.dumps({**config, "rope_theta": 10000.0}))
+        hf = transformers.LlamaForCausalLM.from_pretrained(src).eval()
+    cfg = load_checkpoint(src)[0]
+    assert (cfg.rope_scaling, cfg.rope_factor, cfg.rope_original_max_seq_len, cfg.max_seq_len) == \
+        ("llama3", 8.0, 64, 131072)
+    ours = load_model(src)
+    assert max_diff(ours, hf, torch.randint(0, VOCAB, (2, 300))) <= 1e-4
+    assert ours.rope_cos.shape[0] <= 4096  # a 131072-position context allocates no table that long
+
+    factors = llama_cpp_rope_factors(16, 10000.0, LLAMA3)
+    assert 1.0 in factors and 8.0 in factors and any(1 < f < 8 for f in factors)
+    # Export: transformers reads the scaling back; GGUF carries it as llama.cpp's rope_freqs.
+    save_native(load_checkpoint(src)[1], cfg, tmp_path / "ours")
+    save_hf(load_checkpoint(tmp_path / "ours")[1], load_checkpoint(tmp_path / "ours")[0], tmp_path / "back")
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
+    tokens = torch.randint(0, VOCAB, (1, 200))
+    with torch.no_grad():
+        assert torch.equal(back(tokens).logits, hf(tokens).logits)
+    from llama_pretrain.interop.gguf import rope_freqs
+    assert rope_freqs(cfg)["rope_freqs.weight"].tolist() == pytest.approx(factors, rel=1e-6)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0}, {"type": "linear", "factor": 2.0},
+                                  {"rope_type": "dynamic", "factor": 2.0}])
+def test_other_rope_types_are_refused_in_one_line(rope, tmp_path):
+    src, _ = hf_llama(tmp_path / "hf", False)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "rope_scaling": rope}))
+    r = subprocess.run([sys.executable, "-m", "llama_pretrain", "import-hf", str(src), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True)
+    kind = rope.get("rope_type", rope.get("type"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"RoPE scaling {kind!r} is not supported" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_meta_params_with_scaled_rope_are_refused_not_guessed(tmp_path):
+    from llama_pretrain.interop.config_files import model_config_from_file
+    from llama_pretrain.interop.meta import save_meta
+
+    cfg = ModelConfig.from_preset("llama2-debug")
+    save_meta(Transformer(cfg).state_dict(), cfg, tmp_path / "meta")
+    params = json.loads((tmp_path / "meta" / "params.json").read_text())
+    (tmp_path / "meta" / "params.json").write_text(json.dumps({**params, "use_scaled_rope": True}))
+    for read in (load_checkpoint, lambda p: model_config_from_file(p / "params.json")):
+        with pytest.raises(UserError, match="use_scaled_rope is set") as e:
+            read(tmp_path / "meta")
+        assert "\n" not in str(e.value)

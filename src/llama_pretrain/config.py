@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config_fields import POSITIVE, check, field_type, setting
+from .config_fields import POSITIVE, check, field_type, one_of, setting
 from .errors import UserError
 
 # Upper bounds far above any released model, so a hostile config cannot size allocations beyond
@@ -46,6 +46,18 @@ class ModelConfig:
     """RMSNorm epsilon."""
     rope_theta: float = setting(10000.0, POSITIVE)
     """RoPE base frequency."""
+    rope_scaling: str | None = setting(None, one_of("llama3"))
+    """RoPE frequency scaling: none (Llama 1 and 2) or ``llama3`` (Llama 3.1's: wavelengths above
+    rope_original_max_seq_len / rope_low_freq_factor divided by rope_factor, those below
+    rope_original_max_seq_len / rope_high_freq_factor kept, a smooth blend between)."""
+    rope_factor: float = setting(8.0, POSITIVE)
+    """``llama3`` scaling: how much the long wavelengths are stretched."""
+    rope_low_freq_factor: float = setting(1.0, POSITIVE)
+    """``llama3`` scaling: the original context over this is where stretching is complete."""
+    rope_high_freq_factor: float = setting(4.0, POSITIVE)
+    """``llama3`` scaling: the original context over this is where stretching starts."""
+    rope_original_max_seq_len: int = setting(8192, POSITIVE)
+    """``llama3`` scaling: the context the model was first trained for."""
     max_seq_len: int = setting(4096, POSITIVE)
     """Context length the model is trained for (size of the RoPE table and of KV caches)."""
     tie_embeddings: bool = False
@@ -89,6 +101,17 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise UserError(f"model head dim (dim/n_heads = {self.head_dim}) must be even for RoPE")
+        self._check_rope_scaling()
+
+    def _check_rope_scaling(self) -> None:
+        if self.rope_scaling is None:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = [k for k in _ROPE_SCALING if getattr(self, k) != defaults[k]]
+            if changed:
+                raise UserError(f"model.{changed[0]} only applies with model.rope_scaling=llama3")
+        elif self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise UserError(f"model.rope_high_freq_factor ({self.rope_high_freq_factor}) must be above "
+                            f"model.rope_low_freq_factor ({self.rope_low_freq_factor})")
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -113,13 +136,18 @@ class ModelConfig:
         return cls.from_dict({k: v for k, v in data.items() if k not in NON_MODEL_KEYS}, where=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        """Every field, except those of features added later left at their default (off): a
-        config written before them (a run's identity, a model's config.json) stays the same."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in _LATER and v == _LATER[k])}
+        """Every field, except those of features added later when unused (``tie_embeddings`` off,
+        no ``rope_scaling``): a config written before them (a run's identity, a model's
+        config.json) stays the same."""
+        fields = dataclasses.asdict(self)
+        unused = ([] if self.tie_embeddings else ["tie_embeddings"]) + (
+            ["rope_scaling", *_ROPE_SCALING] if self.rope_scaling is None else [])
+        return {k: v for k, v in fields.items() if k not in unused}
 
 
-# Fields added after configs were first written, with the value that means "not used".
-_LATER: dict[str, Any] = {"tie_embeddings": False}
+# The parameters of rope_scaling=llama3 (fields added after configs were first written, as was
+# tie_embeddings: to_dict leaves them out when they are not used).
+_ROPE_SCALING = ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len")
 
 
 # Keys that may appear in a saved config next to the model fields (format markers, Meta extras).

@@ -95,9 +95,38 @@ class RMSNorm(nn.Module):
         return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
-def rope_cos_sin(head_dim: int, end: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables [end, head_dim/2] for rotary embeddings, in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def _theta_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+
+
+def rope_frequencies(cfg: ModelConfig, scaled: bool = True) -> torch.Tensor:
+    """RoPE's inverse frequencies [head_dim/2] in fp32, with the config's scaling (unless not
+    ``scaled``).
+
+    ``llama3`` (Llama 3.1): a wavelength (2 pi / frequency) longer than the original context over
+    the low-frequency factor is divided by the factor, one shorter than the original context over
+    the high-frequency factor is kept, and one between is a blend, linear in original context /
+    wavelength; the same fp32 operations as transformers' ``_compute_llama3_parameters``."""
+    inv_freq = _theta_frequencies(cfg.head_dim, cfg.rope_theta)
+    if cfg.rope_scaling is None or not scaled:
+        return inv_freq
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    context = cfg.rope_original_max_seq_len
+    wavelen = 2 * math.pi / inv_freq
+    stretched = wavelen > context / low
+    divided = torch.where(stretched, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * divided / factor + smooth * divided
+    between = ~(wavelen < context / high) * ~stretched
+    return torch.where(between, blended, divided)
+
+
+def rope_cos_sin(head_dim: int, end: int, theta: float,
+                 inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables [end, head_dim/2] for rotary embeddings, in fp32, for the frequencies
+    ``inv_freq`` (``rope_frequencies``; default: theta's, unscaled)."""
+    if inv_freq is None:
+        inv_freq = _theta_frequencies(head_dim, theta)
     angles = torch.outer(torch.arange(end, dtype=torch.int64).float(), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -340,7 +369,8 @@ class Transformer(nn.Module):
         cast) for the first ``rows`` positions, at most max_seq_len: a table for a long context is
         grown by ``hidden_states`` when a sequence reaches that far, not allocated up front."""
         rows = min(max(rows, self.rope_cos.shape[0]), self.config.max_seq_len)
-        cos, sin = rope_cos_sin(self.config.head_dim, rows, self.config.rope_theta)
+        inv_freq = rope_frequencies(self.config)
+        cos, sin = rope_cos_sin(self.config.head_dim, rows, self.config.rope_theta, inv_freq)
         self.rope_cos = cos.to(self.output.weight.device)
         self.rope_sin = sin.to(self.output.weight.device)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..config import NON_MODEL_KEYS, ModelConfig, read_json_object, read_toml
 from ..errors import UserError
 from .hf import config_from_hf
+from .meta import check_scaled_rope
 from .native import read_native_config
 
 
@@ -33,6 +34,7 @@ def model_config_from_file(path: str | Path) -> ModelConfig:
     if "model_type" in data or "architectures" in data:
         return config_from_hf(data, str(path))
     if path.name == "params.json":  # Meta: vocab_size -1 means "the tokenizer's"; no context stored
+        check_scaled_rope(data, path)
         data = {k: v for k, v in data.items()
                 if k not in NON_MODEL_KEYS and not (k == "vocab_size" and isinstance(v, int) and v <= 0)}
         data.setdefault("max_seq_len", 4096)

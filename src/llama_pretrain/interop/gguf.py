@@ -23,11 +23,12 @@ import torch
 from ..config import ModelConfig
 from ..errors import UserError
 from ..fsutil import atomic_file
+from ..model import rope_frequencies
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 _TOP_NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-              "output.weight": "output.weight"}
+              "output.weight": "output.weight", "rope_freqs.weight": "rope_freqs.weight"}
 _LAYER_NAMES = {  # ours (inside layers.N.) -> llama.cpp's (inside blk.N.)
     "attention_norm.weight": "attn_norm.weight",
     "attention.wq.weight": "attn_q.weight",
@@ -58,9 +59,10 @@ def gguf_name(name: str) -> str:
 
 
 def _qtype(name: str, shape: tuple[int, ...], dtype: str):
-    """The tensor's GGML type: norms float32; q8_0 only for rows a whole number of blocks long."""
+    """The tensor's GGML type: norms and RoPE frequency factors float32; q8_0 only for rows a
+    whole number of blocks long."""
     q = _gguf().GGMLQuantizationType
-    if name.endswith("norm.weight") or dtype == "f32":
+    if name.endswith(("norm.weight", "rope_freqs.weight")) or dtype == "f32":
         return q.F32
     qtype = {"f16": q.F16, "bf16": q.BF16, "q8_0": q.Q8_0}[dtype]
     block, _ = _gguf().GGML_QUANT_SIZES[qtype]
@@ -200,6 +202,14 @@ def _gpt2_vocabulary(tok) -> dict:
             "add_bos": tok.add_bos, "add_eos": tok.add_eos}
 
 
+def rope_freqs(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Llama 3.1's RoPE scaling as llama.cpp takes it: ``rope_freqs.weight``, by how much each
+    frequency is divided (as its converter writes it for ``rope_type: llama3``); none unscaled."""
+    if cfg.rope_scaling is None:
+        return {}
+    return {"rope_freqs.weight": rope_frequencies(cfg, scaled=False) / rope_frequencies(cfg)}
+
+
 def save_gguf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path, tokenizer_model: Path,
               dtype: str = "f32", name: str = "llama-pretrain") -> Path:
     """Write ``state`` (Meta names) as one GGUF file that llama.cpp's ``llama`` architecture loads."""
@@ -209,6 +219,7 @@ def save_gguf(state: dict[str, torch.Tensor], cfg: ModelConfig, out: str | Path,
     if len(vocab["pieces"]) != cfg.vocab_size:
         raise UserError(f"tokenizer {tokenizer_model} has {len(vocab['pieces'])} pieces but the model's "
                         f"vocab_size is {cfg.vocab_size}")
+    state = {**state, **rope_freqs(cfg)}
     out = Path(out)
     writer = _gguf().GGUFWriter(path=None, arch="llama")
     _add_hparams(writer, cfg, name, dtype)

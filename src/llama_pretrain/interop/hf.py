@@ -147,7 +147,8 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": _rope_parameters(cfg),
+        "rope_scaling": _rope_parameters(cfg) if cfg.rope_scaling else None,  # where transformers 4 reads it
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
@@ -157,6 +158,43 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict
         "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    """``rope_parameters`` as transformers 5 writes it (Llama 3.1's ``rope_scaling`` keys)."""
+    out: dict = {"rope_type": cfg.rope_scaling or "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "llama3":
+        out.update(factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                   high_freq_factor=cfg.rope_high_freq_factor,
+                   original_max_position_embeddings=cfg.rope_original_max_seq_len)
+    return out
+
+
+def _rope_fields(data: dict, where: str) -> dict:
+    """ModelConfig's RoPE fields from an HF config, read as transformers 5 reads them:
+    ``rope_scaling`` (older configs) before ``rope_parameters``, the dict's ``rope_theta`` before
+    the top-level one, a top-level ``original_max_position_embeddings`` before the dict's. Types
+    ``default`` and ``llama3``; any other is one line."""
+    rope = data.get("rope_scaling") or data.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise UserError(f"{where}: rope_parameters must be an object, got {rope!r}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    partial = rope.get("partial_rotary_factor", data.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise UserError(f"{where}: partial rotary embeddings (partial_rotary_factor {partial!r}) are not supported")
+    fields = {"rope_theta": float(rope.get("rope_theta", data.get("rope_theta", 10000.0)))}
+    if kind in ("default", None):
+        return fields
+    if kind != "llama3":
+        raise UserError(f"{where}: RoPE scaling {kind!r} is not supported (only Llama 3.1's llama3)")
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in rope]
+    if missing:
+        raise UserError(f"{where}: llama3 RoPE scaling without {missing[0]!r}")
+    original = data.get("original_max_position_embeddings", rope.get(
+        "original_max_position_embeddings", data.get("max_position_embeddings", 4096)))
+    return {**fields, "rope_scaling": "llama3", "rope_factor": rope["factor"],
+            "rope_low_freq_factor": rope["low_freq_factor"], "rope_high_freq_factor": rope["high_freq_factor"],
+            "rope_original_max_seq_len": original}
 
 
 def _ffn_shape(dim: int, intermediate: int) -> tuple[int, float | None]:
@@ -184,16 +222,12 @@ def config_from_hf(data: dict, where: str) -> ModelConfig:
         head_dim = data.get("head_dim") or dim // n_heads
         if head_dim * n_heads != dim:
             raise UserError(f"{where}: head_dim {head_dim} x {n_heads} heads != hidden_size {dim}")
-        rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise UserError(f"{where}: RoPE scaling {rope.get('rope_type') or rope.get('type')!r} is not supported")
         multiple_of, mult = _ffn_shape(dim, data["intermediate_size"])
         return model_config(dict(
             dim=dim, n_layers=data["num_hidden_layers"], n_heads=n_heads,
             n_kv_heads=data.get("num_key_value_heads") or n_heads, vocab_size=data["vocab_size"],
             multiple_of=multiple_of, ffn_dim_multiplier=mult, norm_eps=data.get("rms_norm_eps", 1e-5),
-            rope_theta=float(rope.get("rope_theta", data.get("rope_theta", 10000.0))),
-            max_seq_len=data.get("max_position_embeddings", 4096),
+            max_seq_len=data.get("max_position_embeddings", 4096), **_rope_fields(data, where),
             tie_embeddings=data.get("tie_word_embeddings", False),
         ), where)
     except KeyError as e:

@@ -85,7 +85,16 @@ def _merged_shape(tensors: list[torch.Tensor], axis: int | None) -> tuple[int, .
     return tuple(shape)
 
 
+def check_scaled_rope(params: dict, where) -> None:
+    """Meta's Llama 3.1+ params.json says ``use_scaled_rope`` but not the scaling (its factor was 8
+    in Llama 3.1's reference code, 32 in 3.2's): refused rather than guessed."""
+    if params.get("use_scaled_rope"):
+        raise UserError(f"{where}: use_scaled_rope is set, but Meta's params.json does not record the RoPE "
+                        f"scaling's factors; use the Hugging Face release of this model (its config.json does)")
+
+
 def _config(params: dict, shapes: dict[str, tuple[int, ...]], params_path: Path) -> ModelConfig:
+    check_scaled_rope(params, params_path)
     fields = {k: v for k, v in params.items()
               if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                        "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")}

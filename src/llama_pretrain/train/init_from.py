@@ -92,4 +92,6 @@ def architecture(cfg: ModelConfig) -> dict[str, Any]:
     FFN rule's multiple_of / ffn_dim_multiplier written out), so equal models compare equal."""
     return {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.kv_heads,
             "vocab_size": cfg.vocab_size, "ffn_hidden_dim": cfg.hidden_dim, "norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta, "max_seq_len": cfg.max_seq_len, "tie_embeddings": cfg.tie_embeddings}
+            "rope_theta": cfg.rope_theta, "max_seq_len": cfg.max_seq_len, "tie_embeddings": cfg.tie_embeddings,
+            **{k: getattr(cfg, k) for k in ("rope_scaling", "rope_factor", "rope_low_freq_factor",
+                                            "rope_high_freq_factor", "rope_original_max_seq_len")}}
