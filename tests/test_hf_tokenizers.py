@@ -306,12 +306,15 @@ def test_init_from_refuses_data_prepared_with_another_tokenizer(flavour, tmp_pat
                      "--out", str(data), "--no-quality", "--quiet"]) == 0
         run_dir = tmp_path / f"run-{ok}"
         run = tiny_run({"training.max_steps": 1, "training.global_batch_tokens": 64,
-                        "checkpoint.export_final": False}, drop=["model.preset"])
+                        "checkpoint.export_final": ok}, drop=["model.preset"])
         code = main(["train", "--config", str(data_config(data, run_dir)), "--run-dir", str(run_dir),
                      "--init-from", str(d), *as_flags(run)])
         err = capsys.readouterr().err.strip()
-        if ok:
+        if ok:  # RUN_DIR/final carries the tokenizer files, and generate reads them
             assert code == 0, err
+            for f in tj.parent.iterdir():
+                assert (run_dir / "final" / f.name).read_bytes() == f.read_bytes(), f.name
+            assert Tokenizer(run_dir / "final" / "tokenizer.json").stop_ids == Tokenizer(tj).stop_ids
         else:
             assert code == 2 and len(err.splitlines()) == 1 and "another tokenizer" in err, err
             assert not (tmp_path / "run-False").exists()
