@@ -65,7 +65,8 @@ def test_python_dash_m_is_the_console_script():
 @pytest.mark.parametrize("name, text, needle", [
     ("params.json", "[1, 2]", "expected a JSON object, got list"),
     ("config.json", '"x"', "expected a JSON object, got str"),
-    ("params.json", '{"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": "x"}', "model.vocab_size must be an integer"),
+    ("params.json", '{"dim": 64, "n_layers": 2, "n_heads": 4, "vocab_size": "x"}',
+     "model.vocab_size must be an integer"),
 ])
 def test_config_file_that_is_not_an_object_is_a_user_error(tmp_path, capsys, name, text, needle):
     (tmp_path / name).write_text(text)

@@ -189,7 +189,8 @@ def test_model_config_constraints_are_declared_and_shape_rules_remain():
     assert "model.max_seq_len must be positive" in error(lambda: ModelConfig(max_seq_len=0))
     assert "model.peak_lr must be finite" in error(lambda: ModelConfig(peak_lr=float("inf")))
     assert "must be divisible by model.n_heads" in error(lambda: ModelConfig(dim=100, n_heads=3))
-    assert error(ModelConfig.from_dict, {"dims": 1}, "x.json").startswith("x.json: model.dims: unknown key; known: dim,")
+    assert error(ModelConfig.from_dict, {"dims": 1}, "x.json").startswith(
+        "x.json: model.dims: unknown key; known: dim,")
 
 
 def test_run_config_model_section_is_resolved_once_and_typed_as_set(tmp_path):

@@ -257,8 +257,8 @@ def test_a_script_without_a_main_guard_prepares_with_workers(tmp_path, tok):
         "from llama_pretrain.data.prepare import prepare\n"
         "from llama_pretrain.data.sources import DataConfig, SourceConfig\n"
         f"for out in ('out', 'again'):\n"
-        f"    m = prepare(DataConfig([SourceConfig('web', [{str(src)!r}])]), {str(tok)!r}, {str(tmp_path)!r} + '/' + out,"
-        " workers=2, progress=False)\n"
+        f"    m = prepare(DataConfig([SourceConfig('web', [{str(src)!r}])]), {str(tok)!r},"
+        f" {str(tmp_path)!r} + '/' + out, workers=2, progress=False)\n"
         "    print('kept', m['total']['documents_kept'])\n")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -32,7 +32,8 @@ def corpus(rng: random.Random, n: int) -> list[str]:
             out.append(random_text(rng))
         elif r == 2:  # rare made-up words, numbers and punctuation
             out.append(" ".join(rng.choice(WORDS) + rng.choice(["", "s", "ed", ",", ".", "ly"])
-                                if rng.random() < 0.7 else str(rng.randint(0, 10 ** 6)) for _ in range(rng.randint(1, 60))))
+                                if rng.random() < 0.7 else str(rng.randint(0, 10 ** 6))
+                                for _ in range(rng.randint(1, 60))))
         else:
             out.append(rng.choice(ODD) + " ".join(rng.choice(ODD) for _ in range(rng.randint(1, 5))))
     return out

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from llama_pretrain.cli import main
+from llama_pretrain.eval import sandbox as _sandbox
 from llama_pretrain.eval.tasks import TASKS
 
 CHOICES = {"text": ["red", "blue", "green"], "label": ["A", "B", "C"]}
@@ -131,7 +132,8 @@ def test_samples_file_scores_code_without_a_model(setup, tmp_path, capsys):
 def test_native_and_hf_dirs_score_identically_through_the_cli(setup, tmp_path):
     root, data = setup
     docs = []
-    for model, extra in ((root / "ckpt", []), (root / "hf", ["--backend", "hf", "--tokenizer", str(root / "tok.model")])):
+    hf_flags = ["--backend", "hf", "--tokenizer", str(root / "tok.model")]
+    for model, extra in ((root / "ckpt", []), (root / "hf", hf_flags)):
         out = tmp_path / f"{model.name}.json"
         assert main(["eval", str(model), "--tasks", "piqa,hellaswag,winogrande,naturalquestions", "--data-dir",
                      str(data), "--out", str(out), *extra]) == 0
@@ -224,8 +226,6 @@ def test_contamination_mismatches_and_streaming():
 
 
 # -- the code sandbox's opt-in where generated code cannot be isolated ---------------------------
-from llama_pretrain.eval import sandbox as _sandbox
-
 _REAL_REQUIRE_ISOLATION = _sandbox.require_isolation
 
 

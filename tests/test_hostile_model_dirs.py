@@ -260,7 +260,8 @@ def _aliased(state: dict) -> dict:
             for k, v in state.items()}
 
 
-@pytest.mark.parametrize("edit,message", [(_expanded, "is not backed by its storage"), (_aliased, "tensors share bytes")])
+@pytest.mark.parametrize("edit,message", [(_expanded, "is not backed by its storage"),
+                                          (_aliased, "tensors share bytes")])
 def test_bin_tensors_must_be_backed_by_the_file(edit, message, hf_dir, tmp_path):
     state = load_file(hf_dir / "model.safetensors")
     (hf_dir / "model.safetensors").unlink()
@@ -297,7 +298,8 @@ def test_a_tiny_bin_with_a_70b_config_is_refused_before_transformers_allocates(h
     (hf_dir / "model.safetensors").unlink()
     torch.save({}, hf_dir / "pytorch_model.bin")
     (hf_dir / "config.json").write_text(json.dumps(hf_config_dict(ModelConfig.from_preset("llama2-70b"))))
-    r = limited(f"from llama_pretrain.eval.harness import load_lm\nload_lm({str(hf_dir)!r}, tokenizer={str(sp_model)!r})")
+    r = limited("from llama_pretrain.eval.harness import load_lm\n"
+                f"load_lm({str(hf_dir)!r}, tokenizer={str(sp_model)!r})")
     assert "tensors do not match the config" in r.stderr
 
 

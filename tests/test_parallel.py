@@ -130,7 +130,7 @@ def test_dead_rank_ends_the_job_and_a_restart_resumes(data, tmp_path):
         proc.wait(timeout=90)
     except subprocess.TimeoutExpired:
         _kill_tree(proc)
-        raise AssertionError("the job hung after a rank died")
+        raise AssertionError("the job hung after a rank died") from None
     assert proc.returncode != 0
     assert time.time() - killed_at < 90
     # With --max-restarts: torchrun restarts every rank; they resume from the last checkpoint and
@@ -145,7 +145,8 @@ def test_dead_rank_ends_the_job_and_a_restart_resumes(data, tmp_path):
         proc.wait(timeout=240)
     except subprocess.TimeoutExpired:
         _kill_tree(proc)
-        raise AssertionError("the restarted job hung: " + (tmp_path / "restarts.log").read_text()[-2000:])
+        raise AssertionError("the restarted job hung: "
+                             + (tmp_path / "restarts.log").read_text()[-2000:]) from None
     err = (tmp_path / "restarts.log").read_text()
     assert proc.returncode == 0, err[-3000:]
     assert "resuming from" in err

@@ -16,7 +16,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal, overload
 
 from .config import parse_json
 from .errors import UserError
@@ -321,6 +321,10 @@ def _allowed_roots(root: Path) -> list[Path]:
     return roots
 
 
+@overload
+def model_file(root: str | Path, name: str, required: Literal[True] = ...) -> Path: ...
+@overload
+def model_file(root: str | Path, name: str, required: bool) -> Path | None: ...
 def model_file(root: str | Path, name: str, required: bool = True) -> Path | None:
     """``root/name`` if it is a regular file inside ``root`` (through symlinks that stay there);
     None when absent and not ``required``; a one-line UserError otherwise."""

@@ -49,7 +49,7 @@ def weight_files(root: str | Path) -> list[tuple[Path, frozenset[str] | None]]:
     raise UserError(f"{root}: no {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or {BIN_INDEX}")
 
 
-def _indexed_files(root: Path, index: str, ext: str) -> list[tuple[Path, frozenset[str]]]:
+def _indexed_files(root: Path, index: str, ext: str) -> list[tuple[Path, frozenset[str] | None]]:
     where = root / index
     weight_map = read_model_json(root, index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:

@@ -27,7 +27,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 
@@ -216,7 +216,7 @@ def check_metadata(metadata, ckpt: Path) -> None:
                             f"its files hold {held.get(key, 0)}")
 
 
-def _is_shape(value: Any) -> bool:
+def _is_shape(value: Any) -> TypeGuard[torch.Size]:
     return isinstance(value, torch.Size) and all(_is_count(n) for n in value)
 
 
@@ -227,8 +227,8 @@ def _check_storage_info(info, ckpt: Path, where: Path) -> None:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
     name = getattr(info, "relative_path", None)
-    plain_name = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\")
-    if type(info) is not _StorageInfo or not plain_name:
+    if (type(info) is not _StorageInfo or not isinstance(name, str) or name in ("", ".", "..")
+            or any(c in name for c in "/\\")):  # not a plain file name
         raise UserError(f"{where}: a storage entry points outside the checkpoint ({name!r})")
     file = ckpt / name
     if not file.is_file() or file.is_symlink():

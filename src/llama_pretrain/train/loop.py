@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -291,6 +291,10 @@ def choose_precision(cfg: RunConfig, plan: Plan, info: DistInfo) -> tuple[str, P
     return precision, Peak(flops, source)
 
 
+# training.fused_loss -> the model's chunked_loss
+_CHUNKED_LOSS: dict[str, bool | Literal["head"] | None] = {"auto": None, "head": "head", "on": True, "off": False}
+
+
 class Trainer:
     """The model, its optimizer and the ``TrainState``, and the operations of the loop."""
 
@@ -314,13 +318,14 @@ class Trainer:
         # (With tp > 1 and one data-parallel group there is no FSDP: ``parallelize``.)
         self.autocast = precision == "bf16" and not hasattr(self.model, "set_requires_gradient_sync")
         self.tensor_parallel = info.tp > 1
-        self.chunked_loss = {"auto": None, "head": "head", "on": True, "off": False}[t.fused_loss]
+        self.chunked_loss = _CHUNKED_LOSS[t.fused_loss]
         self.flops_per_token = flops_per_token(plan.model_cfg, plan.seq_len)
         self.state = TrainState(loader=plan.loader, spikes=SpikeDetector(t.spike_sigma),
                                 nonfinite=NonFiniteGuard(t.max_nonfinite_in_row), precision=precision,
                                 schedule=plan.schedule.to_dict(), tp=info.tp)
         self.downstream = Downstream(cfg, list(plan.eval_tasks), plan.tokenizer_model, info)
-        self.last_checkpoint, self.saved_step = None, 0
+        self.last_checkpoint: Path | None = None
+        self.saved_step = 0
         self._elapsed_base, self._t_start = 0.0, time.perf_counter()
 
     def start_clock(self) -> None:
@@ -329,16 +334,15 @@ class Trainer:
 
     def resume(self) -> None:
         """Load the checkpoint preflight found (weights, optimizer moments, ``TrainState``)."""
-        ckpt = self.plan.start_ckpt
-        if ckpt is None:
+        ckpt, saved = self.plan.start_ckpt, self.plan.start_state
+        if ckpt is None or saved is None:  # a new run (find_start gives both or neither)
             return
         restore_checkpoint(ckpt, self.model, self.optimizer)
         precision = self.state.precision  # chosen at build (an explicit setting may differ from the saved one)
-        self.state.load_state_dict(self.plan.start_state, self.info.rank, self.info.world_size)
+        self.state.load_state_dict(saved, self.info.rank, self.info.world_size)
         self.state.precision = precision
         self.state.schedule.update(self.plan.schedule.to_dict())  # as preflight chose; last_lr kept
         self.last_checkpoint, self.saved_step = ckpt, self.state.step
-        saved = self.plan.start_state
         ranks, tp = int(saved.get("world_size", 1)), int(saved.get("tp", 1))
         say(f"resuming from {ckpt} (step {self.state.step}, {self.state.tokens_seen:,} tokens; written by "
             f"{ranks} rank(s) as dp {max(1, ranks // tp)} x tp {tp}, now dp {self.info.dp_size} x tp "
@@ -347,7 +351,8 @@ class Trainer:
     def lr(self, step: int) -> float:
         return self.plan.schedule.lr(step)
 
-    def loss(self, inputs: torch.Tensor, targets: torch.Tensor, chunked: bool | None) -> torch.Tensor:
+    def loss(self, inputs: torch.Tensor, targets: torch.Tensor,
+             chunked: bool | Literal["head"] | None) -> torch.Tensor:
         """The training loss: the wrapped model's own loss path, so DDP/FSDP hooks run. Under tensor
         parallelism it is the vocabulary-parallel loss (``losses.py``), a plain scalar on every rank."""
         ctx = (torch.autocast(self.info.device.type, dtype=torch.bfloat16) if self.autocast
@@ -418,11 +423,11 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         self.state.elapsed_s = self._elapsed_base + time.perf_counter() - self._t_start
         trainer_state = {**self.state.state_dict(), "identity": self.plan.identity, "config": self.cfg.to_dict()}
-        self.last_checkpoint = save_checkpoint(self.plan.run_dir / "checkpoints", self.state.step, self.model,
-                                               self.optimizer, trainer_state, self.info.is_main,
-                                               self.cfg.checkpoint.keep_last)
+        self.last_checkpoint = path = save_checkpoint(self.plan.run_dir / "checkpoints", self.state.step,
+                                                      self.model, self.optimizer, trainer_state,
+                                                      self.info.is_main, self.cfg.checkpoint.keep_last)
         self.saved_step = self.state.step
-        return self.last_checkpoint
+        return path
 
 
 @torch.no_grad()
@@ -465,4 +470,4 @@ def export_final(model, model_cfg: ModelConfig, out: Path, tokenizer_model: Path
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if is_main:
-        save_native(full, model_cfg, out, tokenizer_model=tokenizer_model)
+        save_native(full, model_cfg, out, tokenizer_model=tokenizer_model)  # type: ignore[arg-type]  # full: tensors
