@@ -111,7 +111,7 @@ def vocabulary(tokenizer_model: Path) -> dict:
         scores.append(sp.get_score(i))
         kinds.append(types.UNKNOWN if sp.is_unknown(i) else types.CONTROL if sp.is_control(i)
                      else types.UNUSED if sp.is_unused(i) else types.BYTE if sp.is_byte(i) else types.NORMAL)
-    proto = pb.ModelProto()
+    proto = pb.ModelProto()  # type: ignore[attr-defined]  # protobuf makes the classes at import
     proto.ParseFromString(Path(tokenizer_model).read_bytes())
     return {"model": "llama", "pre": "default", "pieces": pieces, "scores": scores, "types": kinds,
             "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "pad": sp.pad_id(),

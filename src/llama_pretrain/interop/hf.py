@@ -17,6 +17,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -118,7 +119,8 @@ def _check_written_head(state: dict[str, torch.Tensor], where) -> None:
                         f"differs from embed_tokens.weight; set tie_word_embeddings to false to keep both")
 
 
-def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str = "HF checkpoint") -> dict[str, torch.Tensor]:
+def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
+                       where: str = "HF checkpoint") -> dict[str, torch.Tensor]:
     """Our names and row order; a tied ``cfg`` keeps the shared matrix once (no ``output.weight``)."""
     out = _renamed(state, where)
     if cfg.tie_embeddings:
@@ -369,7 +371,7 @@ def write_hf_tokenizer(tokenizer_model: str | Path, out_dir: Path) -> None:
     fast = _sentencepiece_to_tokenizers(Path(tokenizer_model))
     if fast is not None:
         fast.save(str(out_dir / "tokenizer.json"))
-    tok_cfg = {
+    tok_cfg: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast" if fast is not None else "LlamaTokenizer",
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
         "add_bos_token": True, "add_eos_token": False, "legacy": True,
@@ -398,12 +400,13 @@ def _sentencepiece_to_tokenizers(model_path: Path):
         return None
     from google.protobuf.message import DecodeError
 
-    proto = pb.ModelProto()
+    proto = pb.ModelProto()  # type: ignore[attr-defined]  # protobuf makes the classes at import
     try:
         proto.ParseFromString(model_path.read_bytes())
     except DecodeError as e:
         raise UserError(f"{model_path}: not a SentencePiece model ({e})") from None
-    if proto.trainer_spec.model_type != pb.TrainerSpec.BPE or proto.normalizer_spec.name not in ("identity", ""):
+    bpe = pb.TrainerSpec.BPE  # type: ignore[attr-defined]  # protobuf makes the classes at import
+    if proto.trainer_spec.model_type != bpe or proto.normalizer_spec.name not in ("identity", ""):
         return None  # unigram or NFKC models: leave it to transformers' own conversion
     NORMAL, UNKNOWN, CONTROL, USER = 1, 2, 3, 4
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}

@@ -49,7 +49,7 @@ def _read_shards(path: Path) -> list[dict[str, torch.Tensor]]:
     shards = [model_file(path, f.name) for f in sorted(path.glob("consolidated.*.pth"))]
     if not shards:
         raise UserError(f"{path}: no consolidated.*.pth files")
-    parts = []
+    parts: list[dict[str, torch.Tensor]] = []
     for f in shards:
         part = read_torch_file(f)
         if parts and set(part) != set(parts[0]):

@@ -90,7 +90,7 @@ class _ShapeUnpickler(pickle.Unpickler):
                  ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
                  ("torch._utils", "_rebuild_parameter"): _rebuild_parameter}
 
-    def __init__(self, file):
+    def __init__(self, file) -> None:
         super().__init__(file)
         self.storages: dict[str, _Storage] = {}
 
