@@ -19,9 +19,9 @@ import pytest
 from llama_pretrain.cli import main
 from llama_pretrain.data.normalize import normalize_text
 from llama_pretrain.data.shards import iter_documents, open_tokens, read_manifest
-from llama_pretrain.tokenizer import Tokenizer, train_tokenizer
+from llama_pretrain.tokenizer import Tokenizer
 
-from helpers.synthetic_text import prose
+from helpers.synthetic_text import prose, prose_tokenizer
 
 
 
@@ -32,10 +32,7 @@ def write_jsonl(path: Path, docs: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tok")
-    rng = random.Random(123)
-    train_tokenizer([prose(rng) for _ in range(300)], d / "tok.model", 600, progress=False)
-    return d / "tok.model"
+    return prose_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def run(*argv) -> int:

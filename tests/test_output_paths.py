@@ -16,9 +16,8 @@ from llama_pretrain.cli import main
 from llama_pretrain.config import ModelConfig
 from llama_pretrain.interop import save_native
 from llama_pretrain.model import Transformer
-from llama_pretrain.tokenizer import train_tokenizer
 
-from helpers.synthetic_text import prose
+from helpers.synthetic_text import prose, prose_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +35,7 @@ def hf(ckpt, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tok")
-    rng = random.Random(123)
-    train_tokenizer([prose(rng) for _ in range(300)], d / "tok.model", 600, progress=False)
-    return d / "tok.model"
+    return prose_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def snapshot(d: Path) -> dict[str, bytes | str]:

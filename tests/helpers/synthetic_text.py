@@ -5,6 +5,7 @@ filters' rules, and a tokenizer-training corpus."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 WORDS = ("the be to of and that have with time person year way day thing man world life hand part child "
          "eye woman place work week case point government company number group problem fact river mountain "
@@ -84,3 +85,12 @@ def make_corpus(n_docs: int = 400, seed: int = 1) -> list[str]:
             lines.append(indent + " ".join(parts))
         docs.append("\n".join(lines))
     return docs
+
+
+def prose_tokenizer(d: Path, vocab_size: int = 600, docs: int = 300, seed: int = 123) -> Path:
+    """A SentencePiece model trained on ``docs`` synthetic paragraphs, written to ``d/tok.model``."""
+    from llama_pretrain.tokenizer import train_tokenizer
+
+    rng = random.Random(seed)
+    train_tokenizer([prose(rng) for _ in range(docs)], d / "tok.model", vocab_size, progress=False)
+    return d / "tok.model"
