@@ -1,6 +1,7 @@
 """Llama checkpoints as people ship them, on small models made here and compared with
 transformers: tied input/output embeddings (import, export, GGUF, training under FSDP2 and tensor
-parallelism, resume) and Llama 3.1's RoPE scaling."""
+parallelism, resume), Llama 3.1's RoPE scaling, and a directory as released models ship: sharded
+bf16 safetensors with an index, several EOS ids, a context far above the training length."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llama_pretrain import ModelConfig, Transformer, UserError, load_model
 from llama_pretrain.interop import load_checkpoint, save_hf, save_native
+from llama_pretrain.data.loader import TokenLoader
+from llama_pretrain.generate import generate_ids
 from llama_pretrain.train.optim import param_groups
 
 from helpers.parallel import assert_same_run, losses, train, weights
+from helpers.runs import as_overrides, read_metrics, tiny_run
 from helpers.train_data import make_dataset
 
 transformers = pytest.importorskip("transformers")
@@ -267,3 +272,76 @@ def test_meta_params_with_scaled_rope_are_refused_not_guessed(tmp_path):
         with pytest.raises(UserError, match="use_scaled_rope is set") as e:
             read(tmp_path / "meta")
         assert "\n" not in str(e.value)
+
+
+# -- checkpoints as people ship them -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory) -> Path:
+    """A tied Llama 3.1-style dir as released: bf16 weights in several safetensors shards with
+    model.safetensors.index.json, a 131072-position context, several EOS ids."""
+    out = tmp_path_factory.mktemp("shipped") / "hf"
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=131072, rope_parameters=dict(LLAMA3), tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=[2, 7])
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="40KB")
+    return out
+
+
+def test_a_sharded_bf16_long_context_dir_imports_as_shipped(shipped, tmp_path):
+    shards = sorted(shipped.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (shipped / "model.safetensors.index.json").is_file()
+    assert not (shipped / "model.safetensors").exists()
+    cfg, state, _ = load_checkpoint(shipped)
+    assert cfg.tie_embeddings and cfg.rope_scaling == "llama3" and cfg.max_seq_len == 131072
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}  # the checkpoint's dtype, kept
+
+    # A model runs in fp32 (the bf16 values exactly), as transformers' fp32 load of the dir.
+    ours = load_model(shipped)
+    assert ours.tok_embeddings.weight.dtype == torch.float32
+    assert torch.equal(ours.tok_embeddings.weight, state["tok_embeddings.weight"].float())
+    hf = transformers.LlamaForCausalLM.from_pretrained(shipped, dtype=torch.float32).eval()
+    assert max_diff(ours, hf, torch.randint(0, VOCAB, (2, 300))) <= 1e-4
+
+    # import-hf keeps bf16; export-hf gives back every tensor of the shards, bit for bit, in one file.
+    save_native(state, cfg, tmp_path / "ours")
+    assert {t.dtype for t in load_file(str(tmp_path / "ours" / "model.safetensors")).values()} == {torch.bfloat16}
+    save_hf(*load_checkpoint(tmp_path / "ours")[1::-1], tmp_path / "back")
+    original = {k: v for f in shards for k, v in load_file(str(f)).items()}
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_init_from_the_shipped_dir_trains_at_a_short_seq_len(shipped, data, tmp_path):
+    from llama_pretrain.train.config import load_run_config
+    from llama_pretrain.train.loop import train as train_in_process
+
+    run = tiny_run({"training.max_steps": 1, "training.global_batch_tokens": 64, "data.path": str(data),
+                    "checkpoint.init_from": str(shipped)}, drop=["model.preset"])
+    cfg = load_run_config(None, as_overrides(run))
+    assert cfg.seq_len == 32 and cfg.model_config().max_seq_len == 131072
+    train_in_process(cfg, tmp_path / "run")
+    batch = next(TokenLoader(data, "train", 2, 32, 0, 0, 1))  # what step 1 read
+    hf = transformers.LlamaForCausalLM.from_pretrained(shipped, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = F.cross_entropy(hf(input_ids=batch[:, :-1]).logits.flatten(0, 1), batch[:, 1:].flatten()).item()
+    assert read_metrics(tmp_path / "run")[0]["loss"] == pytest.approx(want, rel=1e-4)
+    final = load_model(tmp_path / "run" / "final")
+    assert final.config.tie_embeddings and final.config.rope_scaling == "llama3"
+
+
+def test_generation_stops_at_any_of_several_eos_ids(shipped):
+    # generation_config.json may name several (Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>).
+    model = load_model(shipped)
+    prompt = [1, 5, 9]
+    free = generate_ids(model, prompt, max_new_tokens=12)
+    assert len(free) == 12
+    first_seen: dict[int, int] = {}
+    for i, t in enumerate(free):
+        first_seen.setdefault(t, i)
+    (a, i), (b, j) = list(first_seen.items())[:2]  # two ids the text reaches, a first
+    assert generate_ids(model, prompt, max_new_tokens=12, eos_id=[b, a]) == free[:i]
+    assert generate_ids(model, prompt, max_new_tokens=12, eos_id=[b]) == free[:j]
