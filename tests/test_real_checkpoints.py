@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from llama_pretrain import ModelConfig, Transformer, UserError, load_model
+from llama_pretrain.compute.flops import flops_per_token, param_counts
 from llama_pretrain.interop import load_checkpoint, save_hf, save_native
 from llama_pretrain.data.loader import TokenLoader
 from llama_pretrain.generate import generate_ids
@@ -135,6 +136,10 @@ def test_tied_matrix_gets_one_gradient_the_sum_of_both_uses():
             m(tokens[:, :-1], tokens[:, 1:], chunked_loss=fused).backward()
         want = untied.tok_embeddings.weight.grad + untied.output.weight.grad
         torch.testing.assert_close(tied.tok_embeddings.weight.grad, want, rtol=1e-5, atol=1e-7)
+    # Counted once (the FLOPs still count the head's matmul).
+    counts = param_counts(cfg)
+    assert counts.total == tied.num_params() == param_counts(untied.config).total - cfg.vocab_size * cfg.dim
+    assert flops_per_token(cfg) == flops_per_token(untied.config)
     # Weight decay: the shared matrix is the head's, decayed, and in one group once.
     decay, no_decay = param_groups(tied, 0.1)
     assert sum(p is tied.tok_embeddings.weight for p in decay["params"]) == 1

@@ -2,7 +2,8 @@
 
 FLOPs per trained token follow torchtitan's definition, used wherever MFU is printed:
     6 * N_non_embedding + 12 * L * H * Q * T
-with N_non_embedding the parameters less the input embedding table (the output head is counted),
+with N_non_embedding the parameters less the input embedding table (the output head is counted,
+also when it is tied to the embedding: its matmul is done all the same),
 L layers, H heads, Q head dim and T the sequence length (attention without causal sparsity).
 """
 
@@ -21,10 +22,12 @@ class ParamCounts:
     per_layer: int
     attention_per_layer: int
     ffn_per_layer: int
+    tied: bool = False  # the head is the embedding's matrix: counted in ``total`` once
 
     @property
     def non_embedding(self) -> int:
-        return self.total - self.embedding
+        """The parameters less the input embedding, the head's matrix counted (FLOPs' N)."""
+        return self.total - self.embedding + (self.output if self.tied else 0)
 
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
@@ -35,8 +38,8 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     per_layer = attention + ffn + 2 * cfg.dim  # two RMSNorm weights
     embedding = cfg.vocab_size * cfg.dim
     output = cfg.vocab_size * cfg.dim
-    total = embedding + cfg.n_layers * per_layer + cfg.dim + output
-    return ParamCounts(total, embedding, output, per_layer, attention, ffn)
+    total = embedding + cfg.n_layers * per_layer + cfg.dim + (0 if cfg.tie_embeddings else output)
+    return ParamCounts(total, embedding, output, per_layer, attention, ffn, cfg.tie_embeddings)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
