@@ -143,6 +143,20 @@ def test_native_and_hf_dirs_score_identically_through_the_cli(setup, tmp_path):
         assert {m: a[m] for m in a["metrics"]} == {m: b[m] for m in b["metrics"]}
 
 
+def test_bos_option_is_recorded_and_applied(setup, tmp_path):
+    """SentencePiece adds <s>: auto keeps it, never drops it; the results say which was used."""
+    root, data = setup
+    docs = {}
+    for bos in ("auto", "never"):
+        out = tmp_path / f"{bos}.json"
+        assert main(["eval", str(root / "ckpt"), "--tasks", "piqa", "--data-dir", str(data), "--bos", bos,
+                     "--out", str(out)]) == 0
+        docs[bos] = json.loads(out.read_text())
+    assert docs["auto"]["config"]["bos"] == "auto" and docs["auto"]["start_token"] == 1
+    assert docs["never"]["config"]["bos"] == "never" and docs["never"]["start_token"] is None
+    assert docs["auto"]["samples"]["piqa"] != docs["never"]["samples"]["piqa"]  # other ids, other scores
+
+
 def test_bad_input_is_one_line(setup, tmp_path, capsys):
     root, data = setup
     assert main(["eval", str(root / "ckpt"), "--tasks", "piqa,nope"]) == 2

@@ -240,3 +240,92 @@ def test_native_and_hf_export_score_identically(models, tmp_path):
                 assert ra["loglikelihoods"] == pytest.approx(rb["loglikelihoods"], abs=1e-3)
             else:
                 assert ra["completion"] == rb["completion"]
+
+
+# -- start token, row cap, truncation ----------------------------------------------------------
+class Recording:
+    """A backend that records the rows and real token ids of every forward pass it runs."""
+
+    def __init__(self, inner):
+        self.inner, self.max_length, self.device, self.name = inner, inner.max_length, inner.device, inner.name
+        self.rows: list[int] = []
+        self.prefills: list[list[int]] = []
+
+    def forward(self, tokens, mask, cache=None, last_only=False):
+        self.rows.append(tokens.shape[0])
+        if cache is None:
+            self.prefills += [t[m].tolist() for t, m in zip(tokens, mask)]
+        return self.inner.forward(tokens, mask, cache, last_only)
+
+    def select(self, cache, rows):
+        return self.inner.select(cache, rows)
+
+
+class SmolTok(ByteTok):
+    add_bos = False  # declares a BOS (SmolLM2's <|im_start|>) but does not add it
+
+
+class NoStartTok(ByteTok):
+    bos_id = None
+
+
+@pytest.mark.parametrize("tok,bos,starts", [(TOK, "auto", True), (TOK, "never", False), (SmolTok(), "auto", False),
+                                            (SmolTok(), "always", True), (NoStartTok(), "auto", False)])
+def test_start_token_as_the_tokenizer_adds_it_or_as_forced(models, tok, bos, starts):
+    ours, hf = models
+    be = Recording(NativeBackend(ours))
+    lm = CausalLM(be, tok, bos=bos)
+    got = lm.loglikelihood([("Q: is it?\nAnswer:", " yes")])[0][0]
+    ctx = TOK.encode("Q: is it?\nAnswer:")
+    assert be.prefills == [([1] if starts else []) + ctx] and lm.start_token == (1 if starts else None)
+    ids = torch.tensor([be.prefills[0] + TOK.encode(" yes")])
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(ids).logits[0].float(), -1)
+    n = len(be.prefills[0])
+    assert got == pytest.approx(sum(lp[n + i - 1, t].item() for i, t in enumerate(TOK.encode(" yes"))), abs=1e-3)
+
+
+def test_bos_always_without_a_start_token_is_refused(models):
+    from llama_pretrain.errors import UserError
+
+    with pytest.raises(UserError, match="no start"):
+        CausalLM(NativeBackend(models[0]), NoStartTok(), bos="always")
+
+
+def test_rows_capped_whatever_context_is_shared(models):
+    """acc_uncond-like: 1,000 questions whose requests all share one context. Every forward pass
+    holds at most batch_size rows (so memory does not grow with the questions), and each score
+    equals the sequence's own unbatched forward."""
+    ours, hf = models
+    answers = [" " + "abcdefghij"[i % 10] * (1 + i % 7) for i in range(70)]  # 70 distinct, lengths 2..8
+    reqs = [("Answer:", answers[q % 70]) for q in range(1000)]
+    be = Recording(NativeBackend(ours))
+    got = CausalLM(be, TOK, batch_size=8).loglikelihood(reqs)
+    assert max(be.rows) <= 8 and len(be.rows) >= 2 * 1000 // 8  # a prefill and an extension per chunk
+    want = {}
+    with torch.no_grad():
+        for x in answers:
+            ids = [1] + TOK.encode("Answer:" + x)
+            lp = torch.log_softmax(ours(torch.tensor([ids]))[0].float(), -1)
+            want[x] = sum(lp[p - 1, ids[p]].item() for p in range(len(ids) - len(TOK.encode(x)), len(ids)))
+    assert [lp for lp, _ in got] == pytest.approx([want[x] for _, x in reqs], abs=1e-4)
+
+
+def test_long_context_truncated_from_the_left_as_lm_eval_does(models):
+    from llama_pretrain.errors import UserError
+
+    ours, hf = models
+    be = NativeBackend(ours)
+    be.max_length = 24
+    lm = CausalLM(be, TOK, batch_size=4)
+    ctx = "a long context that does not fit in twenty-four tokens\nAnswer:"
+    conts = [" yes", " no, never ever"]
+    got = lm.loglikelihood([(ctx, x) for x in conts])
+    for x, (lp, _) in zip(conts, got):
+        c, t = [1] + TOK.encode(ctx), TOK.encode(x)
+        inp = (c + t)[-(24 + 1):][:-1]  # lm-eval's window: continuation whole, context's end
+        with torch.no_grad():
+            out = torch.log_softmax(hf(torch.tensor([inp])).logits[0].float(), -1)
+        assert lp == pytest.approx(sum(out[len(inp) - len(t) + i, k].item() for i, k in enumerate(t)), abs=1e-3)
+    with pytest.raises(UserError, match="longer than the model's context"):
+        lm.loglikelihood([("x", " y" * 13)])

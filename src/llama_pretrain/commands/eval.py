@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", choices=["auto", "native", "hf"], default="auto",
                    help="native: our Transformer; hf: transformers AutoModelForCausalLM; auto: native for "
                         "our/Meta checkpoints, hf otherwise")
+    p.add_argument("--bos", choices=["auto", "always", "never"], default="auto",
+                   help="start every request with the tokenizer's BOS token: auto (where the tokenizer "
+                        "adds one itself, as lm-eval does), always or never (default auto)")
     p.add_argument("--device", default="auto",
                    help="auto (a GPU when there is one), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, metavar="{fp32,bf16,fp16}",
@@ -82,15 +85,17 @@ def run(args) -> int:
     if args.model:
         from ..eval.harness import load_lm
         lm = load_lm(args.model, backend=args.backend, tokenizer=args.tokenizer, device=args.device,
-                     dtype=args.dtype, batch_size=args.batch_size, progress=sys.stderr.isatty())
+                     dtype=args.dtype, batch_size=args.batch_size, progress=sys.stderr.isatty(),
+                     bos=args.bos)
     doc = evaluate(lm, ids, data_dir=args.data_dir, shots=args.shots, limit=args.limit,
                    completions=completions, timeout=args.timeout, allow_unsandboxed=args.allow_unsandboxed)
     head = {
         "model": args.model, "backend": lm.backend.name if lm else None,
         "tokenizer": getattr(lm.tok, "name", None) if lm else None,
+        "start_token": lm.start_token if lm else None,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {"tasks": ids, "data_dir": args.data_dir, "limit": args.limit, "shots": args.shots,
-                   "batch_size": args.batch_size, "dtype": args.dtype, "device": args.device,
+                   "batch_size": args.batch_size, "bos": args.bos, "dtype": args.dtype, "device": args.device,
                    "samples": args.samples, "timeout": args.timeout,
                    "allow_unsandboxed": args.allow_unsandboxed},
     }

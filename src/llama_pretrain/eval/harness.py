@@ -102,6 +102,7 @@ class GenRequest:
 
 
 _T = TypeVar("_T")
+BOS_CHOICES = ("auto", "always", "never")
 
 
 def _answered(results: list[_T | None]) -> list[_T]:
@@ -118,10 +119,18 @@ class CausalLM:
     ``batch_size`` bounds the rows of every forward pass (continuations in the log-likelihood
     extension step, prompts in generation). A BOS token starts every sequence where the tokenizer
     itself adds one (``add_bos``: Llama's SentencePiece, Llama 3's tokenizer.json; not SmolLM2's),
-    as lm-evaluation-harness does; an empty context is then its BOS, else its EOS.
+    as lm-evaluation-harness does; an empty context is then its BOS, else its EOS. ``bos``
+    "always" or "never" overrides the tokenizer's choice (lm-eval's ``add_bos_token``).
     """
 
-    def __init__(self, backend, tokenizer, batch_size: int = 16, progress: bool = False):
+    def __init__(self, backend, tokenizer, batch_size: int = 16, progress: bool = False, bos: str = "auto"):
+        from ..errors import UserError
+
+        if bos not in BOS_CHOICES:
+            raise UserError(f"--bos {bos!r}: choose {', '.join(BOS_CHOICES)}")
+        if bos == "always" and tokenizer.bos_id is None:
+            raise UserError("--bos always: the tokenizer has no start (BOS) token")
+        self.bos = bos
         self.backend = backend
         self.tok = tokenizer
         self.batch_size = max(1, int(batch_size))
@@ -131,7 +140,14 @@ class CausalLM:
         self.pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
 
     def _adds_bos(self) -> bool:
+        if self.bos != "auto":
+            return self.bos == "always"
         return getattr(self.tok, "add_bos", True) and self.tok.bos_id is not None
+
+    @property
+    def start_token(self) -> int | None:
+        """The id that starts every request, None where requests start with the text itself."""
+        return self.tok.bos_id if self._adds_bos() else None
 
     def _start_id(self) -> int:
         """lm-eval's ``prefix_token_id``: what an empty context is (BOS, else EOS)."""
@@ -170,16 +186,21 @@ class CausalLM:
     def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         groups: dict[tuple, list[int]] = {}
         for i, (ctx, cont) in enumerate(pairs):
-            if not cont:
-                raise ValueError(f"request {i} has an empty continuation")
-            groups.setdefault(tuple(ctx), []).append(i)
-        # Longest contexts first: padding within a batch stays small and memory peaks early.
-        order = sorted(groups.items(), key=lambda kv: -len(kv[0]))
+            groups.setdefault(tuple(self._truncate(i, ctx, cont)), []).append(i)
+        # A context's requests, shortest continuation first, in chunks of at most batch_size rows:
+        # every forward pass stays within the cap however many requests share one context.
+        chunks: list[tuple[tuple, list[int]]] = []
+        for key, members in groups.items():
+            members = sorted(members, key=lambda i: len(pairs[i][1]))
+            chunks += [(key, members[s:s + self.batch_size]) for s in range(0, len(members), self.batch_size)]
+        # Longest contexts first, then longest continuations: padding within a batch stays small
+        # and memory peaks early.
+        chunks.sort(key=lambda kv: (-len(kv[0]), -len(pairs[kv[1][-1]][1])))
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         bar = self._bar(len(pairs), "loglikelihood")
         batch: list[tuple[tuple, list[int]]] = []
         rows = 0
-        for item in order:
+        for item in chunks:
             if batch and rows + len(item[1]) > self.batch_size:
                 self._score_groups(batch, pairs, results)
                 bar.update(rows)
@@ -192,17 +213,25 @@ class CausalLM:
         bar.close()
         return _answered(results)
 
-    def _score_groups(self, batch, pairs, results) -> None:
+    def _truncate(self, i: int, ctx: list[int], cont: list[int]) -> list[int]:
+        """The context as lm-eval keeps it: the scored sequence ``ctx + cont[:-1]`` cut from the
+        left to the model's length, the continuation whole (refused when it alone is too long)."""
+        from ..errors import UserError
+
+        if not cont:
+            raise ValueError(f"request {i} has an empty continuation")
         L = self.max_length
+        if len(cont) > L:
+            raise UserError(f"a continuation of {len(cont)} tokens is longer than the model's context "
+                            f"({L} tokens): it cannot be scored")
+        keep = L + 1 - len(cont)
+        return list(ctx[-keep:]) if len(ctx) > keep else list(ctx)
+
+    def _score_groups(self, batch, pairs, results) -> None:
         dev = self.device
         ctxs, conts, owner, req_ids = [], [], [], []
         for g, (ctx, idxs) in enumerate(batch):
-            longest = max(len(pairs[i][1]) for i in idxs)
-            if longest > L:
-                raise ValueError(f"a continuation of {longest} tokens exceeds the model's context {L}")
-            # The scored sequence is ctx + cont[:-1]; keep the context's end when it must shrink.
-            keep = max(1, L - (longest - 1))
-            ctxs.append(list(ctx)[-keep:] if len(ctx) > keep else list(ctx))
+            ctxs.append(list(ctx))  # truncated already (_truncate)
             for i in idxs:
                 conts.append(pairs[i][1])
                 owner.append(g)
@@ -320,13 +349,14 @@ class CausalLM:
 
 
 def load_lm(model: str, *, backend: str = "auto", tokenizer: str | None = None, device: str = "cpu",
-            dtype: str | None = None, batch_size: int = 16, progress: bool = False) -> CausalLM:
+            dtype: str | None = None, batch_size: int = 16, progress: bool = False,
+            bos: str = "auto") -> CausalLM:
     """A ``CausalLM`` for a checkpoint directory or HF model name.
 
     ``backend``: ``native`` loads any checkpoint ``load_model`` reads (ours, Meta, HF Llama) into
     our ``Transformer``; ``hf`` loads it with ``transformers.AutoModelForCausalLM`` (any
     architecture: MPT, Falcon, ...); ``auto`` picks ``native`` for our and Meta's formats and
-    ``hf`` otherwise.
+    ``hf`` otherwise. ``bos``: see ``CausalLM``.
     """
     from pathlib import Path
 
@@ -351,7 +381,7 @@ def load_lm(model: str, *, backend: str = "auto", tokenizer: str | None = None, 
     else:
         be = HFBackend(_transformers_model(model, torch_dtype).to(dev))
     tok = load_tokenizer(tokenizer or model, native=backend == "native")
-    return CausalLM(be, tok, batch_size=batch_size, progress=progress)
+    return CausalLM(be, tok, batch_size=batch_size, progress=progress, bos=bos)
 
 
 def _transformers_model(model: str, torch_dtype):
