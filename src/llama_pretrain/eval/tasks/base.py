@@ -93,6 +93,12 @@ class MultipleChoiceTask(Task):
     uncond: bool = False         # also score choices after "Answer:" alone (acc_uncond)
     target_delimiter: str = " "
     ANSWER_FIELD = "label"       # the field ``gold`` reads, for error messages
+    # cloze: each answer text is scored after the question; lettered: the options are listed in the
+    # prompt and their letters are scored; partial: the options fill a blank (WinoGrande)
+    FORMAT = "cloze"
+
+    def settings(self, shots: int, fewshot_source: str | None) -> dict:
+        return {**super().settings(shots, fewshot_source), "format": self.FORMAT}
 
     def problem(self, doc: dict) -> str | None:
         """The answer must be one of the choices: an answer out of range would score as wrong."""

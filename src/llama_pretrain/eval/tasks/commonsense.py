@@ -68,6 +68,7 @@ class WinoGrande(MultipleChoiceTask):
     """Partial evaluation: each option fills the blank in the context; the text after the blank is
     the scored continuation, identical for both options."""
     ANSWER_FIELD = "answer"
+    FORMAT = "partial"
 
     def _split(self, d):
         if not isinstance(d["sentence"], str) or "_" not in d["sentence"]:
@@ -110,6 +111,20 @@ class OpenBookQA(MultipleChoiceTask):
     def gold(self, d): return _letter_gold(d)
 
 
+@dataclass
+class CommonsenseQALetters(MultipleChoiceTask):
+    """lm-eval-harness's ``commonsense_qa`` prompt: the question, its lettered options, "Answer:",
+    and the letters scored (the default ``commonsense_qa`` scores the answer texts, as LLaMA)."""
+    ANSWER_FIELD = "answerKey"
+    FORMAT = "lettered"
+
+    def text(self, d):
+        opts = "".join(f"{lab}. {t}\n" for lab, t in zip(d["choices"]["label"], d["choices"]["text"]))
+        return f"Question: {d['question'].strip()}\n{opts}Answer:"
+    def choices(self, d): return [str(lab) for lab in d["choices"]["label"]]
+    def gold(self, d): return _letter_gold(d)
+
+
 _ARC_FIELDS = ("question", "choices", "answerKey")
 
 TASKS = [
@@ -132,4 +147,8 @@ TASKS = [
                      "(Brown et al. 2020, as the LLaMA paper does for OpenBookQA and BoolQ)"),
     ARC("commonsense_qa", "CommonsenseQA", GROUP, "tau/commonsense_qa", _ARC_FIELDS, "validation", "train",
         7, "acc_norm"),
+    CommonsenseQALetters("commonsense_qa_letters", "CommonsenseQA (lettered)", GROUP, "tau/commonsense_qa",
+                         _ARC_FIELDS, "validation", "train", 7, "acc",
+                         notes="lm-eval-harness's prompt (lettered options, the letter scored); not in "
+                               "Table 3's average; lm-eval's default is 0-shot: --shots 0 to match"),
 ]

