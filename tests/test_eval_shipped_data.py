@@ -132,3 +132,19 @@ def test_oe_eval_request_file_read_once_per_record(ckpt, tmp_path, capsys):
     r = json.loads(out.read_text())["results"]["gsm8k"]
     assert r["n"] == 3 and r["settings"]["data"] == str(d / "requests.jsonl.gz")
     assert r["settings"]["split"] == "test" and r["settings"]["fewshot_split"] == "test (other records)"
+
+
+def test_compressed_arrow_stream_refused(tmp_path):
+    """A compressed batch is decompressed whole before its rows can be measured: refused unread."""
+    from llama_pretrain.errors import UserError
+    from llama_pretrain.eval.tasks.data import load_split
+
+    split = tmp_path / "piqa" / "plain_text" / "validation"
+    save_to_disk(split, [_piqa(0)], "piqa", "plain_text")
+    table = pa.Table.from_pylist([_piqa(i) for i in range(3)])
+    opts = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.OSFile(str(split / "data-00000-of-00001.arrow"), "wb") as sink, \
+            pa.ipc.new_stream(sink, table.schema, options=opts) as w:
+        w.write_table(table)
+    with pytest.raises(UserError, match="compressed buffers"):
+        load_split(TASKS["piqa"], tmp_path, "validation")

@@ -229,6 +229,11 @@ def _read_arrow(split_dir: Path) -> list[dict]:
     total = 0
     for f in files:
         with pa.memory_map(str(f)) as src:
+            # a compressed batch would be decompressed whole before its rows could be measured
+            if any(_ipc_compressed(m.metadata.to_pybytes()) for m in pa.ipc.MessageReader.open_stream(src)):
+                raise UserError(f"{f}: Arrow stream with compressed buffers; save_to_disk writes them "
+                                f"uncompressed (a compressed one could hide any size)")
+            src.seek(0)
             for batch in pa.ipc.open_stream(src):
                 cost = np.zeros(batch.num_rows, dtype=np.int64)
                 for column in batch.columns:
@@ -241,6 +246,33 @@ def _read_arrow(split_dir: Path) -> list[dict]:
                     raise UserError(_too_big(split_dir))
                 out.extend(batch.to_pylist())
     return out
+
+
+def _ipc_compressed(md: bytes) -> bool:
+    """Whether an Arrow IPC message (its flatbuffer metadata) is a record or dictionary batch with
+    compressed buffers: ``Message.header`` -> ``RecordBatch.compression`` is set."""
+    import struct
+
+    def table(pos: int):
+        vtable = pos - struct.unpack_from("<i", md, pos)[0]
+        size = struct.unpack_from("<H", md, vtable)[0]
+        return lambda i: struct.unpack_from("<H", md, vtable + 4 + 2 * i)[0] if 4 + 2 * i < size else 0
+
+    def child(pos: int, off: int) -> int:
+        return pos + off + struct.unpack_from("<I", md, pos + off)[0]
+
+    root = struct.unpack_from("<I", md, 0)[0]
+    message = table(root)
+    kind = md[root + message(1)] if message(1) else 0
+    if kind not in (2, 3) or not message(2):  # 2: DictionaryBatch, 3: RecordBatch
+        return False
+    header = child(root, message(2))
+    batch = table(header)
+    if kind == 2:  # a DictionaryBatch holds its RecordBatch in field 1
+        if not batch(1):
+            return False
+        batch = table(child(header, batch(1)))
+    return bool(batch(3))
 
 
 def request_docs(path: Path, records: list) -> list[dict]:
