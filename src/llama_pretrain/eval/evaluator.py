@@ -160,18 +160,20 @@ def evaluate(lm, task_ids: list[str], data_dir=None, shots: int | None = None, l
 
 def format_table(doc: dict) -> str:
     """One row per task (every metric, in percent), then Table 3's group averages."""
-    lines = [f"{'task':<18} {'metric':<12} {'value':>7} {'stderr':>7} {'n':>6}  shots split", "-" * 72]
+    lines = [f"{'task':<22} {'metric':<12} {'value':>7} {'stderr':>7} {'n':>6}  shots split", "-" * 76]
     for tid, r in doc["results"].items():
         metrics = r["metrics"]
         for i, m in enumerate(sorted(metrics, key=lambda m: m != r["primary"])):
             se = r.get(f"{m}_stderr", float("nan"))
             se_s = f"{100 * se:7.2f}" if not math.isnan(se) else f"{'':7}"
             mark = "*" if m == r["primary"] else " "
-            head = f"{tid:<18}" if i == 0 else " " * 18
+            head = f"{tid:<22}" if i == 0 else " " * 22
             tail = f"{r['n']:>6}  {r['settings']['shots']:<5} {r['settings']['split']}" if i == 0 else ""
             lines.append(f"{head} {m + mark:<12} {100 * r[m]:7.1f} {se_s} {tail}")
-    lines += ["", "Data:"] + [f"  {tid:<18} {r['settings'].get('format', '-'):<9} {r['settings']['data']}"
-                              for tid, r in doc["results"].items()]
+    lines += ["", "Data (task, prompt format, source):"]
+    for tid, r in doc["results"].items():
+        note = f"  ({r['settings']['split_note']})" if r["settings"].get("split_note") else ""
+        lines.append(f"  {tid:<22} {r['settings'].get('format', '-'):<9} {r['settings']['data']}{note}")
     lines += ["", "Table 3 groups (mean of primary metrics, *):", "-" * 62]
     for g, v in doc["groups"].items():
         note = "" if v["complete"] else f"  (partial: {', '.join(v['tasks'])})"
