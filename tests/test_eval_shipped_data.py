@@ -148,3 +148,21 @@ def test_compressed_arrow_stream_refused(tmp_path):
         w.write_table(table)
     with pytest.raises(UserError, match="compressed buffers"):
         load_split(TASKS["piqa"], tmp_path, "validation")
+
+
+def test_commonsense_qa_letters_is_lm_evals_prompt():
+    """The lettered variant renders lm-eval-harness's own commonsense_qa template, choice for choice."""
+    from pathlib import Path
+
+    lm_eval = pytest.importorskip("lm_eval")
+    jinja2 = pytest.importorskip("jinja2")
+    yaml = pytest.importorskip("yaml")
+    spec = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "commonsense_qa" / "default.yaml").read_text())
+    doc = {"question": " Where is the sky? ", "answerKey": "D",
+           "choices": {"label": list("ABCDE"), "text": ["up", "down", "left", "right", "here"]}}
+    task = TASKS["commonsense_qa_letters"]
+    ours = task.requests(doc, "")
+    theirs = jinja2.Template(spec["doc_to_text"]).render(**doc)
+    assert [c for c, _ in ours] == [theirs] * 5
+    assert [x for _, x in ours] == [" " + c for c in spec["doc_to_choice"]]
+    assert spec["doc_to_choice"][task.gold(doc)] == doc["answerKey"]
