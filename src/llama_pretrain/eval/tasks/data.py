@@ -100,7 +100,8 @@ def arrow_files(split_dir: Path) -> list[Path]:
     if not split_dir.is_dir():
         return []
     try:
-        state = json.loads((split_dir / "state.json").read_text(encoding="utf-8")[:1 << 20])
+        with open(split_dir / "state.json", encoding="utf-8") as fh:
+            state = json.loads(fh.read(1 << 20))  # a real one is a few hundred bytes
         names = [d["filename"] for d in state["_data_files"]]
         files = [split_dir / n for n in names if isinstance(n, str) and "/" not in n and n.endswith(".arrow")]
         if files and all(f.is_file() for f in files):
