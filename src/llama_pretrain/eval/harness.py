@@ -193,9 +193,15 @@ class CausalLM:
         for key, members in groups.items():
             members = sorted(members, key=lambda i: len(pairs[i][1]))
             chunks += [(key, members[s:s + self.batch_size]) for s in range(0, len(members), self.batch_size)]
-        # Longest contexts first, then longest continuations: padding within a batch stays small
-        # and memory peaks early.
-        chunks.sort(key=lambda kv: (-len(kv[0]), -len(pairs[kv[1][-1]][1])))
+        # Longest first (memory peaks early), sorted by what holds most of the tokens (contexts, or
+        # continuations as in PIQA's long solutions), so the padding that dominates stays small.
+        by_context = sum(len(key) for key, _ in chunks) >= sum(len(c) for _, c in pairs)
+
+        def longest_first(chunk: tuple[tuple, list[int]]) -> tuple[int, int]:
+            ctx, cont = len(chunk[0]), len(pairs[chunk[1][-1]][1])  # a chunk's last is its longest
+            return (-ctx, -cont) if by_context else (-cont, -ctx)
+
+        chunks.sort(key=longest_first)
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         bar = self._bar(len(pairs), "loglikelihood")
         batch: list[tuple[tuple, list[int]]] = []
