@@ -7,7 +7,7 @@ texts) from a small word list, a model of --preset (random weights: speed does n
 them), saved as our checkpoint and exported with `export-hf` for lm-eval. Then it runs, as fresh
 processes, `llama-pretrain eval CKPT --tasks arc_easy` and `lm_eval --model hf` over a task YAML
 with our ARC prompt ("Question: ...\\nAnswer:" + " " + answer), each --repeats times, and prints
-the median wall times, their ratio and the largest per-choice log-likelihood difference.
+the wall times, their ratio and the largest per-choice log-likelihood difference.
 `--before SRC` also times another tree's `llama_pretrain` (its src dir) in the same rounds.
 """
 
@@ -117,7 +117,8 @@ def main() -> None:
         if before:
             print(f"before   {[round(t, 2) for t in before]} s, median {statistics.median(before):.2f}, "
                   f"ratio {statistics.median(theirs) / statistics.median(before):.2f}x")
-        print(f"ratio    {statistics.median(theirs) / statistics.median(ours):.2f}x; "
+        print(f"ratio    {statistics.median(theirs) / statistics.median(ours):.2f}x of the medians, "
+              f"{min(theirs) / min(ours):.2f}x of the fastest runs (the least disturbed on a shared machine); "
               f"{len(a)} log-likelihoods, largest difference {diff:.2e} nats")
 
 
