@@ -199,7 +199,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     for g, v in groups(rows).items():
-        print(f"{g}: {100 * v:.1f} ({', '.join(r['task'] for r in rows if r['group'] == g)})")
+        names = [r["task"] for r in rows if r["group"] == g and r["task"] != "commonsense_qa_letters"]
+        print(f"{g}: {100 * v:.1f} ({', '.join(names)})")
     if args.json:
         args.json.write_text(json.dumps({"limit": args.limit, "rows": rows, "groups": groups(rows)}, indent=1))
 
