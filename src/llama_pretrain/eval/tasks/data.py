@@ -187,7 +187,6 @@ def _read_parquet(path: Path) -> list[dict]:
     """The rows of a Parquet file, their sizes checked before they become Python objects: from the
     metadata (a row group whose rows average over the limit is not read), then per row, with the
     strings read as dictionaries so that a repeated one is measured, not copied, until it passes."""
-    import numpy as np
     import pyarrow.parquet as pq
 
     meta = pq.ParquetFile(path).metadata
@@ -204,23 +203,31 @@ def _read_parquet(path: Path) -> list[dict]:
         if limits.mean_row_over_limit(rows, size):
             raise UserError(f"{path}: records {len(out)} to {len(out) + rows - 1}: {_record_too_big()}")
         for batch in pf.iter_batches(batch_size=limits.rows_per_batch(rows, size, 0), row_groups=[g]):
-            cost = np.zeros(batch.num_rows, dtype=np.int64)
-            for column in batch.columns:
-                cost += limits.value_costs(column)
-            over = np.flatnonzero(cost > limits.MAX_RECORD_BYTES)
-            if len(over):
-                raise UserError(f"{path}: record {len(out) + int(over[0])}: {_record_too_big()}")
-            total += int(cost.sum())
-            if total > limits.MAX_SPLIT_BYTES:
-                raise UserError(_too_big(path))
-            out.extend(batch.to_pylist())
+            total = _take_batch(batch, out, total, path, path)
     return out
+
+
+def _take_batch(batch, out: list[dict], total: int, where: Path, split: Path) -> int:
+    """Append ``batch``'s rows to ``out`` once each row and the split so far (``total`` bytes) are
+    measured within the limits; the new total."""
+    import numpy as np
+
+    cost = np.zeros(batch.num_rows, dtype=np.int64)
+    for column in batch.columns:
+        cost += limits.value_costs(column)
+    over = np.flatnonzero(cost > limits.MAX_RECORD_BYTES)
+    if len(over):
+        raise UserError(f"{where}: record {len(out) + int(over[0])}: {_record_too_big()}")
+    total += int(cost.sum())
+    if total > limits.MAX_SPLIT_BYTES:
+        raise UserError(_too_big(split))
+    out.extend(batch.to_pylist())
+    return total
 
 
 def _read_arrow(split_dir: Path) -> list[dict]:
     """The rows of a save_to_disk split's Arrow stream files (memory-mapped: a batch is not copied
     until its rows have been measured, as for Parquet)."""
-    import numpy as np
     import pyarrow as pa
 
     files = arrow_files(split_dir)
@@ -236,16 +243,7 @@ def _read_arrow(split_dir: Path) -> list[dict]:
                                 f"uncompressed (a compressed one could hide any size)")
             src.seek(0)
             for batch in pa.ipc.open_stream(src):
-                cost = np.zeros(batch.num_rows, dtype=np.int64)
-                for column in batch.columns:
-                    cost += limits.value_costs(column)
-                over = np.flatnonzero(cost > limits.MAX_RECORD_BYTES)
-                if len(over):
-                    raise UserError(f"{f}: record {len(out) + int(over[0])}: {_record_too_big()}")
-                total += int(cost.sum())
-                if total > limits.MAX_SPLIT_BYTES:
-                    raise UserError(_too_big(split_dir))
-                out.extend(batch.to_pylist())
+                total = _take_batch(batch, out, total, f, split_dir)
     return out
 
 
