@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import convert, shipped_gguf  # noqa: E402
+from real_models import convert, own_work_dir, shipped_gguf  # noqa: E402
 
 # our task id -> (lm-eval task yaml under lm_eval/tasks, its task name, shipped dir, split)
 TASKS = {
@@ -190,12 +190,12 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    hf = args.work.resolve() / "hf"
+    work = own_work_dir(args.work.resolve())
+    hf = work / "hf"
     convert(shipped_gguf(), hf)
     rows = []
     for task in args.tasks.split(","):
-        rows.append(bench(task, hf, args.work.resolve(), args.limit))
+        rows.append(bench(task, hf, work, args.limit))
         print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     for g, v in groups(rows).items():
