@@ -1,7 +1,8 @@
 """Typed config fields: one way to turn TOML, JSON and command-line values into dataclass fields.
 
 A config is a plain dataclass. A field's type says what it holds (``bool``, ``int``, ``float``,
-``str``, ``list[...]``, ``tuple[...]``, a nested config dataclass, ``X | None``) and ``setting``
+``str``, ``list[...]``, ``tuple[...]``, a nested config dataclass, ``X | None``, ``X | Y``: the
+first that fits) and ``setting``
 declares its constraint once::
 
     dim: int = setting(4096, POSITIVE)
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -92,6 +94,13 @@ def coerce(value: Any, hint: Any, name: str, rule: Rule | None = None) -> Any:
 
 def _convert(value: Any, kind: Any) -> Any:
     origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if _is_union(kind):
+        for arg in args:
+            try:
+                return _convert(value, arg)
+            except _Mismatch:
+                pass
+        raise _Mismatch
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise _Mismatch
@@ -118,6 +127,8 @@ def parse_cli(raw: str, hint: Any) -> Any:
     kind = _unwrap_optional(hint)[1]
     if kind is str and raw[:1] not in ('"', "'"):
         return raw
+    if _is_union(kind) and list[str] in typing.get_args(kind) and raw[:1] not in ('"', "'", "["):
+        return raw  # a string or an array of them: only an array is parsed
     if kind is bool and raw.lower() in _BOOL_WORDS:
         return _BOOL_WORDS[raw.lower()]
     try:
@@ -129,7 +140,9 @@ def parse_cli(raw: str, hint: Any) -> Any:
 def describe(hint: Any) -> str:
     """What a field of type ``hint`` must be, for messages: "an integer", "a list of strings"."""
     optional, kind = _unwrap_optional(hint)
-    if kind is bool:
+    if _is_union(kind):
+        text = " or ".join(describe(a) for a in typing.get_args(kind))
+    elif kind is bool:
         text = "true or false"
     else:
         noun = _noun(kind)
@@ -149,6 +162,10 @@ def _noun(kind: Any, plural: bool = False) -> str:
     else:
         noun = _NOUNS.get(kind, getattr(kind, "__name__", str(kind)))
     return noun + ("s" if plural else "")
+
+
+def _is_union(kind: Any) -> bool:
+    return typing.get_origin(kind) in (typing.Union, types.UnionType)
 
 
 def _unwrap_optional(hint: Any) -> tuple[bool, Any]:

@@ -45,8 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         g.add_argument(f"--model.{f.name}", dest=f"ov:model.{f.name}", metavar="V", help=argparse.SUPPRESS)
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
+            several = f"{section}.{f.name}" in REPEATABLE
             g.add_argument(f"--{section}.{f.name}", dest=f"ov:{section}.{f.name}", metavar="V",
-                           help=default_help(section, f))
+                           action="append" if several else "store", help=default_help(section, f))
     p.add_argument("--init-from", dest="ov:checkpoint.init_from", metavar="PATH",
                    help="start a new run from these weights (our model dir, a Hugging Face or Meta Llama "
                         "dir, a training checkpoint): fresh optimizer, schedule and step count; the same "
@@ -102,8 +103,19 @@ def default_help(section: str, f: dataclasses.Field) -> str | None:
     return f"default {shown}" + (f" (demo: {demo!r})" if demo != f.default else "")
 
 
+# Keys a repeated flag gives several values of (--data.path=A --data.path=B), rather than the last one.
+REPEATABLE = ("data.path",)
+
+
 def overrides_from_args(args) -> list[str]:
-    return [f"{k[3:]}={v}" for k, v in vars(args).items() if k.startswith("ov:") and v is not None]
+    from ..train.config import _toml_value as toml_value
+
+    out = []
+    for k, v in vars(args).items():
+        if k.startswith("ov:") and v is not None:
+            several = isinstance(v, list) and len(v) > 1
+            out.append(f"{k[3:]}={toml_value(v) if several else v[0] if isinstance(v, list) else v}")
+    return out
 
 
 def run(args) -> int:

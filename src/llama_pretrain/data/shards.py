@@ -280,6 +280,13 @@ def dataset_tokenizer(data_dir: str | Path, explicit: str | Path | None = None) 
     return None
 
 
+def datasets_tokenizer(data_dirs: list[str] | list[Path], explicit: str | Path | None = None) -> Path | None:
+    """``dataset_tokenizer`` over several dataset dirs: each is checked against ``explicit``, and
+    the first dir whose tokenizer is found gives it."""
+    found = [dataset_tokenizer(d, explicit) for d in data_dirs]
+    return next((p for p in found if p is not None), None)
+
+
 def _tokenizer_candidates(data: Path, recorded: Any) -> list[Path]:
     out = [data / "tokenizer.model"]
     if isinstance(recorded, str) and recorded:

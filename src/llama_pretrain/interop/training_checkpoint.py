@@ -320,13 +320,14 @@ def training_checkpoint_tokenizer(ckpt: Path) -> Path | None:
 
 def tokenizer_of_state(trainer_state: dict[str, Any]) -> Path | None:
     """The tokenizer of the dataset named by the run config saved in a trainer state."""
-    from ..data.shards import dataset_tokenizer
+    from ..data.shards import datasets_tokenizer
 
     data = trainer_state.get("config", {}).get("data", {}) if isinstance(trainer_state.get("config"), dict) else {}
     if not isinstance(data, dict) or not data.get("path"):
         return None
     try:
-        return dataset_tokenizer(data["path"], data.get("tokenizer") or None)
+        dirs = data["path"] if isinstance(data["path"], list) else [data["path"]]  # one dir or several
+        return datasets_tokenizer(dirs, data.get("tokenizer") or None)
     except UserError:  # the recorded tokenizer has moved: the checkpoint is still usable without it
         return None
 

@@ -23,13 +23,19 @@ from ..errors import UserError
 
 @dataclass
 class DataSection:
-    path: str = ""
-    """A prepared shard directory (output of `llama-pretrain data prepare`)."""
+    path: str | list[str] = setting("", Rule(lambda v: isinstance(v, str) or all(v), "must not list an empty path"))
+    """A prepared shard directory (output of `llama-pretrain data prepare`), or a list of them read as one
+    stream in the order given (same tokenizer); on the command line repeat --data.path or give a TOML array."""
     val_split: str = "val"
     """Split used for validation loss; empty to disable validation."""
     tokenizer: str = ""
     """The tokenizer the shards were made with: a tokenizer.model, or a tokenizer.json (its config files
     beside it), copied into RUN_DIR/final; empty: the one the dataset's manifest records."""
+
+    @property
+    def dirs(self) -> list[str]:
+        """``path`` as a list of dataset directories (empty when unset)."""
+        return [self.path] if isinstance(self.path, str) and self.path else list(self.path or [])
 
 
 @dataclass

@@ -37,7 +37,7 @@ import torch
 from ..compute.flops import flops_per_token
 from ..config import ModelConfig, parse_json
 from ..data.loader import TokenLoader
-from ..data.shards import check_token_ids, dataset_tokenizer, read_manifest
+from ..data.shards import check_token_ids, datasets_tokenizer, read_manifest
 from ..errors import UserError
 from ..interop import training_checkpoint as ckpt_files
 from ..losses import loss_parallel_context
@@ -154,29 +154,27 @@ def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock:
     model_cfg = cfg.model_config()
     check_parallel(cfg, info, model_cfg)
     accum = cfg.accumulation_steps(info.world_size)
-    if not cfg.data.path:
+    dirs = cfg.data.dirs
+    if not dirs:
         raise UserError("data.path is not set: point it at a prepared dataset (llama-pretrain data prepare)")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} is a file, not a directory")
     refuse_model_dir(run_dir)
     # Split by data-parallel group: the tp ranks of one group read the same rows.
-    loader = TokenLoader(cfg.data.path, "train", t.micro_batch_size, cfg.seq_len, t.seed, info.dp_rank, info.dp_size)
+    loader = TokenLoader(dirs, "train", t.micro_batch_size, cfg.seq_len, t.seed, info.dp_rank, info.dp_size)
+    shown = ", ".join(dirs)
     if cfg.logging.wandb:
         check_wandb_available()
     if cfg.checkpoint.init_from:  # its tokenizer and vocabulary, before the generic vocabulary check
         check_tokenizer(cfg.checkpoint.init_from, model_cfg.vocab_size, loader.tokenizer_sha256,
-                        loader.vocab_size, cfg.data.path)
+                        loader.vocab_size, shown)
     if loader.vocab_size != model_cfg.vocab_size:
-        raise UserError(f"the dataset {cfg.data.path} was tokenized with a vocabulary of {loader.vocab_size}, "
+        raise UserError(f"the dataset {shown} was tokenized with a vocabulary of {loader.vocab_size}, "
                         f"the model has vocab_size {model_cfg.vocab_size}; set model.vocab_size or re-tokenize")
     validate = bool(cfg.data.val_split) and t.eval_every_steps > 0
-    if validate and cfg.data.val_split not in read_manifest(cfg.data.path).get("splits", {}):
-        raise UserError(f"{cfg.data.path} has no {cfg.data.val_split!r} split; set data.val_split=\"\" "
-                        f"to train without validation")
-    for split in ["train"] + ([cfg.data.val_split] if validate else []):  # a bad id would fail mid-run
-        check_token_ids(cfg.data.path, split, model_cfg.vocab_size)
+    check_data_dirs(dirs, ["train"] + ([cfg.data.val_split] if validate else []), model_cfg.vocab_size)
     identity = run_identity(model_cfg, loader)
-    tokenizer_model = dataset_tokenizer(cfg.data.path, cfg.data.tokenizer or None)
+    tokenizer_model = datasets_tokenizer(dirs, cfg.data.tokenizer or None)
     eval_tasks = tuple(cfg.eval_task_ids())
     check_eval_data(cfg, list(eval_tasks), tokenizer_model)
     lock.acquire()
@@ -186,6 +184,16 @@ def preflight(cfg: RunConfig, run_dir: Path, info: DistInfo, resume: bool, lock:
                 schedule=choose_schedule(cfg, start_ckpt, start_state, info), start_ckpt=start_ckpt,
                 start_state=start_state, eval_tasks=eval_tasks,
                 init_from="" if start_ckpt else cfg.checkpoint.init_from)  # never again once it has checkpoints
+
+
+def check_data_dirs(dirs: list[str], splits: list[str], vocab_size: int) -> None:
+    """Each data dir has the splits, and no token id outside the vocabulary (a bad id would fail mid-run)."""
+    for d in dirs:
+        for split in splits[1:]:  # the loader has opened "train" already
+            if split not in read_manifest(d).get("splits", {}):
+                raise UserError(f"{d} has no {split!r} split; set data.val_split=\"\" to train without validation")
+        for split in splits:
+            check_token_ids(d, split, vocab_size)
 
 
 # What a model or checkpoint dir holds at its top level and a run dir never does.
@@ -404,7 +412,7 @@ class Trainer:
         """Mean loss over the first ``eval_batches`` micro-batches of the validation split (the same
         batches every time), averaged over ranks."""
         t = self.cfg.training
-        val = TokenLoader(self.cfg.data.path, self.cfg.data.val_split, t.micro_batch_size, self.plan.seq_len,
+        val = TokenLoader(self.cfg.data.dirs, self.cfg.data.val_split, t.micro_batch_size, self.plan.seq_len,
                           t.seed, self.info.dp_rank, self.info.dp_size)
         self.model.eval()
         total = torch.zeros((), device=self.info.device)
