@@ -169,8 +169,9 @@ def iter_documents(dir: str | Path, split: str = "train") -> Iterator[np.ndarray
 class ShardWriter:
     """Appends documents to ``<dir>/<split>/NNNNN.bin`` files of about ``shard_tokens`` tokens."""
 
-    def __init__(self, dir: Path, split: str, dtype: str, shard_tokens: int):
+    def __init__(self, dir: Path, split: str, dtype: str, shard_tokens: int, first_index: int = 0):
         self.dir, self.split, self.dtype = Path(dir), split, np_dtype(dtype)
+        self.first_index = int(first_index)  # the number of its first shard file
         self.shard_tokens = int(shard_tokens)
         self.shards: list[dict] = []
         self._cm: AbstractContextManager[IO[bytes]] | None = None  # set together with _fh
@@ -179,7 +180,7 @@ class ShardWriter:
         self._n = 0
 
     def _open(self) -> IO[bytes]:
-        i = len(self.shards)
+        i = self.first_index + len(self.shards)
         self._name = f"{self.split}/{i:05d}"
         cm = atomic_file(self.dir / f"{self._name}.bin", "wb")
         fh = self._fh = cm.__enter__()
