@@ -45,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--strict", action="store_true", help="stop with an error at the first bad record")
     pr.add_argument("--num-tasks", type=int, default=1, help="split the input files over N jobs")
     pr.add_argument("--task-index", type=int, default=0, help="which of the --num-tasks jobs this is")
+    pr.add_argument("--unit-bytes", default="256M", metavar="N",
+                    help="read a bigger JSONL file (by byte range) or Parquet file (by row groups) as "
+                         "several units, so one big file uses every worker; 64M, 1G, ... (default 256M; "
+                         "the output does not depend on it)")
     pr.add_argument("--val-fraction", type=float, default=None,
                     help="share of documents for validation (default: config or 0.005; never empty "
                          "when there are at least 2 documents)")
@@ -70,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_prepare(args) -> int:
     from ..data.prepare import format_summary, prepare
-    from ..data.sources import DataConfig, SourceConfig, load_data_config
+    from ..data.sources import DataConfig, SourceConfig, load_data_config, parse_bytes
     from ..errors import UserError
 
     if args.config:
@@ -87,7 +91,8 @@ def run_prepare(args) -> int:
         cfg.seed = args.seed
     cfg.validate()
     m = prepare(cfg, args.tokenizer, args.out, workers=args.workers, strict=args.strict,
-                num_tasks=args.num_tasks, task_index=args.task_index, progress=not args.quiet)
+                num_tasks=args.num_tasks, task_index=args.task_index, progress=not args.quiet,
+                unit_bytes=parse_bytes(args.unit_bytes))
     if not args.quiet:
         print(format_summary(m))
         reused = m.get("_reused_units", 0)

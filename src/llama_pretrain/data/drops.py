@@ -119,13 +119,14 @@ class Stats:
     def unit_dict(self) -> dict:
         return {"documents_in": self.documents_in, "documents_passed": self.documents_kept,
                 "tokens": self.tokens, "dropped": self.dropped, "locations": self.locations,
-                "pii_replacements": self.pii_replacements}
+                "pii_replacements": self.pii_replacements, "files": self.files}
 
     @classmethod
     def from_unit_dict(cls, d: dict) -> Stats:
         return cls(documents_in=d["documents_in"], documents_kept=d["documents_passed"], tokens=d["tokens"],
                    dropped=dict(d["dropped"]), locations={r: list(v) for r, v in d["locations"].items()},
-                   pii_replacements=dict(d["pii_replacements"]), files=1)  # a unit is one file
+                   pii_replacements=dict(d["pii_replacements"]),
+                   files=d.get("files", 1))  # a file read in parts counts in its first one
 
     def manifest_dict(self, total: Stats, weight: float | None = None) -> dict:
         """This source's (or, with ``total`` itself, the total's) entry in the manifest."""

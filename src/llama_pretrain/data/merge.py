@@ -49,15 +49,17 @@ def merge(parts: list[str | Path], out: str | Path, progress: bool = True) -> di
     cfg = data_config_from_dict(first["config"])
     refs, stats = [], []
     for d, m in manifests:
+        if m["part"].get("unit_bytes") != first["part"].get("unit_bytes"):  # the tasks' units would not fit
+            raise UserError(f"{d} was prepared with a different --unit-bytes than {first_dir}")
         for u in m["part"]["units"]:
-            ref = UnitRef(u["source"], u["file_index"], "", d / u["dir"])
+            ref = UnitRef(u["source"], u["file_index"], "", d / u["dir"], u.get("part", 0))
             try:
                 st = read_unit_stats(ref.dir)
             except (OSError, ValueError, KeyError):
                 raise UserError(f"{ref.dir}: work files missing; re-run that task") from None
             refs.append(ref)
             stats.append(st)
-    order = sorted(range(len(refs)), key=lambda i: (refs[i].source, refs[i].file_index))
+    order = sorted(range(len(refs)), key=lambda i: (refs[i].source, refs[i].file_index, refs[i].part))
     refs = [refs[i] for i in order]
     stats = [stats[i] for i in order]
     merged_from = [str(d) for d, _ in sorted(manifests, key=lambda x: x[1]["part"]["task_index"])]

@@ -53,7 +53,8 @@ from .mixture import copy_masks, split_validation
 from .normalize import normalize_text
 from .pii import scrub_pii
 from .shards import FORMAT, MANIFEST, ShardWriter, dtype_for_vocab, np_dtype
-from .sources import QUALITY_STAGES, DataConfig, Record, SourceConfig, Stages, expand_paths, iter_records
+from .sources import (MIN_UNIT_BYTES, QUALITY_STAGES, UNIT_BYTES, DataConfig, Record, SourceConfig, Span, Stages,
+                      expand_paths, file_spans, iter_records)
 from .wordcache import WordCacheEncoder
 
 PIPELINE_VERSION = 1
@@ -67,6 +68,7 @@ class UnitRef:
     file_index: int  # index of the file within its source
     path: str
     dir: Path
+    part: int = 0    # which part of a file read as several units (sources.file_spans); 0: the whole file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,10 +141,11 @@ def _process_unit(job: dict) -> tuple[Stats, bool]:
     stages = _DocStages(job["stages"])
     tok = _cached("tok:" + job["tokenizer"], lambda: Tokenizer(job["tokenizer"]))
     enc = _cached("enc:" + job["tokenizer"], lambda: WordCacheEncoder(tok))  # its cache outlives units
-    stats = Stats(files=1)
+    span = job.get("span")
+    stats = Stats(files=0 if span is not None and span.part else 1)  # a file counts once, in its first part
     with atomic_dir(out, UNIT_FILES) as tmp:
         with _UnitFiles(tmp, enc, stages.hasher, stats) as files:
-            for rec in iter_records(Path(job["path"]), job["text_field"], job["url_field"]):
+            for rec in iter_records(Path(job["path"]), job["text_field"], job["url_field"], span):
                 stats.documents_in += 1
                 text = _clean(rec, stages, stats, job["strict"])
                 if text is not None:
@@ -289,8 +292,10 @@ class _UnitFiles:
 
 
 def plan_units(cfg: DataConfig, out: Path, tokenizer_sha: str, num_tasks: int = 1, task_index: int = 0,
-               strict: bool = False, tokenizer_path: str = "") -> list[tuple[UnitRef, dict]]:
-    """All units of the config (global order) that belong to ``task_index``, with their jobs."""
+               strict: bool = False, tokenizer_path: str = "",
+               unit_bytes: int = UNIT_BYTES) -> list[tuple[UnitRef, dict]]:
+    """All units of the config (global order: source, file, part) that belong to ``task_index``,
+    with their jobs. A file over ``unit_bytes`` may be several units (``sources.file_spans``)."""
     jobs = []
     k = 0
     for si, src in enumerate(cfg.sources):
@@ -299,25 +304,36 @@ def plan_units(cfg: DataConfig, out: Path, tokenizer_sha: str, num_tasks: int = 
         except UserError as e:
             raise UserError(f"source {src.name}: {e}") from None
         stages = _source_stages(cfg, src)
+        settings = {"v": PIPELINE_VERSION, "stages": asdict(stages), "text_field": src.text_field,
+                    "url_field": src.url_field, "tokenizer": tokenizer_sha,
+                    "strict": strict}  # a --strict rerun must re-read what a lax run kept
+        run = {"stages": stages, "tokenizer": tokenizer_path, "strict": strict}
         for fi, path in enumerate(files):
-            mine = k % num_tasks == task_index
-            k += 1
-            if not mine:
-                continue
             try:
                 s = os.stat(path)
             except OSError as e:
                 raise UserError(f"cannot read {path}: {e.strerror}") from None
-            ref = UnitRef(si, fi, str(path), out / WORK / "units" / src.name / f"{fi:06d}")
-            fp = _fingerprint({"v": PIPELINE_VERSION, "stages": asdict(stages), "text_field": src.text_field,
-                               "url_field": src.url_field, "path": str(path), "size": s.st_size,
-                               "mtime": s.st_mtime_ns, "tokenizer": tokenizer_sha,
-                               "strict": strict})  # a --strict rerun must re-read what a lax run kept
-            jobs.append((ref, {"path": str(path), "dir": str(ref.dir), "stages": stages,
-                               "text_field": src.text_field, "url_field": src.url_field,
-                               "tokenizer": tokenizer_path, "fingerprint": fp, "strict": strict,
-                               "size": s.st_size}))
+            spans: list[Span | None] = [*file_spans(path, s.st_size, unit_bytes)] or [None]
+            for span in spans:
+                mine = k % num_tasks == task_index
+                k += 1
+                if mine:
+                    jobs.append(_unit_job(out, si, src, fi, path, span, s, settings, run))
     return jobs
+
+
+def _unit_job(out: Path, si: int, src: SourceConfig, fi: int, path: Path, span: Span | None, s: os.stat_result,
+              settings: dict, run: dict) -> tuple[UnitRef, dict]:
+    """The unit of file ``fi`` of source ``si`` (of its part ``span``) and its job (``run`` added).
+    Its fingerprint is ``settings`` plus the file's identity (path, size, mtime) and the part's range."""
+    name = f"{fi:06d}" if span is None else f"{fi:06d}-{span.part:04d}"
+    ref = UnitRef(si, fi, str(path), out / WORK / "units" / src.name / name, span.part if span else 0)
+    ident = {"path": str(path), "size": s.st_size, "mtime": s.st_mtime_ns}
+    if span is not None:  # a whole file's fingerprint is as before parts existed: its work is reused
+        ident["span"] = [span.part, span.start, span.end]
+    return ref, {"path": str(path), "dir": str(ref.dir), "text_field": src.text_field, "url_field": src.url_field,
+                 "fingerprint": _fingerprint({**settings, **ident}), "span": span,
+                 "size": s.st_size if span is None else span.nbytes, **run}
 
 
 def largest_first(jobs: list[tuple[UnitRef, dict]]) -> list[int]:
@@ -681,8 +697,9 @@ UNIT_FILES = Owned("data prepare", frozenset([*(f"{n}.bin" for n in _UnitFiles.N
 _SHARDS = {r"\d{5,}\.(bin|idx)": None}
 _STAGING = {re.escape(MANIFEST): None, rf"\.{re.escape(MANIFEST)}\.tmp-\w+": None,
             "train|val": {**_SHARDS, r"\.\d{5,}\.(bin|idx)\.tmp-\w+": None}}
-_WORK = {"units": {".+": {r"\d{6,}": UNIT_FILES,  # a unit; and one a killed run left half-written:
-                          r"\.\d{6,}\.tmp-\w+": {"|".join(map(re.escape, UNIT_FILES.names)): None}}}}
+_WORK = {"units": {".+": {r"\d{6,}(-\d{4,})?": UNIT_FILES,  # a unit (a file or a part of one); and
+                          # one a killed run left half-written:
+                          r"\.\d{6,}(-\d{4,})?\.tmp-\w+": {"|".join(map(re.escape, UNIT_FILES.names)): None}}}}
 
 
 def dataset_foreign(out: Path) -> str | None:
@@ -732,8 +749,10 @@ def _listed_shards(path: Path) -> dict[str, set[str]] | None:
 
 
 def prepare(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, workers: int = 1,
-            strict: bool = False, num_tasks: int = 1, task_index: int = 0, progress: bool = True) -> dict:
-    """Run the pipeline; returns the manifest (also written to ``out/manifest.json``)."""
+            strict: bool = False, num_tasks: int = 1, task_index: int = 0, progress: bool = True,
+            unit_bytes: int = UNIT_BYTES) -> dict:
+    """Run the pipeline; returns the manifest (also written to ``out/manifest.json``). A JSONL or
+    Parquet file over ``unit_bytes`` is read as several units; the output does not depend on it."""
     if num_tasks < 1:
         raise UserError(f"--num-tasks must be >= 1, got {num_tasks}")
     if not 0 <= task_index < num_tasks:
@@ -742,7 +761,9 @@ def prepare(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, worker
         raise UserError(f"--workers must be >= 1, got {workers}")
     out = check_out_dir(out)
     tok = tokenizer_info(tokenizer_path)
-    jobs = plan_units(cfg, out, tok["sha256"], num_tasks, task_index, strict, str(tokenizer_path))
+    if unit_bytes < MIN_UNIT_BYTES:
+        raise UserError(f"--unit-bytes must be at least {MIN_UNIT_BYTES}, got {unit_bytes}")
+    jobs = plan_units(cfg, out, tok["sha256"], num_tasks, task_index, strict, str(tokenizer_path), unit_bytes)
     if not jobs:
         raise UserError(f"task {task_index} of {num_tasks} has no input files "
                         f"(there are fewer files than tasks)")
@@ -750,8 +771,8 @@ def prepare(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, worker
     refs = [r for r, _ in jobs]
     extra: dict[str, Any] = {}
     if num_tasks > 1:
-        extra["part"] = {"task_index": task_index, "num_tasks": num_tasks,
-                         "units": [{"source": r.source, "file_index": r.file_index,
+        extra["part"] = {"task_index": task_index, "num_tasks": num_tasks, "unit_bytes": unit_bytes,
+                         "units": [{"source": r.source, "file_index": r.file_index, "part": r.part,
                                     "dir": os.path.relpath(r.dir, out)} for r in refs]}
     m = finalize(cfg, refs, [st for st, _ in results], out, tok, strict, progress, extra)
     m["_reused_units"] = sum(reused for _, reused in results)

@@ -3,12 +3,24 @@
 Supported inputs (by file name):
 
 * ``*.jsonl`` / ``*.jsonl.gz`` / ``*.json.gz``: one JSON object per line, text in ``text_field``;
-* ``*.parquet``: one row per document, text in the column ``text_field``;
+* ``*.parquet``: one row per document, text in the column ``text_field`` (a sharded dataset, a
+  directory of them, nested or not, is one unit per file);
+* a Hugging Face ``datasets`` directory written by ``save_to_disk``: one row per document, as for
+  Parquet, from its ``data-*-of-*.arrow`` stream files (in ``state.json``'s order), read with
+  pyarrow. A ``DatasetDict`` directory gives every split, in sorted order; name one split's
+  directory (``DIR/train``) to read only it. A walk reads ``*.arrow`` only inside such a split
+  directory (one with ``state.json``), never a stray Arrow file;
 * ``*.txt`` / ``*.text`` / ``*.md`` / ``*.rst``, and any file named on its own or by a glob: a
   plain-text file is one document.
 
 A directory is walked recursively for the formats above only: its other files (a TOML config, a
 script, a binary) are not documents; name them, or glob them (``DIR/**/*.py``), to read them as text.
+
+A big uncompressed JSONL or Parquet file may be read as several units (``file_spans``): a JSONL
+file by byte range (a line belongs to the range holding its first byte), a Parquet file by
+contiguous row groups. The records, their locations and the accounting are those of the whole file,
+but for two checks made per part: the text field looked for in a JSONL part's objects, and reading
+stopped at a damaged Parquet row group until the part's end rather than the file's.
 
 Bad records never raise: ``iter_records`` yields them with a drop reason and a ``file:line``
 location so the pipeline can count them (``--strict`` turns the first one into a ``UserError``).
@@ -33,7 +45,7 @@ from typing import Any, Iterator
 
 from ..config_fields import at_least, between, check, coerce, setting, update
 from ..errors import UserError
-from . import drops, limits
+from . import drops, hf_disk, limits
 
 # ---------------------------------------------------------------------------------------------
 # Files
@@ -66,7 +78,8 @@ def expand_paths(patterns: list[str] | str) -> list[Path]:
         else:
             raise UserError(f"input path {pat} does not exist")
         if not found and p.is_dir():
-            raise UserError(f"input directory {pat} has no {', '.join(KNOWN_SUFFIXES)} files (other files "
+            raise UserError(f"input directory {pat} has no {', '.join(KNOWN_SUFFIXES)} files nor a "
+                            f"save_to_disk dataset (other files "
                             f"are not read from a directory: name them or use a glob such as {pat}/**/*.py)")
         if not found:
             raise UserError(f"input {pat} matches no files")
@@ -139,10 +152,13 @@ KNOWN_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz", ".
 
 
 def _walk(d: Path) -> list[Path]:
-    """The files of a known format under ``d`` (hidden entries skipped), sorted."""
+    """The files of a known format under ``d`` (hidden entries skipped), sorted; a save_to_disk
+    split's Arrow files in its ``state.json`` order."""
     out: list[Path] = []
     for root, dirs, files in os.walk(d):
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        if hf_disk.STATE in files:
+            out.extend(hf_disk.arrow_files(Path(root)))
         out.extend(Path(root) / f for f in sorted(files) if not f.startswith(".") and has_known_format(f))
     return out
 
@@ -159,7 +175,74 @@ def file_kind(path: Path) -> str:
         return "jsonl.gz"
     if name.endswith(".parquet"):
         return "parquet"
+    if name.endswith(".arrow"):  # named, globbed, or listed by a save_to_disk split's state.json
+        return "arrow"
     return "text"
+
+
+# A file bigger than this is read as several units (``file_spans``); ``data prepare --unit-bytes``.
+UNIT_BYTES = 256 << 20
+MIN_UNIT_BYTES = 4 << 10
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"64M"`` -> 67108864: a whole number of bytes with an optional K, M, G or T (powers of 1024;
+    ``KiB`` / ``KB`` spellings too). ``UserError`` for anything else or below ``MIN_UNIT_BYTES``."""
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    num, unit = (t[:-1], t[-1]) if t[-1:] in _SIZE_SUFFIXES else (t, "")
+    if not num.isdigit():
+        raise UserError(f"--unit-bytes: {text!r} is not a size such as 268435456, 256M or 1G")
+    n = int(num) * _SIZE_SUFFIXES[unit]
+    if n < MIN_UNIT_BYTES:
+        raise UserError(f"--unit-bytes must be at least {MIN_UNIT_BYTES} (4K), got {text}")
+    return n
+
+
+@dataclass(frozen=True)
+class Span:
+    """Part ``part`` of a file read as a unit of its own: bytes [start, end) of an uncompressed
+    JSONL file, or row groups [start, end) of a Parquet file (``nbytes`` of them, compressed)."""
+
+    part: int
+    start: int
+    end: int
+    nbytes: int
+
+
+def file_spans(path: Path, size: int, unit_bytes: int) -> list[Span]:
+    """The parts to read a file of ``size`` bytes in, about ``unit_bytes`` each; ``[]`` for one unit
+    (the whole file: small, compressed, plain text, Arrow, or a Parquet file with one row group)."""
+    if size <= unit_bytes:
+        return []
+    kind = file_kind(path)
+    if kind == "jsonl":
+        n = -(-size // unit_bytes)
+        return [Span(i, i * unit_bytes, min(size, (i + 1) * unit_bytes),
+                     min(size, (i + 1) * unit_bytes) - i * unit_bytes) for i in range(n)]
+    return _row_group_spans(path, unit_bytes) if kind == "parquet" else []
+
+
+def _row_group_spans(path: Path, unit_bytes: int) -> list[Span]:
+    """Contiguous row groups of about ``unit_bytes`` compressed bytes each (a part ends at the
+    first group that reaches it); ``[]`` when that is one part or the footer cannot be read (the
+    reader then reports the file)."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+        sizes = [sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+                 for rg in map(meta.row_group, range(meta.num_row_groups))]
+    except Exception:  # pyarrow raises several types for a damaged file
+        return []
+    spans: list[Span] = []
+    start = acc = 0
+    for g, n in enumerate(sizes):
+        acc += n
+        if acc >= unit_bytes or g == len(sizes) - 1:
+            spans.append(Span(len(spans), start, g + 1, acc))
+            start, acc = g + 1, 0
+    return spans if len(spans) > 1 else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,7 +510,10 @@ def iter_texts(source: SourceConfig) -> Iterator[str]:
                 yield rec.text
 
 
-def iter_records(path: Path, text_field: str = "text", url_field: str | None = None) -> Iterator[Record]:
+def iter_records(path: Path, text_field: str = "text", url_field: str | None = None,
+                 span: Span | None = None) -> Iterator[Record]:
+    """The records of ``path`` (of its part ``span``, from ``file_spans``: the records of the
+    whole file are those of its parts, in order, with the same locations)."""
     try:
         regular = stat.S_ISREG(os.stat(path).st_mode)
     except OSError:
@@ -437,11 +523,13 @@ def iter_records(path: Path, text_field: str = "text", url_field: str | None = N
         return
     kind = file_kind(path)
     if kind == "parquet":
-        yield from _iter_parquet(path, text_field, url_field)
+        yield from _iter_parquet(path, text_field, url_field, span)
+    elif kind == "arrow":
+        yield from _iter_arrow(path, text_field, url_field)
     elif kind == "text":
         yield _read_text_file(path)
     else:
-        yield from _iter_jsonl(path, text_field, url_field, gz=kind == "jsonl.gz")
+        yield from _iter_jsonl(path, text_field, url_field, gz=kind == "jsonl.gz", span=span)
 
 
 def _read_text_file(path: Path) -> Record:
@@ -462,7 +550,11 @@ def _read_text_file(path: Path) -> Record:
         return Record.bad(str(path), drops.INVALID_UTF8)
 
 
-def _iter_jsonl(path: Path, text_field: str, url_field: str | None, gz: bool) -> Iterator[Record]:
+def _iter_jsonl(path: Path, text_field: str, url_field: str | None, gz: bool,
+                span: Span | None = None) -> Iterator[Record]:
+    """The records of a JSONL file, or of its lines that start in ``span``'s byte range. Of a file's
+    parts, only the first reports an empty file, and only when the whole file is blank; the text
+    field is looked for per part (a part of JSON objects none of which has it is refused)."""
     n_objects = 0
     n_with_field = 0
     fields_seen: dict[str, None] = {}
@@ -475,7 +567,9 @@ def _iter_jsonl(path: Path, text_field: str, url_field: str | None, gz: bool) ->
     with fh:
         lineno = 0
         try:
-            for lineno, raw in enumerate(limits.bounded_lines(fh, limits.MAX_RECORD_BYTES), 1):
+            first, lines = (1, fh) if span is None else _seek_span(fh, span)
+            lineno = first - 1
+            for lineno, raw in enumerate(limits.bounded_lines(lines, limits.MAX_RECORD_BYTES), first):
                 if raw is None:
                     empty = False
                     yield Record.bad(f"{path}:{lineno}", drops.TOO_LONG)
@@ -514,6 +608,8 @@ def _iter_jsonl(path: Path, text_field: str, url_field: str | None, gz: bool) ->
                     continue
                 url = obj.get(url_field) if url_field else None
                 yield Record(text, url if isinstance(url, str) else None, loc)
+            if empty and span is not None:  # one part is blank: the whole file, or only that part?
+                empty = span.part == 0 and _blank(fh)
         except (OSError, EOFError, zlib.error, gzip.BadGzipFile):
             empty = False
             yield Record.bad(f"{path}:{lineno + 1}", drops.CORRUPT_FILE)
@@ -524,7 +620,58 @@ def _iter_jsonl(path: Path, text_field: str, url_field: str | None, gz: bool) ->
                         f"fields present: {', '.join(fields_seen) or 'none'}")
 
 
-def _iter_parquet(path: Path, text_field: str, url_field: str | None) -> Iterator[Record]:
+class _ByteRange:
+    """``readline`` over the lines of a binary file that start before ``end``, from ``pos`` (a line
+    start): a line that starts in the range is read whole, past ``end`` if it goes on."""
+
+    def __init__(self, fh, pos: int, end: int):
+        self.fh, self.pos, self.end, self.at_line_start = fh, pos, end, True
+
+    def readline(self, size: int) -> bytes:
+        if self.at_line_start and self.pos >= self.end:
+            return b""
+        line = self.fh.readline(size)
+        self.pos += len(line)
+        self.at_line_start = line.endswith(b"\n")
+        return line
+
+
+_COUNT_CHUNK = 16 << 20
+
+
+def _seek_span(fh, span: Span) -> tuple[int, _ByteRange]:
+    """The line number of ``span``'s first line and a reader of its lines. A range that starts
+    mid-line starts at the next line (that line belongs to the range before); the lines before it
+    are counted, so that locations read ``file:line`` as for the whole file."""
+    pos = span.start
+    if pos > 0:
+        fh.seek(pos - 1)
+        if fh.read(1) != b"\n":
+            while True:
+                chunk = fh.readline(_COUNT_CHUNK)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+            pos = fh.tell()
+    fh.seek(0)
+    newlines, left = 0, pos
+    while left > 0:
+        chunk = fh.read(min(_COUNT_CHUNK, left))
+        if not chunk:
+            break
+        newlines += chunk.count(b"\n")
+        left -= len(chunk)
+    fh.seek(pos)
+    return newlines + 1, _ByteRange(fh, pos, span.end)
+
+
+def _blank(fh) -> bool:
+    """Whether the rest of ``fh`` (from a line start) is blank lines, as the whole-file reader sees
+    them (a blank line over the record limit is a too-long record, not blank)."""
+    return all(raw is not None and not raw.strip() for raw in limits.bounded_lines(fh, limits.MAX_RECORD_BYTES))
+
+
+def _iter_parquet(path: Path, text_field: str, url_field: str | None,
+                  span: Span | None = None) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     try:
@@ -542,17 +689,54 @@ def _iter_parquet(path: Path, text_field: str, url_field: str | None) -> Iterato
         yield Record.bad(str(path), drops.EMPTY_FILE)
         return
     read_text = _readable(schema.field(text_field).type)
-    url = url_field and url_field in schema.names and limits.is_string_type(schema.field(url_field).type)
-    cols = [text_field] + ([url_field] if url and url_field else [])
-    row = 0
+    cols = _columns(schema, text_field, url_field)
+    n = pf.metadata.num_row_groups
+    groups = range(n) if span is None else range(min(span.start, n), min(span.end, n))
+    row = sum(pf.metadata.row_group(g).num_rows for g in range(groups.start))
     try:
         with open(path, "rb") as fh:
-            for g in range(pf.metadata.num_row_groups):
+            for g in groups:
                 for rec in _row_group_records(pf, fh, g, cols, read_text, str(path), row):
                     row += 1
                     yield rec
     except Exception:
         yield Record.bad(f"{path}:row {row + 1}", drops.CORRUPT_FILE)
+
+
+def _iter_arrow(path: Path, text_field: str, url_field: str | None) -> Iterator[Record]:
+    """The rows of an Arrow stream file (a save_to_disk split's), checked as Parquet rows are: each
+    text (and URL) measured in the memory-mapped batch before it becomes a Python string."""
+    if path.stat().st_size == 0:
+        yield Record.bad(str(path), drops.EMPTY_FILE)
+        return
+    row = 0
+    try:
+        with hf_disk.open_stream(path) as reader:
+            schema = reader.schema
+            if text_field not in schema.names:
+                raise UserError(f"{path}: no column {text_field!r}; columns: {', '.join(schema.names) or 'none'}")
+            read_text = _readable(schema.field(text_field).type)
+            cols = _columns(schema, text_field, url_field)
+            for batch in reader:
+                recs = (_batch_records(batch.select(cols), str(path), row) if read_text else
+                        (Record.bad(f"{path}:row {i}", drops.TEXT_NOT_A_STRING)
+                         for i in range(row + 1, row + batch.num_rows + 1)))
+                for rec in recs:
+                    row += 1
+                    yield rec
+    except UserError:
+        raise
+    except Exception:  # not an Arrow stream, truncated, compressed (hf_disk.CompressedStream)
+        yield Record.bad(f"{path}:row {row + 1}" if row else str(path), drops.CORRUPT_FILE)
+        return
+    if row == 0:
+        yield Record.bad(str(path), drops.EMPTY_FILE)
+
+
+def _columns(schema, text_field: str, url_field: str | None) -> list[str]:
+    """The columns read: the text's, and the URL's when it holds strings."""
+    url = url_field and url_field in schema.names and limits.is_string_type(schema.field(url_field).type)
+    return [text_field] + ([url_field] if url and url_field else [])
 
 
 def _readable(t) -> bool:

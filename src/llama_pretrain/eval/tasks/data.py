@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 from ...data import limits
+from ...data.hf_disk import CompressedStream, arrow_files, open_stream
 from ...errors import UserError
 from ...tokenizer import check_text
 
@@ -93,22 +94,6 @@ def _find_requests(task_id: str, root: Path) -> list[tuple[Path, str | None]]:
         if variants:
             found.append((variants[0], name if len(names) > 1 else None))
     return found
-
-
-def arrow_files(split_dir: Path) -> list[Path]:
-    """The Arrow files of a save_to_disk split, in state.json's order (else by name)."""
-    if not split_dir.is_dir():
-        return []
-    try:
-        with open(split_dir / "state.json", encoding="utf-8") as fh:
-            state = json.loads(fh.read(1 << 20))  # a real one is a few hundred bytes
-        names = [d["filename"] for d in state["_data_files"]]
-        files = [split_dir / n for n in names if isinstance(n, str) and "/" not in n and n.endswith(".arrow")]
-        if files and all(f.is_file() for f in files):
-            return files
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return sorted(split_dir.glob("*.arrow"))
 
 
 def describe_files(files: list[tuple[Path, str | None]]) -> str:
@@ -228,50 +213,19 @@ def _take_batch(batch, out: list[dict], total: int, where: Path, split: Path) ->
 def _read_arrow(split_dir: Path) -> list[dict]:
     """The rows of a save_to_disk split's Arrow stream files (memory-mapped: a batch is not copied
     until its rows have been measured, as for Parquet)."""
-    import pyarrow as pa
-
     files = arrow_files(split_dir)
     if sum(f.stat().st_size for f in files) > limits.MAX_SPLIT_BYTES:
         raise UserError(_too_big(split_dir))
     out: list[dict] = []
     total = 0
     for f in files:
-        with pa.memory_map(str(f)) as src:
-            # a compressed batch would be decompressed whole before its rows could be measured
-            if any(_ipc_compressed(m.metadata.to_pybytes()) for m in pa.ipc.MessageReader.open_stream(src)):
-                raise UserError(f"{f}: Arrow stream with compressed buffers; save_to_disk writes them "
-                                f"uncompressed (a compressed one could hide any size)")
-            src.seek(0)
-            for batch in pa.ipc.open_stream(src):
-                total = _take_batch(batch, out, total, f, split_dir)
+        try:
+            with open_stream(f) as reader:
+                for batch in reader:
+                    total = _take_batch(batch, out, total, f, split_dir)
+        except CompressedStream as e:
+            raise UserError(str(e)) from None
     return out
-
-
-def _ipc_compressed(md: bytes) -> bool:
-    """Whether an Arrow IPC message (its flatbuffer metadata) is a record or dictionary batch with
-    compressed buffers: ``Message.header`` -> ``RecordBatch.compression`` is set."""
-    import struct
-
-    def table(pos: int):
-        vtable = pos - struct.unpack_from("<i", md, pos)[0]
-        size = struct.unpack_from("<H", md, vtable)[0]
-        return lambda i: struct.unpack_from("<H", md, vtable + 4 + 2 * i)[0] if 4 + 2 * i < size else 0
-
-    def child(pos: int, off: int) -> int:
-        return pos + off + struct.unpack_from("<I", md, pos + off)[0]
-
-    root = struct.unpack_from("<I", md, 0)[0]
-    message = table(root)
-    kind = md[root + message(1)] if message(1) else 0
-    if kind not in (2, 3) or not message(2):  # 2: DictionaryBatch, 3: RecordBatch
-        return False
-    header = child(root, message(2))
-    batch = table(header)
-    if kind == 2:  # a DictionaryBatch holds its RecordBatch in field 1
-        if not batch(1):
-            return False
-        batch = table(child(header, batch(1)))
-    return bool(batch(3))
 
 
 def request_docs(path: Path, records: list) -> list[dict]:
