@@ -306,7 +306,7 @@ def bench_size(args, work: Path, n: int, tok: Path, paths: list[Path], envs: tup
     ref = run_reference(cfg, tok, ref_out, envs[1])
     kept = json.loads((ref_out / "manifest.json").read_text())["total"]["documents_kept"]
     runs = []
-    for t in args.tasks:
+    for t in args.largest_tasks if n == args.sizes[-1] else args.tasks:
         out = runs_dir / f"staged_{t}"
         r = summarise(n, run_staged(cfg, tok, out, t, envs[0]), t)
         r["identical"], r["detail"] = identical(out, ref_out)
@@ -322,26 +322,34 @@ def bench_size(args, work: Path, n: int, tok: Path, paths: list[Path], envs: tup
             "load_before": load_before, "load_after": load_after}
 
 
+def _common(sizes: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The smallest and the largest size's runs, for the task counts both have."""
+    both = {r["tasks"] for r in sizes[0]["runs"]} & {r["tasks"] for r in sizes[-1]["runs"]}
+    return ([r for r in sizes[0]["runs"] if r["tasks"] in both], [r for r in sizes[-1]["runs"] if r["tasks"] in both])
+
+
 def flatness(sizes: list[dict]) -> dict:
-    """(largest task RSS at the largest size) / (at the smallest), per T and over every T."""
-    first, last = sizes[0], sizes[-1]
-    per_t = {r["tasks"]: r2["max_rss_mb"] / r["max_rss_mb"] for r, r2 in zip(first["runs"], last["runs"])}
-    worst = max(r["max_rss_mb"] for r in last["runs"]) / max(r["max_rss_mb"] for r in first["runs"])
+    """(largest task RSS at the largest size) / (at the smallest), per T and over the T both have."""
+    first, last = _common(sizes)
+    small = {r["tasks"]: r["max_rss_mb"] for r in first}
+    per_t = {r["tasks"]: r["max_rss_mb"] / small[r["tasks"]] for r in last}
+    worst = max(r["max_rss_mb"] for r in last) / max(small.values())
     return {"per_tasks": per_t, "overall": worst, "limit": FLAT_LIMIT, "ok": worst <= FLAT_LIMIT}
 
 
 def stage_growth(sizes: list[dict]) -> dict:
-    """Each stage's largest task RSS at the largest size / at the smallest (over every T)."""
-    def peak(size: dict, stage: str) -> float:
-        return max(max(r["stages"][stage]["rss_mb"]) for r in size["runs"])
-    return {s: peak(sizes[-1], s) / peak(sizes[0], s) for s in STAGES}
+    """Each stage's largest task RSS at the largest size / at the smallest (the T both have)."""
+    def peak(runs: list[dict], stage: str) -> float:
+        return max(max(r["stages"][stage]["rss_mb"]) for r in runs)
+    first, last = _common(sizes)
+    return {s: peak(last, s) / peak(first, s) for s in STAGES}
 
 
 def projection(sizes: list[dict], task_counts=(64, 512)) -> dict:
     """100M documents: per-task memory (flat, and a linear bound from the measured slope), time
     with ``task_counts`` tasks at the one-task throughput measured at the largest size (the
-    parallel stages divide by the tasks; resolve, plan and finish are one task and grow linearly),
-    and the reference's memory from its per-document slope."""
+    parallel stages divide by the tasks; resolve, plan and finish are one task each, extrapolated
+    on their measured per-document slope), and the reference's memory from its per-document slope."""
     first, last = sizes[0], sizes[-1]
     n0, n1 = first["documents"], last["documents"]
     grow = n1 > n0
@@ -351,15 +359,18 @@ def projection(sizes: list[dict], task_counts=(64, 512)) -> dict:
     ref_slope = (last["reference"]["rss_mb"] - first["reference"]["rss_mb"]) / (n1 - n0) if grow else 0.0
     one = min(last["runs"], key=lambda r: r["tasks"])
     par = sum(s["wall_s"] for name, s in one["stages"].items() if name not in SINGLE) * one["tasks"]
-    ser = sum(s["wall_s"] for name, s in one["stages"].items() if name in SINGLE)
+    # The one-task stages' time grows with the corpus from a fixed start-up: its slope, not a ratio.
+    ser0, ser1 = (sum(s["wall_s"] for name, s in min(z["runs"], key=lambda r: r["tasks"])["stages"].items()
+                      if name in SINGLE) for z in (first, last))
+    ser = ser1 + max(0.0, (ser1 - ser0) / (n1 - n0) if grow else ser1 / n1) * (TARGET_DOCS - n1)
     scale = TARGET_DOCS / n1
     return {
         "documents": TARGET_DOCS,
         "task_rss_mb_flat": rss1,
         "task_rss_mb_linear_bound": rss1 + max(slope, 0.0) * (TARGET_DOCS - n1),
         "task_docs_per_s": n1 / par,
-        "hours": {t: (par / t + ser) * scale / 3600 for t in task_counts},
-        "serial_hours": ser * scale / 3600,
+        "hours": {t: (par * scale / t + ser) / 3600 for t in task_counts},
+        "serial_hours": ser / 3600,
         "reference_rss_gb": (last["reference"]["rss_mb"] + ref_slope * (TARGET_DOCS - n1)) / 1024,
         "reference_kb_per_doc": ref_slope * 1024,
         "reference_hours": TARGET_DOCS / (n1 / last["reference"]["wall_s"]) / 3600,
@@ -368,12 +379,12 @@ def projection(sizes: list[dict], task_counts=(64, 512)) -> dict:
 
 def print_summary(sizes: list[dict]) -> None:
     print("\n== summary ==")
-    print("documents  | reference s, RSS MB | " + " | ".join(f"T={r['tasks']} docs/s, max task RSS MB (stage)"
-                                                          for r in sizes[0]["runs"]))
+    print("documents  | reference s, RSS MB | per T: docs/s, max task RSS MB (its stage)")
     for s in sizes:
         ref = s["reference"]
         print(f"{s['documents']:>10,} | {ref['wall_s']:>8.1f} {ref['rss_mb']:>8.0f} | " + " | ".join(
-            f"{r['docs_per_s']:>7,.0f} {r['max_rss_mb']:>6.0f} ({r['max_rss_stage']})" for r in s["runs"]))
+            f"T={r['tasks']} {r['docs_per_s']:>7,.0f} {r['max_rss_mb']:>6.0f} ({r['max_rss_stage']})"
+            for r in s["runs"]))
     if len(sizes) < 2:
         return
     f, g, p = flatness(sizes), stage_growth(sizes), projection(sizes)
@@ -394,6 +405,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="new, empty, or a dir this script made before")
     ap.add_argument("--sizes", default="100000,300000,1000000", help="corpus sizes (documents), comma-separated")
     ap.add_argument("--tasks", default="1,2,4", help="task counts per stage, comma-separated")
+    ap.add_argument("--largest-tasks", default=None,
+                    help="task counts at the largest size only (default: --tasks), to fit a time budget")
     ap.add_argument("--docs-per-file", type=int, default=10_000)
     ap.add_argument("--dup-percent", type=float, default=2.0, help="documents repeating one of the file before")
     ap.add_argument("--vocab", type=int, default=8000, help="tokenizer vocabulary")
@@ -402,8 +415,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.sizes, args.tasks, args.docs_per_file = "2000,6000", "1,2", 500
-    sizes = sorted(int(x) for x in args.sizes.split(","))
+    sizes = args.sizes = sorted(int(x) for x in args.sizes.split(","))
     args.tasks = [int(x) for x in args.tasks.split(",")]
+    args.largest_tasks = [int(x) for x in args.largest_tasks.split(",")] if args.largest_tasks else args.tasks
     if any(n % args.docs_per_file for n in sizes):
         ap.error("every size must be a multiple of --docs-per-file")
     work = own_work_dir(args.work.resolve())
