@@ -304,7 +304,7 @@ def test_shard_writer_add_many_writes_what_add_writes(tmp_path):
         for e, n in zip(ends, lengths):
             w1.add(tokens[e - n:e])
         w2 = ShardWriter(many, "train", "uint16", cap)
-        for part in np.array_split(np.arange(len(lengths)), 7):  # several calls, as _copy_docs makes
+        for part in np.array_split(np.arange(len(lengths)), 7):  # several calls, as copy_documents makes
             if len(part):
                 w2.add_many(tokens[ends[part[0]] - lengths[part[0]]:ends[part[-1]]], lengths[part])
         assert w1.close() == w2.close()
@@ -315,10 +315,11 @@ def test_shard_writer_add_many_writes_what_add_writes(tmp_path):
 
 
 def test_copying_documents_in_small_pieces_writes_the_same_dataset(tmp_path, monkeypatch):
-    """_copy_docs gathers about _COPY_TOKENS tokens at a time: any piece size gives the same files."""
+    """copy_documents gathers about COPY_TOKENS tokens at a time: any piece size gives the same files."""
     import json
 
     from llama_pretrain.data import prepare as prep
+    from llama_pretrain.data.phase2 import write as write_stage
     from llama_pretrain.data.sources import DataConfig, SourceConfig
     from llama_pretrain.tokenizer import train_tokenizer
 
@@ -329,7 +330,7 @@ def test_copying_documents_in_small_pieces_writes_the_same_dataset(tmp_path, mon
     cfg = DataConfig([SourceConfig("a", [str(tmp_path / "a.jsonl")])], val_fraction=0.1, shard_tokens=2048)
     outs = []
     for piece in (1 << 22, 1, 700):
-        monkeypatch.setattr(prep, "_COPY_TOKENS", piece)
+        monkeypatch.setattr(write_stage, "COPY_TOKENS", piece)
         out = tmp_path / f"out{piece}"
         prep.prepare(cfg, tmp_path / "tok.model", out, progress=False)
         outs.append({str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))

@@ -413,19 +413,22 @@ def test_prepare_onto_a_full_disk_is_one_line_and_keeps_the_previous_dataset(tmp
                                                                               capsys, monkeypatch):
     import shutil
 
+    import llama_pretrain.data.phase2.run as run_stage
     import llama_pretrain.data.prepare as prep
 
     common = ["--tokenizer", tok, "--quiet", "--val-fraction", "0.1"]
     out = small_disk / "data"
     assert run("prepare", "--input", _corpus(tmp_path / "a", 2, 10), "--out", out, *common) == 0
     before = files_bytes(out), (out / "manifest.json").read_bytes()
-    real_write = prep._write
+    import llama_pretrain.data.phase2.write as write_stage
 
-    def disk_fills_up(cfg, staging, *args):  # another program fills the disk while shards are written
+    real_write = write_stage.run_write
+
+    def disk_fills_up(*args):  # another program fills the disk while shards are written
         (small_disk / "ballast").write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 1024))
-        return real_write(cfg, staging, *args)
+        return real_write(*args)
 
-    monkeypatch.setattr(prep, "_write", disk_fills_up)
+    monkeypatch.setattr(run_stage, "run_write", disk_fills_up)
     capsys.readouterr()
     assert run("prepare", "--input", _corpus(tmp_path / "b", 3, 20, seed=9), "--out", out, *common) == 2
     err = capsys.readouterr().err.strip()

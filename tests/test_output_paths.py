@@ -258,7 +258,7 @@ def test_data_merge_never_removes_a_user_file(tok, tmp_path, capsys):
 
 
 def test_a_file_put_into_train_while_prepare_runs_is_not_removed(tok, tmp_path, monkeypatch, capsys):
-    import llama_pretrain.data.prepare as prep
+    import llama_pretrain.data.phase2.run as run_stage
 
     out = tmp_path / "out"
     assert prepare(corpus(tmp_path / "old", seed=2), tok, out) == 0
@@ -267,13 +267,13 @@ def test_a_file_put_into_train_while_prepare_runs_is_not_removed(tok, tmp_path, 
         return {k: v for k, v in snapshot(out).items() if not k.startswith("_work")}
 
     earlier = dataset()
-    real_write = prep._write
+    real_write = run_stage.run_write
 
-    def user_saves_a_file(cfg, staging, *args):  # after the up-front check, before the swap
+    def user_saves_a_file(*args):  # after the up-front check, before the swap
         (out / "train" / "late.txt").write_text("mine\n")
-        return real_write(cfg, staging, *args)
+        return real_write(*args)
 
-    monkeypatch.setattr(prep, "_write", user_saves_a_file)
+    monkeypatch.setattr(run_stage, "run_write", user_saves_a_file)
     src = corpus(tmp_path / "in")
     capsys.readouterr()
     assert prepare(src, tok, out) == 2

@@ -276,8 +276,9 @@ def atomic_dir(final: str | Path, owned: Owned | None = None) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_file(final: str | Path, mode: str = "wb") -> Iterator:
-    """Open a temporary sibling of ``final`` for writing; fsync and rename it on success."""
+def atomic_file(final: str | Path, mode: str = "wb", durable: bool = True) -> Iterator:
+    """Open a temporary sibling of ``final`` for writing; fsync (unless not ``durable``: a work
+    file that is cheap to make again) and rename it on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
@@ -286,10 +287,12 @@ def atomic_file(final: str | Path, mode: str = "wb") -> Iterator:
     try:
         yield fh
         fh.flush()
-        os.fsync(fh.fileno())
+        if durable:
+            os.fsync(fh.fileno())
         fh.close()
         os.replace(tmp, final)
-        fsync_dir(final.parent)
+        if durable:
+            fsync_dir(final.parent)
     except BaseException as exc:
         written = tree_bytes(Path(tmp))
         with contextlib.suppress(OSError):

@@ -23,6 +23,9 @@ its own --out) and join them with `llama-pretrain data merge`.
 """
 
 
+STAGES = ("units", "keys", "dedup", "resolve", "split", "plan", "write", "finish")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare token shards from raw documents (clean, dedup, mix)")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
@@ -45,6 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--strict", action="store_true", help="stop with an error at the first bad record")
     pr.add_argument("--num-tasks", type=int, default=1, help="split the input files over N jobs")
     pr.add_argument("--task-index", type=int, default=0, help="which of the --num-tasks jobs this is")
+    pr.add_argument("--stage", choices=STAGES, default=None,
+                    help="run only this task's share of one stage, into a --out shared by all tasks "
+                         "(a job array per stage, in this order: " + ", ".join(STAGES) + "; see "
+                         "docs/data.md); without it, every stage runs here in --workers processes")
+    pr.add_argument("--range-docs", type=int, default=None, metavar="N",
+                    help="documents per hash range in the dedup stage (default 262144): what bounds "
+                         "the memory of a dedup task; the output does not depend on it")
     pr.add_argument("--unit-bytes", default="256M", metavar="N",
                     help="read a bigger JSONL file (by byte range) or Parquet file (by row groups) as "
                          "several units, so one big file uses every worker; 64M, 1G, ... (default 256M; "
@@ -61,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                      "over the units of all parts; the result equals a one-job run.")
     mg.add_argument("parts", nargs="+", metavar="PART_DIR")
     mg.add_argument("--out", required=True, help="output dataset directory")
+    mg.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     mg.add_argument("--quiet", action="store_true")
     mg.set_defaults(func=run_merge)
 
@@ -73,7 +84,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_prepare(args) -> int:
-    from ..data.prepare import format_summary, prepare
+    from ..data.prepare import format_summary, prepare, prepare_stage
     from ..data.sources import DataConfig, SourceConfig, load_data_config, parse_bytes
     from ..errors import UserError
 
@@ -90,9 +101,14 @@ def run_prepare(args) -> int:
     if args.seed is not None:
         cfg.seed = args.seed
     cfg.validate()
-    m = prepare(cfg, args.tokenizer, args.out, workers=args.workers, strict=args.strict,
-                num_tasks=args.num_tasks, task_index=args.task_index, progress=not args.quiet,
-                unit_bytes=parse_bytes(args.unit_bytes))
+    run = dict(workers=args.workers, strict=args.strict, num_tasks=args.num_tasks, task_index=args.task_index,
+               progress=not args.quiet, unit_bytes=parse_bytes(args.unit_bytes), range_docs=args.range_docs)
+    m = (prepare_stage(cfg, args.tokenizer, args.out, args.stage, **run) if args.stage
+         else prepare(cfg, args.tokenizer, args.out, **run))
+    if m is None:  # one task of one stage, not the last one
+        if not args.quiet:
+            print(f"stage {args.stage}: task {args.task_index} of {args.num_tasks} done")
+        return 0
     if not args.quiet:
         print(format_summary(m))
         reused = m.get("_reused_units", 0)
@@ -106,7 +122,7 @@ def run_merge(args) -> int:
     from ..data.merge import merge
     from ..data.prepare import format_summary
 
-    m = merge(args.parts, args.out, progress=not args.quiet)
+    m = merge(args.parts, args.out, progress=not args.quiet, workers=args.workers)
     if not args.quiet:
         print(format_summary(m))
         print(f"wrote {args.out}")

@@ -17,7 +17,7 @@ from .shards import read_manifest
 from .sources import data_config_from_dict
 
 
-def merge(parts: list[str | Path], out: str | Path, progress: bool = True) -> dict:
+def merge(parts: list[str | Path], out: str | Path, progress: bool = True, workers: int = 1) -> dict:
     if not parts:
         raise UserError("no part directories given")
     out = check_out_dir(out, "data merge")
@@ -64,4 +64,4 @@ def merge(parts: list[str | Path], out: str | Path, progress: bool = True) -> di
     stats = [stats[i] for i in order]
     merged_from = [str(d) for d, _ in sorted(manifests, key=lambda x: x[1]["part"]["task_index"])]
     return finalize(cfg, refs, stats, out, first["tokenizer"], progress=progress,
-                    extra={"merged_from": merged_from})
+                    extra={"merged_from": merged_from}, workers=workers)

@@ -23,7 +23,6 @@ per kept document, not the text.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -43,16 +42,14 @@ from tqdm import tqdm
 
 from ..config import parse_json
 from ..errors import UserError
-from ..fsutil import (Owned, atomic_dir, atomic_file, check_output_dir, foreign_file, fsync_dir, refusal,
-                      reporting_full_disk, tree_bytes)
+from ..fsutil import (Owned, atomic_dir, check_output_dir, foreign_file, fsync_dir)
 from . import drops
-from .dedup import MinHasher, NearDedup, exact_key
+from .dedup import MinHasher, exact_key
 from .drops import Stats
 from .filters import Blocklist, TextSplit, c4_filter, gopher
-from .mixture import copy_masks, split_validation
 from .normalize import normalize_text
 from .pii import scrub_pii
-from .shards import FORMAT, MANIFEST, ShardWriter, dtype_for_vocab, np_dtype
+from .shards import FORMAT, MANIFEST, dtype_for_vocab, np_dtype
 from .sources import (MIN_UNIT_BYTES, QUALITY_STAGES, UNIT_BYTES, DataConfig, Record, SourceConfig, Span, Stages,
                       expand_paths, file_spans, iter_records)
 from .wordcache import WordCacheEncoder
@@ -431,77 +428,37 @@ def run_units(jobs: list[tuple[UnitRef, dict]], workers: int = 1,
 # Phase 2: dedup, split, mix, account, write
 
 
-@dataclass
-class _Kept:
-    """A unit's documents left after dedup: their indices in the unit's work files, lengths and
-    hashes, whether each goes to validation (set by ``_split``), and the unit's accounting."""
-
-    ref: UnitRef
-    stats: Stats
-    idx: np.ndarray
-    lengths: np.ndarray
-    hashes: np.ndarray
-    val: np.ndarray | None = None
-
-    @property
-    def val_mask(self) -> np.ndarray:
-        """``val``, once ``_split`` has set it."""
-        if self.val is None:
-            raise RuntimeError(f"{self.ref.dir}: validation documents not chosen yet")
-        return self.val
-
-
 def finalize(cfg: DataConfig, units: list[UnitRef], unit_stats: list[Stats], out: Path, tokenizer: dict,
-             strict: bool = False, progress: bool = True, extra: dict | None = None) -> dict:
-    """Phase 2 over ``units`` (already in global order); writes the dataset and returns the manifest."""
+             strict: bool = False, progress: bool = True, extra: dict | None = None, workers: int = 1,
+             range_docs: int | None = None) -> dict:
+    """Phase 2 over ``units`` (already in global order), its stages run in ``workers`` local
+    processes (``phase2/``); writes the dataset and returns the manifest."""
+    from .phase2.run import run_local
+
     out.mkdir(parents=True, exist_ok=True)
-    kept = _dedup(cfg, units, unit_stats, progress)
-    _split(cfg, kept)
-    train = _mix(cfg, kept)
-    sources, total, warnings = _account(cfg, kept, train, strict)  # before writing: it may refuse
-    dtype = dtype_for_vocab(tokenizer["vocab_size"])
-    with _staged(out) as staging:
-        shards = _write(cfg, staging, dtype, kept, train, progress)
-        manifest = {
-            "format": FORMAT,
-            "pipeline_version": PIPELINE_VERSION,
-            "dtype": dtype,
-            "tokenizer": tokenizer,
-            "config": cfg.to_dict(),
-            "splits": {sp: {"tokens": int(sum(x["tokens"] for x in shards[sp])),
-                            "documents": int(sum(x["documents"] for x in shards[sp])),
-                            "shards": shards[sp]} for sp in ("train", "val")},
-            "total": total.manifest_dict(total),
-            "sources": {src.name: s.manifest_dict(total, src.weight) for src, s in zip(cfg.sources, sources)},
-            "warnings": warnings,
-        }
-        if extra:
-            manifest.update(extra)
-        with atomic_file(staging / MANIFEST, "w") as fh:
-            json.dump(manifest, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-    return manifest
+    ctx = phase2_context(cfg, units, unit_stats, out, tokenizer, strict, extra, range_docs)
+    return run_local(ctx, workers, progress)
+
+
+def phase2_context(cfg: DataConfig, units: list[UnitRef], unit_stats: list[Stats], out: Path, tokenizer: dict,
+                   strict: bool = False, extra: dict | None = None, range_docs: int | None = None):
+    """What every phase-2 task of this run knows (``phase2.context.Phase2``)."""
+    from .phase2.context import DOCS_PER_RANGE, Phase2, UnitInfo
+
+    if range_docs is not None and range_docs < 1:
+        raise UserError(f"--range-docs must be >= 1, got {range_docs}")
+    infos = [UnitInfo(ref.dir, ref.source, st, _unit_fingerprint(ref.dir)) for ref, st in zip(units, unit_stats)]
+    return Phase2(cfg, infos, out, tokenizer, strict, extra or {}, range_docs or DOCS_PER_RANGE)
+
+
+def _unit_fingerprint(dir: Path) -> str:
+    try:
+        return str(parse_json((dir / "stats.json").read_text()).get("fingerprint", ""))
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{dir}: work files missing; re-run the task that made them") from None
 
 
 STAGING = ".staging"
-
-
-@contextlib.contextmanager
-def _staged(out: Path):
-    """A dir for the new splits and manifest, swapped into ``out`` when the block succeeds. On a
-    failure (a full disk: ``DiskFull``) it is removed and the previous dataset stays whole."""
-    staging = out / STAGING
-    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run (checked to be ours)
-    try:
-        with reporting_full_disk(out, lambda: tree_bytes(staging)):
-            yield staging
-        bad = dataset_foreign(out)  # something put into train/ or val/ while the shards were written
-        if bad is not None:
-            raise refusal(out, bad, "data prepare")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _swap_in(staging, out)
 
 
 def _swap_in(staging: Path, out: Path) -> None:
@@ -516,40 +473,6 @@ def _swap_in(staging: Path, out: Path) -> None:
     fsync_dir(out)
 
 
-def _dedup(cfg: DataConfig, units: list[UnitRef], unit_stats: list[Stats], progress: bool) -> list[_Kept]:
-    """Exact, then near dedup over all documents in global order: the first occurrence wins. Each
-    duplicate moves from kept to dropped in (a copy of) its unit's stats."""
-    nd = cfg.stages.near_dedup
-    near = NearDedup(nd.bands, nd.rows, nd.seed) if nd.enabled else None
-    exact_seen: set[int] | None = set() if cfg.stages.exact_dedup.enabled else None
-    bar = _bar(progress, total=sum(st.documents_kept for st in unit_stats), unit="doc", desc="dedup")
-    kept = []
-    for ref, st in zip(units, unit_stats):
-        kept.append(_dedup_unit(ref, copy.deepcopy(st), exact_seen, near, nd.bands * nd.rows))
-        bar.update(st.documents_kept)
-    bar.close()
-    return kept
-
-
-def _dedup_unit(ref: UnitRef, st: Stats, exact_seen: set[int] | None, near: NearDedup | None,
-                perm: int) -> _Kept:
-    lengths, hashes, sigs = _read_doc_index(ref.dir, st.documents_kept, perm if near is not None else 0)
-    keep = np.ones(len(lengths), dtype=bool)
-    for i in range(len(lengths)):
-        if exact_seen is not None:
-            h = int(hashes[i])
-            if h in exact_seen:
-                keep[i] = False
-                st.drop_kept(drops.EXACT_DUPLICATE, int(lengths[i]))
-                continue
-            exact_seen.add(h)
-        if near is not None and sigs is not None and near.is_duplicate(sigs[i]):
-            keep[i] = False
-            st.drop_kept(drops.NEAR_DUPLICATE, int(lengths[i]))
-    idx = np.nonzero(keep)[0]
-    return _Kept(ref, st, idx, lengths[idx], hashes[idx])
-
-
 def _read_doc_index(dir: Path, n: int, perm: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A unit's ``n`` document lengths, hashes and (with ``perm`` > 0) MinHash signatures."""
     lengths = np.fromfile(dir / "lengths.bin", dtype="<u4")
@@ -558,113 +481,6 @@ def _read_doc_index(dir: Path, n: int, perm: int) -> tuple[np.ndarray, np.ndarra
         raise UserError(f"{dir}: work files are incomplete; delete that directory and re-run")
     sigs = np.fromfile(dir / "minhash.bin", dtype="<u4").reshape(-1, perm) if perm and n else None
     return lengths, hashes, sigs
-
-
-def _split(cfg: DataConfig, kept: list[_Kept]) -> None:
-    """Mark the validation documents, decided over all kept documents at once."""
-    hashes = np.concatenate([k.hashes for k in kept]) if kept else np.zeros(0, "<u8")
-    is_val = split_validation(hashes, cfg.val_fraction, cfg.seed)
-    pos = 0
-    for k in kept:
-        k.val = is_val[pos:pos + len(k.idx)]
-        pos += len(k.idx)
-
-
-def _mix(cfg: DataConfig, kept: list[_Kept]) -> list[tuple[_Kept, np.ndarray]]:
-    """The training documents in write order: per source, per pass of its weight, per unit, the
-    positions (into ``_Kept.idx``) of the documents that pass copies."""
-    plan = []
-    for si, src in enumerate(cfg.sources):
-        mine = [(k, np.nonzero(~k.val_mask)[0]) for k in kept if k.ref.source == si]
-        hashes = np.concatenate([k.hashes[t] for k, t in mine]) if mine else np.zeros(0, "<u8")
-        lengths = np.concatenate([k.lengths[t] for k, t in mine]) if mine else np.zeros(0, "<u4")
-        for mask in copy_masks(hashes, lengths, src.weight, cfg.seed):
-            pos = 0
-            for k, train in mine:
-                sel = train if mask is None else train[mask[pos:pos + len(train)]]
-                pos += len(train)
-                if len(sel):
-                    plan.append((k, sel))
-    return plan
-
-
-def _account(cfg: DataConfig, kept: list[_Kept], train: list[tuple[_Kept, np.ndarray]],
-             strict: bool) -> tuple[list[Stats], Stats, list[str]]:
-    """Per-source and total accounting, checked to add up, and the warnings. A ``UserError`` when
-    nothing is left (with ``strict``, when any source is left empty)."""
-    sources = [Stats() for _ in cfg.sources]
-    for k in kept:
-        s = sources[k.ref.source]
-        s.add(k.stats)
-        s.val_documents += int(k.val_mask.sum())
-        s.val_tokens += int(k.lengths[k.val_mask].sum())
-    for k, sel in train:
-        s = sources[k.ref.source]
-        s.tokens_after_mixing += int(k.lengths[sel].sum())
-        s.train_documents_after_mixing += len(sel)
-    total = Stats()
-    warnings = []
-    for src, s in zip(cfg.sources, sources):
-        s.check(f"source {src.name}")
-        total.add(s)
-        if s.documents_kept == 0 and s.files:
-            msg = f"source {src.name}: no documents left after filtering"
-            if strict:
-                raise UserError(msg + " (" + _top_reasons(s.dropped) + ")")
-            warnings.append(msg)
-    total.check("total")
-    if not total.documents_kept:
-        raise UserError("no documents left after filtering (" + (_top_reasons(total.dropped) or "no input") + ")")
-    return sources, total, warnings
-
-
-def _write(cfg: DataConfig, out: Path, dtype: str, kept: list[_Kept], train: list[tuple[_Kept, np.ndarray]],
-           progress: bool) -> dict[str, list[dict]]:
-    """The shard files, validation (each document once) then training (``train``, from ``_mix``);
-    returns each split's shard list."""
-    for split in ("train", "val"):
-        if (out / split).exists():
-            shutil.rmtree(out / split)
-        (out / split).mkdir(parents=True)
-    writers = {sp: ShardWriter(out, sp, dtype, cfg.shard_tokens) for sp in ("train", "val")}
-    bar = _bar(progress, total=None, unit="tok", unit_scale=True, desc="write")
-    try:
-        for k in kept:
-            if k.val_mask.any():
-                bar.update(_copy_docs(writers["val"], k, np.nonzero(k.val_mask)[0], dtype))
-        for k, sel in train:
-            bar.update(_copy_docs(writers["train"], k, sel, dtype))
-        return {sp: w.close() for sp, w in writers.items()}
-    except BaseException:
-        for w in writers.values():
-            w.abort()
-        raise
-    finally:
-        bar.close()
-
-
-def _copy_docs(writer: ShardWriter, k: _Kept, positions: np.ndarray, dtype: str) -> int:
-    """Append the documents at ``positions`` of ``k`` from its unit's token file; returns their tokens."""
-    lengths = np.fromfile(k.ref.dir / "lengths.bin", dtype="<u4")
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-    path = k.ref.dir / "tokens.bin"
-    toks = (np.memmap(path, dtype=np_dtype(dtype), mode="r") if path.stat().st_size
-            else np.zeros(0, dtype=np_dtype(dtype)))
-    sel = k.idx[positions]
-    sel_lens = lengths[sel].astype(np.int64)
-    ends = np.cumsum(sel_lens)
-    c = 0
-    while c < len(sel):  # about _COPY_TOKENS tokens gathered at a time (at least one document)
-        e = max(c + 1, int(np.searchsorted(ends, ends[c] - sel_lens[c] + _COPY_TOKENS, side="right")))
-        docs, lens = sel[c:e], sel_lens[c:e]
-        # the token positions of these documents, back to back
-        where = np.repeat(offsets[docs] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
-        writer.add_many(toks[where], lens)
-        c = e
-    return int(k.lengths[positions].sum())
-
-
-_COPY_TOKENS = 1 << 22
 
 
 def _top_reasons(dropped: dict[str, int], k: int = 4) -> str:
@@ -700,6 +516,13 @@ _STAGING = {re.escape(MANIFEST): None, rf"\.{re.escape(MANIFEST)}\.tmp-\w+": Non
 _WORK = {"units": {".+": {r"\d{6,}(-\d{4,})?": UNIT_FILES,  # a unit (a file or a part of one); and
                           # one a killed run left half-written:
                           r"\.\d{6,}(-\d{4,})?\.tmp-\w+": {"|".join(map(re.escape, UNIT_FILES.names)): None}}}}
+
+
+# Phase 2's work files (phase2/): <fingerprint>/{keys,dedup,resolve,split,write}/ files,
+# done/<stage>/<item> markers and plan.json, each possibly as a temporary being written.
+_P2_FILES = {r"\.?(?:[\w-]+\.(?:bin|idx|npz|json)|\d{8})(?:\.tmp-\w+)?": None}
+_WORK["phase2"] = {r"[0-9a-f]{32}": {"keys|dedup|resolve|split|write": _P2_FILES, "done": {r"[a-z]+": _P2_FILES},
+                                    r"\.?plan\.json(?:\.tmp-\w+)?": None}}
 
 
 def dataset_foreign(out: Path) -> str | None:
@@ -748,17 +571,21 @@ def _listed_shards(path: Path) -> dict[str, set[str]] | None:
         return None
 
 
-def prepare(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, workers: int = 1,
-            strict: bool = False, num_tasks: int = 1, task_index: int = 0, progress: bool = True,
-            unit_bytes: int = UNIT_BYTES) -> dict:
-    """Run the pipeline; returns the manifest (also written to ``out/manifest.json``). A JSONL or
-    Parquet file over ``unit_bytes`` is read as several units; the output does not depend on it."""
+def _check_tasks(num_tasks: int, task_index: int, workers: int) -> None:
     if num_tasks < 1:
         raise UserError(f"--num-tasks must be >= 1, got {num_tasks}")
     if not 0 <= task_index < num_tasks:
         raise UserError(f"--task-index must be in [0, {num_tasks}), got {task_index}")
     if workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
+
+
+def prepare(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, workers: int = 1,
+            strict: bool = False, num_tasks: int = 1, task_index: int = 0, progress: bool = True,
+            unit_bytes: int = UNIT_BYTES, range_docs: int | None = None) -> dict:
+    """Run the pipeline; returns the manifest (also written to ``out/manifest.json``). A JSONL or
+    Parquet file over ``unit_bytes`` is read as several units; the output does not depend on it."""
+    _check_tasks(num_tasks, task_index, workers)
     out = check_out_dir(out)
     tok = tokenizer_info(tokenizer_path)
     if unit_bytes < MIN_UNIT_BYTES:
@@ -774,9 +601,42 @@ def prepare(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, worker
         extra["part"] = {"task_index": task_index, "num_tasks": num_tasks, "unit_bytes": unit_bytes,
                          "units": [{"source": r.source, "file_index": r.file_index, "part": r.part,
                                     "dir": os.path.relpath(r.dir, out)} for r in refs]}
-    m = finalize(cfg, refs, [st for st, _ in results], out, tok, strict, progress, extra)
+    m = finalize(cfg, refs, [st for st, _ in results], out, tok, strict, progress, extra, workers, range_docs)
     m["_reused_units"] = sum(reused for _, reused in results)
     return m
+
+
+STAGE_NAMES = ("units", "keys", "dedup", "resolve", "split", "plan", "write", "finish")
+
+
+def prepare_stage(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, stage: str, num_tasks: int = 1,
+                  task_index: int = 0, workers: int = 1, strict: bool = False, progress: bool = True,
+                  unit_bytes: int = UNIT_BYTES, range_docs: int | None = None) -> dict | None:
+    """One task of one stage over a shared ``out`` (a job array's task): phase 1 for the units
+    i % num_tasks == task_index, or that task's items of a phase-2 stage (``phase2/run.py``).
+    Returns the manifest when this task finished the dataset, else None."""
+    from .phase2.run import run_task
+
+    _check_tasks(num_tasks, task_index, workers)
+    if unit_bytes < MIN_UNIT_BYTES:
+        raise UserError(f"--unit-bytes must be at least {MIN_UNIT_BYTES}, got {unit_bytes}")
+    out = check_out_dir(out)
+    tok = tokenizer_info(tokenizer_path)
+    if stage not in STAGE_NAMES:
+        raise UserError(f"unknown --stage {stage!r}; the stages, in order: {', '.join(STAGE_NAMES)}")
+    if stage == "units":
+        jobs = plan_units(cfg, out, tok["sha256"], num_tasks, task_index, strict, str(tokenizer_path), unit_bytes)
+        run_units(jobs, workers, progress)
+        return None
+    jobs = plan_units(cfg, out, tok["sha256"], 1, 0, strict, str(tokenizer_path), unit_bytes)
+    stats = [_reusable_stats(ref.dir / "stats.json", job["fingerprint"]) for ref, job in jobs]
+    left = sum(st is None for st in stats)
+    if left:
+        raise UserError(f"stage units is not finished ({left} of {len(jobs)} units left); "
+                        f"run it before --stage {stage}")
+    ctx = phase2_context(cfg, [r for r, _ in jobs], [st for st in stats if st is not None], out, tok, strict,
+                         None, range_docs)
+    return run_task(ctx, stage, num_tasks, task_index, progress)
 
 
 def format_summary(m: dict) -> str:

@@ -1,5 +1,10 @@
 """What every phase-2 task knows: the config, the units in global order and their phase-1 stats,
-where the work files go, the hash-range partitioning, and which items are done."""
+where the work files go, the hash-range partitioning, and which items are done.
+
+Work files and markers are renamed into place but not fsynced (thousands of small items would
+spend most of their time in fsync): a killed task loses nothing it finished, since the page cache
+outlives the process; after a machine crash, delete ``OUT/_work/phase2`` before running again.
+The shards and the manifest are fsynced."""
 
 from __future__ import annotations
 
@@ -59,16 +64,13 @@ class Phase2:
         self.bands = st.near_dedup.bands if st.near_dedup.enabled else 0
         self.rows = st.near_dedup.rows
         self.perm = st.near_dedup.bands * st.near_dedup.rows if st.near_dedup.enabled else 0
-
-    # -- where ---------------------------------------------------------------------------------
-
-    @property
-    def fingerprint(self) -> str:
-        """Changes with anything that changes phase 2's work files (not with ``extra``)."""
+        # Changes with anything that changes phase 2's work files (not with ``extra``).
         payload = {"config": self.cfg.to_dict(), "tokenizer": self.tokenizer.get("sha256"),
                    "strict": self.strict, "docs_per_range": self.docs_per_range,
                    "units": [[str(u.dir), u.fingerprint] for u in self.units]}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+        self.fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+    # -- where ---------------------------------------------------------------------------------
 
     @property
     def root(self) -> Path:
@@ -109,11 +111,11 @@ class Phase2:
         return self.marker(stage, item).is_file()
 
     def mark_done(self, stage: str, item: int) -> None:
-        with atomic_file(self.marker(stage, item), "w") as fh:
+        with atomic_file(self.marker(stage, item), "w", durable=False) as fh:
             fh.write("")
 
     def write_json(self, path: Path, obj) -> None:
-        with atomic_file(path, "w") as fh:
+        with atomic_file(path, "w", durable=False) as fh:
             json.dump(obj, fh)
 
     def read_json(self, path: Path):

@@ -86,9 +86,9 @@ def run_keys(ctx: Phase2, k: int) -> None:
     rec[:, 0], rec[:, 1] = key[order], doc[order]
     offsets = np.searchsorted(part[order], np.arange(ctx.partitions + 1)).astype("<u8")
     data, index = keys_paths(ctx, k)
-    with atomic_file(data) as fh:
+    with atomic_file(data, durable=False) as fh:
         fh.write(rec.tobytes())
-    with atomic_file(index) as fh:
+    with atomic_file(index, durable=False) as fh:
         fh.write(offsets.tobytes())
 
 
@@ -118,7 +118,7 @@ def run_dedup(ctx: Phase2, p: int) -> None:
     kind, band = ctx.partition_kind(p)
     out = _exact_drops(rec) if kind == "exact" else _near_groups(ctx, rec, band)
     out = out[np.lexsort((out[:, 1], out[:, 0]))] if len(out) else out
-    with atomic_file(dedup_path(ctx, p)) as fh:
+    with atomic_file(dedup_path(ctx, p), durable=False) as fh:
         fh.write(np.ascontiguousarray(out, dtype="<u8").tobytes())
 
 
@@ -235,7 +235,7 @@ class _Cursors:
 def run_resolve(ctx: Phase2, bar=None) -> None:
     cursors = _Cursors(ctx)
     claimed: set[int] = set()  # near groups with a kept member and members still to come
-    with atomic_file(drops_path(ctx)) as fh:
+    with atomic_file(drops_path(ctx), durable=False) as fh:
         for k in range(len(ctx.units)):
             out = _resolve_unit(cursors.unit(k), claimed)
             fh.write(np.asarray(out, dtype="<u8").reshape(-1, 2).tobytes())

@@ -60,7 +60,7 @@ def run_split(ctx: Phase2, k: int) -> None:
     u = _unit_values(h, cfg.seed) if cfg.val_fraction > 0 else np.zeros(0)
     v = _unit_values(h, cfg.seed + 1) if _passes(src.weight)[1] > 1e-9 else np.zeros(0)
     arrays, meta = split_paths(ctx, k)
-    with atomic_file(arrays) as fh:
+    with atomic_file(arrays, durable=False) as fh:
         np.savez(fh, kept=kept.astype("<u8"), lengths=lengths[kept].astype("<u4"), u=u, v=v)
     ctx.write_json(meta, asdict(st))
 

@@ -93,6 +93,8 @@ def run_local(ctx: Phase2, workers: int = 1, progress: bool = True) -> dict:
     goes (the previous dataset stays whole); the finished items stay for a re-run."""
     from ..prepare import _bar, _pool_context
 
+    if ctx.is_done("finish", 0):  # the same run again: write the dataset again
+        shutil.rmtree(ctx.work)
     state: dict = {}
     pool = None
     try:
@@ -135,14 +137,14 @@ def run_local(ctx: Phase2, workers: int = 1, progress: bool = True) -> dict:
 def run_task(ctx: Phase2, stage: str, num_tasks: int, task_index: int, progress: bool = True) -> dict | None:
     """This task's items of ``stage`` (items i with i % num_tasks == task_index); the manifest
     when it ran the finish stage."""
+    if ctx.is_done("finish", 0) or (stage in SINGLE and task_index):
+        return None  # this run is finished / one item, which task 0 does
     k = STAGES.index(stage)
     if k:
         left = pending(ctx, STAGES[k - 1])
         if left:
             raise UserError(f"stage {STAGES[k - 1]} is not finished ({len(left)} of "
                             f"{item_count(ctx, STAGES[k - 1])} items left); run it before --stage {stage}")
-    if stage in SINGLE and task_index:
-        return None
     mine = [i for i in pending(ctx, stage) if stage in SINGLE or i % num_tasks == task_index]
     state: dict = {}
     result = None

@@ -129,5 +129,6 @@ def run_finish(ctx: Phase2, plan: dict) -> dict:
     if bad is not None:
         raise refusal(ctx.out, bad, "data prepare")
     _swap_in(staging(ctx), ctx.out)
-    shutil.rmtree(ctx.root, ignore_errors=True)  # phase 2's work files: done with
+    shutil.rmtree(ctx.root, ignore_errors=True)  # phase 2's work files (and older runs'): done with
+    ctx.mark_done("finish", 0)  # so that a late task of this run finds nothing to do
     return manifest
