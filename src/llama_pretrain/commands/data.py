@@ -18,8 +18,11 @@ deterministic train/validation split and the mixture weights (2.0 = up-sample tw
 Bad records (malformed JSON, invalid UTF-8, missing text field, empty or binary files) are dropped
 and counted by reason with their first file:line locations; --strict stops at the first one.
 Re-running the same command resumes: finished input files are not processed again. The output is
-the same for any --workers. For a cluster, run N jobs with --num-tasks N --task-index I (each with
-its own --out) and join them with `llama-pretrain data merge`.
+the same for any --workers. Phase 2 (dedup, split, mixing, shard writing) runs as stages of
+tasks whose memory does not grow with the corpus. For a cluster, run each stage as a job array
+into a shared --out (--stage S --num-tasks N --task-index I; examples/slurm/submit.sh chains
+them), or run N jobs with --num-tasks N --task-index I (each with its own --out) and join them
+with `llama-pretrain data merge`. The output is the same either way.
 """
 
 

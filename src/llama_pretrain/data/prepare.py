@@ -7,18 +7,18 @@ Two phases, so that the output is the same for any number of workers or tasks:
    each document's exact hash and MinHash signature. The results go to ``OUT/_work/units/<source>/
    <file index>/`` (written as a whole, then renamed). A unit whose directory exists with the same
    fingerprint (config, tokenizer, file size and mtime) is reused: that is how a killed run resumes.
-2. **Finalise** (one process, streaming over the units in global order: sources in config order,
-   files in sorted order): exact and near dedup (first occurrence wins), the train/validation split,
-   the mixture weights, the accounting (per source, checked to add up, before anything is
-   written), then the shard files and ``manifest.json`` (written last; the old manifest is removed
-   first, so a dataset with a manifest is always complete).
+2. **Phase 2** (``phase2/``: stages of tasks over files, in a local pool or as job arrays with
+   ``--stage``): exact and near dedup over all documents in global order (sources in config
+   order, files in sorted order; the first occurrence wins), the train/validation split, the
+   mixture weights, the accounting (per source, checked to add up, before anything is written),
+   then the shard files and ``manifest.json`` (written last; the old manifest is removed first, so
+   a dataset with a manifest is always complete). No task holds more than one unit, hash range
+   or shard.
 
-With ``--num-tasks N --task-index I`` a job runs phase 1 for every N-th file only and finalises
-its own part; ``data merge`` then runs phase 2 over the units of all parts in the same global order,
-so exact and near duplicates *across* tasks are removed there, and the merged dataset is
-byte-identical to a single-job run. Memory: phase 1 holds one batch of documents per worker;
-phase 2 holds the dedup index (a hash per kept document and its LSH band keys) and a few numbers
-per kept document, not the text.
+With ``--num-tasks N --task-index I`` (and no ``--stage``) a job runs phase 1 for every N-th file
+only and finalises its own part; ``data merge`` then runs phase 2 over the units of all parts in
+the same global order, so exact and near duplicates *across* tasks are removed there, and the
+merged dataset is byte-identical to a single-job run.
 """
 
 from __future__ import annotations
