@@ -218,16 +218,21 @@ def test_a_failed_task_is_rerun_alone_and_the_bytes_are_the_same(corpus, tok, on
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
 
-def test_a_file_of_someone_else_in_the_work_dir_is_refused(corpus, tok, tmp_path, capsys):
+def test_a_file_of_someone_else_in_the_work_dir_is_not_removed(corpus, tok, tmp_path, capsys):
     out = tmp_path / "out"
     for stage in ("units", "keys"):
         assert prepare(corpus, tok, out, "--stage", stage) == 0
     work = next((out / "_work" / "phase2").iterdir())
     (work / "keys" / "notes.txt").write_text("mine\n")
+    for stage in ("dedup", "resolve", "split", "plan", "write"):  # they write only their own names
+        assert prepare(corpus, tok, out, "--stage", stage) == 0
     capsys.readouterr()
-    assert prepare(corpus, tok, out, "--stage", "dedup") == 2
+    assert prepare(corpus, tok, out, "--stage", "finish") == 2  # it would remove the work dir
     assert "notes.txt" in capsys.readouterr().err
-    assert (work / "keys" / "notes.txt").read_text() == "mine\n"
+    assert (work / "keys" / "notes.txt").read_text() == "mine\n" and not (out / "manifest.json").exists()
+    (work / "keys" / "notes.txt").unlink()
+    assert prepare(corpus, tok, out, "--stage", "finish") == 0
+    assert read_manifest(out)["splits"]["train"]["tokens"] > 0
 
 
 def test_an_unknown_range_setting_is_one_line(corpus, tok, tmp_path, capsys):

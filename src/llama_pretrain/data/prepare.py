@@ -525,17 +525,31 @@ _WORK["phase2"] = {r"[0-9a-f]{32}": {"keys|dedup|resolve|split|write": _P2_FILES
                                     r"\.?plan\.json(?:\.tmp-\w+)?": None}}
 
 
-def dataset_foreign(out: Path) -> str | None:
+def dataset_foreign(out: Path, walk_work: bool = True) -> str | None:
     """The first entry under ``out`` (a path relative to it) that data prepare did not write: not
     one of its names, a symlink, or a shard its ``manifest.json`` does not list (with no manifest of
-    ours, ``train/`` and ``val/`` are ours only when empty)."""
+    ours, ``train/`` and ``val/`` are ours only when empty). Without ``walk_work``, ``_work/`` is
+    taken as ours unread: a stage task between the first and the last writes only its own names
+    there, and does not walk the work files of a whole corpus once per task."""
     listed = _listed_shards(out / MANIFEST)
-    top: dict[str, Any] = {re.escape(STAGING): _STAGING, WORK: _WORK, "train|val": {}}
+    work = _WORK if walk_work else _UNREAD
+    top: dict[str, Any] = {re.escape(STAGING): _STAGING, WORK: work, "train|val": {}}
     if listed is not None:
         top.update({re.escape(MANIFEST): None, **{sp: {re.escape(n): None for n in names}
                                                   for sp, names in listed.items()}})
         del top["train|val"]
     return _foreign(out, top)
+
+
+class _Unread:
+    """A directory taken as ours without reading it."""
+
+    @staticmethod
+    def foreign(d: Path) -> None:
+        return None
+
+
+_UNREAD = _Unread()
 
 
 def _foreign(d: Path, layout: dict[str, Any]) -> str | None:
@@ -545,7 +559,7 @@ def _foreign(d: Path, layout: dict[str, Any]) -> str | None:
         if not keys or sub is None or p.is_symlink() or not p.is_dir():
             bad = foreign_file(p, bool(keys) and sub is None)
         else:
-            inner = sub.foreign(p) if isinstance(sub, Owned) else _foreign(p, sub)
+            inner = sub.foreign(p) if isinstance(sub, (Owned, _Unread)) else _foreign(p, sub)
             bad = inner and f"{p.name}/{inner}"
         if bad:
             return bad
@@ -620,7 +634,8 @@ def prepare_stage(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, 
     _check_tasks(num_tasks, task_index, workers)
     if unit_bytes < MIN_UNIT_BYTES:
         raise UserError(f"--unit-bytes must be at least {MIN_UNIT_BYTES}, got {unit_bytes}")
-    out = check_out_dir(out)
+    first_or_last = stage in ("units", "finish")  # finish removes the work files: it reads them all
+    out = check_output_dir(out, lambda d: dataset_foreign(d, walk_work=first_or_last), "data prepare", whole=False)
     tok = tokenizer_info(tokenizer_path)
     if stage not in STAGE_NAMES:
         raise UserError(f"unknown --stage {stage!r}; the stages, in order: {', '.join(STAGE_NAMES)}")

@@ -83,9 +83,17 @@ def _init_pool_worker(ctx: Phase2) -> None:
 
 
 def _pool_item(stage: str, i: int) -> None:
+    from .. import prepare as phase1  # its SIGINT handler: Ctrl-C stops the item in progress
+
     if _CTX is None:
         raise RuntimeError("phase-2 pool worker without its context")
-    run_item(_CTX, stage, i, _STATE)
+    if phase1._interrupted:
+        raise KeyboardInterrupt
+    phase1._in_unit = True
+    try:
+        run_item(_CTX, stage, i, _STATE)
+    finally:
+        phase1._in_unit = False
 
 
 def run_local(ctx: Phase2, workers: int = 1, progress: bool = True) -> dict:
