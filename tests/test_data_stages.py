@@ -256,3 +256,29 @@ def test_slurm_recipe_in_local_mode_writes_what_one_process_writes(corpus, tok, 
     assert r.returncode == 0, r.stderr
     assert "stage finish: 1 task(s) done" in r.stdout
     assert dataset(out) == one_process
+
+
+def test_near_groups_of_bands_past_255_are_not_mixed_up(tmp_path):
+    """A group is (its first document, its band): band 256 of document 0 is not band 0 of document 1."""
+    from llama_pretrain.data.phase2.context import Phase2, UnitInfo
+    from llama_pretrain.data.phase2.dedup import REASONS, run_dedup, run_keys, run_resolve, unit_drops
+
+    bands, rows, n = 257, 1, 4
+    d = tmp_path / "u0"
+    d.mkdir()
+    sigs = np.arange(n * bands, dtype="<u4").reshape(n, bands) + 100  # no band shared ...
+    sigs[2, 256] = sigs[0, 256]  # ... but document 2 ~ document 0 (band 256)
+    sigs[3, 0] = sigs[1, 0]      # and document 3 ~ document 1 (band 0)
+    sigs.tofile(d / "minhash.bin")
+    np.arange(n, dtype="<u8").tofile(d / "hashes.bin")
+    np.full(n, 5, dtype="<u4").tofile(d / "lengths.bin")
+    infos = [UnitInfo(d, 0, Stats(documents_in=n, documents_kept=n, files=1), "fp")]
+    cfg = DataConfig([SourceConfig("s", ["unused"])], stages=Stages(near_dedup=NearDedupStage(bands=bands, rows=rows)))
+    ctx = Phase2(cfg, infos, tmp_path / "out", {"sha256": "x", "vocab_size": 100})
+    run_keys(ctx, 0)
+    for p in range(ctx.partitions):
+        run_dedup(ctx, p)
+    run_resolve(ctx)
+    idx, reasons = unit_drops(ctx, 0)
+    got = {(0, int(i)): REASONS[int(r)] for i, r in zip(idx, reasons)}
+    assert got == _reference_drops(infos, bands, rows) == {(0, 2): "near_duplicate", (0, 3): "near_duplicate"}

@@ -27,7 +27,7 @@ WORK_DIR = "phase2"
 # records, so its memory stays flat (~20 MB) however big the corpus is.
 DOCS_PER_RANGE = 1 << 18
 UNIT_BITS = 32   # a document id is (unit ordinal << 32) | index in the unit
-MAX_UNITS = 1 << 24  # so that (first document id << 8) | band fits 64 bits
+MAX_UNITS = 1 << 24  # a document id fits 64 bits with room to spare
 
 
 @dataclass
@@ -65,7 +65,8 @@ class Phase2:
         self.rows = st.near_dedup.rows
         self.perm = st.near_dedup.bands * st.near_dedup.rows if st.near_dedup.enabled else 0
         # Changes with anything that changes phase 2's work files (not with ``extra``).
-        payload = {"config": self.cfg.to_dict(), "tokenizer": self.tokenizer.get("sha256"),
+        # work_format: the layout of the work files, so a re-run with other code redoes them
+        payload = {"work_format": 2, "config": self.cfg.to_dict(), "tokenizer": self.tokenizer.get("sha256"),
                    "strict": self.strict, "docs_per_range": self.docs_per_range,
                    "units": [[str(u.dir), u.fingerprint] for u in self.units]}
         self.fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

@@ -22,6 +22,8 @@ from .context import UNIT_BITS, Phase2, doc_ids, unit_span
 
 # A record of the dedup stage's output: (document id, group, kind) as three uint64; kind EXACT
 # marks an exact duplicate (group 0), MEMBER / LAST a member of a near group (LAST: its last).
+# A near group is its first document and its band: the band goes in kind's upper bits
+# (band << 2 | MEMBER or LAST), since a document id leaves too few bits for any number of bands.
 MEMBER, LAST, EXACT = 0, 1, 2
 EXACT_DROP, NEAR_DROP = 1, 2  # the reasons in resolve's drops file
 REASONS = {EXACT_DROP: drops.EXACT_DUPLICATE, NEAR_DROP: drops.NEAR_DUPLICATE}
@@ -162,8 +164,8 @@ def _near_groups(ctx: Phase2, rec: np.ndarray, band: int) -> np.ndarray:
     last[ends - 1] = True
     out = np.empty((int(keep.sum()), 3), dtype="<u8")
     out[:, 0] = cand[keep, 1]
-    out[:, 1] = (first[keep] << np.uint64(8)) | np.uint64(band)
-    out[:, 2] = np.where(last[keep], LAST, MEMBER)
+    out[:, 1] = first[keep]
+    out[:, 2] = (band << 2) | np.where(last[keep], LAST, MEMBER)
     return out
 
 
@@ -246,7 +248,9 @@ def run_resolve(ctx: Phase2, bar=None) -> None:
 def _resolve_unit(rec: np.ndarray, claimed: set[int]) -> list[tuple[int, int]]:
     """The unit's duplicates as (document, reason), in document order; updates ``claimed``."""
     out: list[tuple[int, int]] = []
-    docs, groups, kinds = rec[:, 0].tolist(), rec[:, 1].tolist(), rec[:, 2].tolist()
+    docs, kinds = rec[:, 0].tolist(), (rec[:, 2] & np.uint64(3)).tolist()
+    # a group as one Python int, (first document << 32) | band: no tuple per claimed group
+    groups = [(f << 32) | b for f, b in zip(rec[:, 1].tolist(), (rec[:, 2] >> np.uint64(2)).tolist())]
     i, n = 0, len(docs)
     while i < n:
         j = i
