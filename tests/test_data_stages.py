@@ -282,3 +282,58 @@ def test_near_groups_of_bands_past_255_are_not_mixed_up(tmp_path):
     idx, reasons = unit_drops(ctx, 0)
     got = {(0, int(i)): REASONS[int(r)] for i, r in zip(idx, reasons)}
     assert got == _reference_drops(infos, bands, rows) == {(0, 2): "near_duplicate", (0, 3): "near_duplicate"}
+
+
+def test_a_local_run_stopped_while_writing_shards_resumes_with_every_shard(corpus, tok, one_process, tmp_path,
+                                                                         monkeypatch):
+    """The shards written before Ctrl-C stay in staging for the items marked done."""
+    import llama_pretrain.data.phase2.run as run_stage
+
+    real, calls = run_stage.run_write, {"n": 0}
+
+    def dies_on_third(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(run_stage, "run_write", dies_on_third)
+    assert prepare(corpus, tok, out) == 130
+    monkeypatch.setattr(run_stage, "run_write", real)
+    assert prepare(corpus, tok, out) == 0
+    assert dataset(out) == one_process
+
+
+@pytest.mark.parametrize("when", ["after the swap", "removing the work files"])
+def test_a_finish_stopped_late_is_finished_by_a_rerun(corpus, tok, one_process, tmp_path, monkeypatch, when):
+    import shutil
+
+    import llama_pretrain.data.prepare as prep
+
+    out = tmp_path / "out"
+    if when == "after the swap":
+        real_swap = prep._swap_in
+
+        def swap_then_die(*args):
+            real_swap(*args)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(prep, "_swap_in", swap_then_die)
+    else:
+        real_rmtree = shutil.rmtree
+
+        def rmtree_half(path, *args, **kw):  # the write stage's files go, then the process dies
+            if "phase2" in Path(path).parts or Path(path).name == "phase2":
+                work = next((out / "_work" / "phase2").iterdir())
+                real_rmtree(work / "write", ignore_errors=True)
+                raise KeyboardInterrupt
+            return real_rmtree(path, *args, **kw)
+        monkeypatch.setattr(shutil, "rmtree", rmtree_half)
+    for stage in ("units", "keys", "dedup", "resolve", "split", "plan", "write"):
+        assert prepare(corpus, tok, out, "--stage", stage) == 0
+    assert prepare(corpus, tok, out, "--stage", "finish") == 130
+    monkeypatch.undo()
+    assert prepare(corpus, tok, out, "--stage", "finish") == 0
+    assert dataset(out) == one_process
+    assert prepare(corpus, tok, out) == 0  # and a local run over it
+    assert dataset(out) == one_process

@@ -461,15 +461,20 @@ def _unit_fingerprint(dir: Path) -> str:
 STAGING = ".staging"
 
 
-def _swap_in(staging: Path, out: Path) -> None:
-    """The manifest goes first and comes back last, so a dataset dir with a manifest is whole."""
-    (out / MANIFEST).unlink(missing_ok=True)
-    for split in ("train", "val"):
-        if (out / split).exists():
-            shutil.rmtree(out / split)
-        os.rename(staging / split, out / split)
-    os.rename(staging / MANIFEST, out / MANIFEST)
-    staging.rmdir()
+def _swap_in(staging: Path, out: Path, resume: bool = False) -> None:
+    """The manifest goes first and comes back last, so a dataset dir with a manifest is whole.
+    With ``resume`` (a swap that was killed midway) what staging no longer holds was moved already."""
+    if not resume or (staging / MANIFEST).exists():  # else the manifest, moved last, is in place
+        (out / MANIFEST).unlink(missing_ok=True)
+        for split in ("train", "val"):
+            if resume and not (staging / split).exists():
+                continue
+            if (out / split).exists():
+                shutil.rmtree(out / split)
+            os.rename(staging / split, out / split)
+        os.rename(staging / MANIFEST, out / MANIFEST)
+    if staging.exists() or not resume:
+        staging.rmdir()
     fsync_dir(out)
 
 

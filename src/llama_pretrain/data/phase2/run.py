@@ -98,7 +98,8 @@ def _pool_item(stage: str, i: int) -> None:
 
 def run_local(ctx: Phase2, workers: int = 1, progress: bool = True) -> dict:
     """Every stage, in ``workers`` processes; returns the manifest. On a failure the staging dir
-    goes (the previous dataset stays whole); the finished items stay for a re-run."""
+    goes (the previous dataset stays whole) with the write stage's markers, since its shards were
+    there; the other finished items stay for a re-run."""
     from ..prepare import _bar, _pool_context
 
     if ctx.is_done("finish", 0):  # the same run again: write the dataset again
@@ -131,7 +132,9 @@ def run_local(ctx: Phase2, workers: int = 1, progress: bool = True) -> dict:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
             pool = None
-        shutil.rmtree(staging(ctx), ignore_errors=True)
+        if not ctx.is_done("swap", 0):  # once the swap began, staging is half of the new dataset
+            shutil.rmtree(ctx.work / "done" / "write", ignore_errors=True)  # first: no marker outlives its shard
+            shutil.rmtree(staging(ctx), ignore_errors=True)
         raise
     finally:
         if pool is not None:

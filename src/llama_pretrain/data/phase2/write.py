@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...config import parse_json
 from ...fsutil import atomic_file, refusal
 from ..drops import Stats
 from ..shards import FORMAT, MANIFEST, ShardWriter, dtype_for_vocab, np_dtype
@@ -100,8 +101,46 @@ def copy_documents(writer: ShardWriter, unit_dir: Path, docs: np.ndarray, dtype:
 
 
 def run_finish(ctx: Phase2, plan: dict) -> dict:
-    """Write the manifest into staging and swap the new splits in; returns the manifest."""
-    from ..prepare import PIPELINE_VERSION, _swap_in, dataset_foreign
+    """Write the manifest into staging and swap the new splits in; returns the manifest. A re-run
+    after a kill during the swap (its marker set) completes the swap."""
+    from ..prepare import _swap_in, dataset_foreign
+
+    if ctx.is_done("swap", 0):
+        _swap_in(staging(ctx), ctx.out, resume=True)
+        manifest = parse_json((ctx.out / MANIFEST).read_text())
+    else:
+        manifest = _manifest(ctx, plan)
+        for sp in ("train", "val"):  # a split with no shard has no write item to make its dir
+            (staging(ctx) / sp).mkdir(parents=True, exist_ok=True)
+        with atomic_file(staging(ctx) / MANIFEST, "w") as fh:
+            json.dump(manifest, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        bad = dataset_foreign(ctx.out)  # something put into train/ or val/ while the shards were written
+        if bad is not None:
+            raise refusal(ctx.out, bad, "data prepare")
+        ctx.mark_done("swap", 0)
+        _swap_in(staging(ctx), ctx.out)
+    ctx.mark_done("finish", 0)  # before the work files go: a kill while they go leaves a finished run
+    _remove_work_files(ctx)
+    return manifest
+
+
+def _remove_work_files(ctx: Phase2) -> None:
+    """Phase 2's work files (and older runs'), all but the finish marker (so that a late task of
+    this run finds nothing to do)."""
+    keep = ctx.marker("finish", 0)
+    for d in (ctx.root, ctx.work, ctx.work / "done"):
+        for p in d.iterdir():
+            if p in (ctx.work, ctx.work / "done", keep.parent):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def _manifest(ctx: Phase2, plan: dict) -> dict:
+    from ..prepare import PIPELINE_VERSION
 
     shards = {sp: [ctx.read_json(meta_path(ctx, sp, i)) for i in range(len(plan["shards"][sp]))]
               for sp in ("train", "val")}
@@ -122,13 +161,4 @@ def run_finish(ctx: Phase2, plan: dict) -> dict:
     }
     if ctx.extra:
         manifest.update(ctx.extra)
-    with atomic_file(staging(ctx) / MANIFEST, "w") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=False)
-        fh.write("\n")
-    bad = dataset_foreign(ctx.out)  # something put into train/ or val/ while the shards were written
-    if bad is not None:
-        raise refusal(ctx.out, bad, "data prepare")
-    _swap_in(staging(ctx), ctx.out)
-    shutil.rmtree(ctx.root, ignore_errors=True)  # phase 2's work files (and older runs'): done with
-    ctx.mark_done("finish", 0)  # so that a late task of this run finds nothing to do
     return manifest
