@@ -337,3 +337,14 @@ def test_a_finish_stopped_late_is_finished_by_a_rerun(corpus, tok, one_process, 
     assert dataset(out) == one_process
     assert prepare(corpus, tok, out) == 0  # and a local run over it
     assert dataset(out) == one_process
+
+
+def test_what_a_killed_write_left_in_staging_is_not_swapped_in(corpus, tok, one_process, tmp_path):
+    out = tmp_path / "out"
+    for stage in ("units", "keys", "dedup", "resolve", "split", "plan", "write"):
+        assert prepare(corpus, tok, out, "--stage", stage) == 0
+    (out / ".staging" / "train" / ".00000.bin.tmp-k1ll3d").write_bytes(b"\0" * 10)  # as kill -9 leaves them
+    (out / ".staging" / ".manifest.json.tmp-k1ll3d").write_text("{")
+    assert prepare(corpus, tok, out, "--stage", "finish") == 0
+    assert dataset(out) == one_process
+    assert prepare(corpus, tok, out) == 0  # a run over it is not refused

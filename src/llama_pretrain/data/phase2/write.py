@@ -112,6 +112,7 @@ def run_finish(ctx: Phase2, plan: dict) -> dict:
         manifest = _manifest(ctx, plan)
         for sp in ("train", "val"):  # a split with no shard has no write item to make its dir
             (staging(ctx) / sp).mkdir(parents=True, exist_ok=True)
+        _drop_temporaries(ctx)
         with atomic_file(staging(ctx) / MANIFEST, "w") as fh:
             json.dump(manifest, fh, indent=2, sort_keys=False)
             fh.write("\n")
@@ -123,6 +124,14 @@ def run_finish(ctx: Phase2, plan: dict) -> dict:
     ctx.mark_done("finish", 0)  # before the work files go: a kill while they go leaves a finished run
     _remove_work_files(ctx)
     return manifest
+
+
+def _drop_temporaries(ctx: Phase2) -> None:
+    """What a task killed while writing a shard or the manifest left in staging (``atomic_file``'s
+    temporaries, ours by name), so that it is not swapped into the dataset."""
+    st = staging(ctx)
+    for p in [*st.glob(f".{MANIFEST}.tmp-*"), *st.glob("train/.[0-9]*.tmp-*"), *st.glob("val/.[0-9]*.tmp-*")]:
+        p.unlink()
 
 
 def _remove_work_files(ctx: Phase2) -> None:
