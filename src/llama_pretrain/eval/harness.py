@@ -56,6 +56,24 @@ class NativeBackend:
     def select(cache, rows: torch.Tensor):
         return cache.select(rows)
 
+    @torch.no_grad()
+    def packed_hidden(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [B, T, dim] of rows whose attention ``mask`` [B, 1, T, T] is
+        given whole (a context and several continuations that each see it but not one another)."""
+        m = self.model
+        top = int(positions.max()) + 1
+        if top > m.rope_cos.shape[0]:
+            m.init_rope(top)
+        cos, sin = m.rope_cos[positions], m.rope_sin[positions]
+        h = m.tok_embeddings(tokens)
+        for layer in m.layers.values():
+            h = layer(h, cos, sin, mask, None)
+        return m.norm(h)
+
+    @torch.no_grad()
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.output(h)
+
 
 class HFBackend:
     """Any ``transformers`` causal LM (``AutoModelForCausalLM``), with its own cache object."""
@@ -187,6 +205,8 @@ class CausalLM:
         groups: dict[tuple, list[int]] = {}
         for i, (ctx, cont) in enumerate(pairs):
             groups.setdefault(tuple(self._truncate(i, ctx, cont)), []).append(i)
+        if hasattr(self.backend, "packed_hidden"):
+            return self._loglikelihood_packed(groups, pairs)
         # A context's requests, shortest continuation first, in chunks of at most batch_size rows:
         # every forward pass stays within the cap however many requests share one context.
         chunks: list[tuple[tuple, list[int]]] = []
@@ -218,6 +238,43 @@ class CausalLM:
             bar.update(rows)
         bar.close()
         return _answered(results)
+
+    def _loglikelihood_packed(self, groups: dict[tuple, list[int]],
+                              pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Each context's requests as one token tree (``packing``): no context, nor any first tokens
+        continuations share, runs twice, and no cache is copied. Trees are packed into rows of
+        about ``PACK_TOKENS``; every forward pass holds at most ``batch_size`` rows."""
+        from . import packing
+
+        trees = [u for key, members in groups.items()
+                 for u in packing.units(key, members, pairs,
+                                        max(PACK_TOKENS, len(key) + max(len(pairs[i][1]) for i in members) - 1))]
+        rows = packing.pack(trees, PACK_TOKENS)
+        results: list[tuple[float, bool] | None] = [None] * len(pairs)
+        bar = self._bar(len(pairs), "loglikelihood")
+        for s in range(0, len(rows), self.batch_size):
+            b = packing.batch(rows[s:s + self.batch_size], self.pad_id)
+            self._score_packed(b, results)
+            bar.update(len(b.spans))
+        bar.close()
+        return _answered(results)
+
+    def _score_packed(self, b, results) -> None:
+        dev = self.device
+        b.end = b.end.to(dev)
+        h = self.backend.packed_hidden(b.tokens.to(dev), b.positions.to(dev), b.mask())
+        h = h.flatten(0, 1)[b.nodes.to(dev)]  # only the tokens that predict a scored one
+        node_of, targets = b.node_of.to(dev), b.targets.to(dev)
+        lp = torch.empty(len(targets), device=dev)
+        hit = torch.empty(len(targets), dtype=torch.bool, device=dev)
+        for a in range(0, h.shape[0], HEAD_CHUNK):  # bounded logits, however many continuations
+            logp = F.log_softmax(self.backend.head(h[a:a + HEAD_CHUNK]).float(), dim=-1)
+            sel = (node_of >= a) & (node_of < a + HEAD_CHUNK)
+            rows, t = node_of[sel] - a, targets[sel]
+            lp[sel] = logp[rows, t]
+            hit[sel] = logp.argmax(-1)[rows] == t
+        for i, a, e in b.spans:
+            results[i] = (lp[a:e].sum().item(), bool(hit[a:e].all().item()))
 
     def _truncate(self, i: int, ctx: list[int], cont: list[int]) -> list[int]:
         """The context as lm-eval keeps it: the scored sequence ``ctx + cont[:-1]`` cut from the
@@ -352,6 +409,12 @@ class CausalLM:
         new = decode(step, tokens.to(self.device), mask.to(self.device), budgets, eos_id=self.tok.eos_id,
                      stop=lambda r, ids: text(r, ids)[1])
         return [text(r, ids)[0] for r, ids in enumerate(new)]
+
+
+# Token trees are packed into rows of about this many tokens (a longer tree gets a row of its own);
+# the output head runs on this many positions at once.
+PACK_TOKENS = 256
+HEAD_CHUNK = 256
 
 
 def load_lm(model: str, *, backend: str = "auto", tokenizer: str | None = None, device: str = "cpu",
