@@ -259,6 +259,7 @@ def reference_tree(work: Path) -> Path:
 
 def identical(a: Path, b: Path) -> tuple[bool, str]:
     """Every file under train/ and val/ byte-identical, and manifest.json's splits, total and sources."""
+    files = 0
     for split in ("train", "val"):
         fa = sorted(p.relative_to(a) for p in (a / split).rglob("*") if p.is_file())
         fb = sorted(p.relative_to(b) for p in (b / split).rglob("*") if p.is_file())
@@ -267,11 +268,12 @@ def identical(a: Path, b: Path) -> tuple[bool, str]:
         for rel in fa:
             if not filecmp.cmp(a / rel, b / rel, shallow=False):
                 return False, f"{rel} differs"
+        files += len(fa)
     ma, mb = (json.loads((d / "manifest.json").read_text()) for d in (a, b))
     for key in ("splits", "total", "sources"):
         if ma[key] != mb[key]:
             return False, f"manifest.json's {key} differs"
-    return True, f"{len(fa)} shard files + manifest identical"
+    return True, f"{files} shard files (.bin, .idx) + manifest identical"
 
 
 def summarise(n: int, stages: dict, tasks: int) -> dict:
