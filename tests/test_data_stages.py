@@ -348,3 +348,54 @@ def test_what_a_killed_write_left_in_staging_is_not_swapped_in(corpus, tok, one_
     assert prepare(corpus, tok, out, "--stage", "finish") == 0
     assert dataset(out) == one_process
     assert prepare(corpus, tok, out) == 0  # a run over it is not refused
+
+
+def test_a_swap_stopped_midway_is_completed_by_a_rerun(corpus, tok, one_process, tmp_path, monkeypatch):
+    """Killed after train/ was swapped in but before val/ was (no manifest in OUT then): the
+    re-run is not refused for the shards there, and finishes the swap."""
+    import llama_pretrain.data.prepare as prep
+
+    out = tmp_path / "out"
+    assert prepare(corpus, tok, out, "--val-fraction", 0.2) == 0  # an earlier dataset in OUT
+    for stage in ("units", "keys", "dedup", "resolve", "split", "plan", "write"):
+        assert prepare(corpus, tok, out, "--stage", stage) == 0
+    real_rename, moved = os.rename, []
+
+    def killed_after_the_first_split(src, dst):
+        if prep.STAGING in str(src) and moved:
+            raise KeyboardInterrupt
+        moved.append(src)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(prep.os, "rename", killed_after_the_first_split)
+    assert prepare(corpus, tok, out, "--stage", "finish") == 130
+    monkeypatch.setattr(prep.os, "rename", real_rename)
+    assert not (out / "manifest.json").exists() and any((out / "train").iterdir())
+    assert prepare(corpus, tok, out, "--stage", "finish") == 0
+    assert dataset(out) == one_process
+
+
+def test_a_second_run_into_the_same_dir_is_refused_in_one_line(corpus, tok, tmp_path, capsys):
+    """A whole run holds OUT's lock exclusively; the tasks of one stage share it."""
+    from llama_pretrain.data.prepare import out_lock
+
+    out = tmp_path / "out"
+    with out_lock(out, "test", shared=True):  # a stage task of a job array is writing
+        assert prepare(corpus, tok, out, "--stage", "units") == 0  # another task: shared
+        capsys.readouterr()
+        assert prepare(corpus, tok, out) == 2
+        err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is being written by another data prepare" in err, err
+    assert not (out / "manifest.json").exists()
+    assert prepare(corpus, tok, out) == 0  # once it is free
+
+
+def test_a_stage_run_with_other_settings_than_the_earlier_ones_says_so(corpus, tok, tmp_path, capsys):
+    out = tmp_path / "out"
+    for stage in ("units", "keys"):
+        assert prepare(corpus, tok, out, "--stage", stage) == 0
+    capsys.readouterr()
+    assert prepare(corpus, tok, out, "--stage", "dedup", "--range-docs", 5) == 2
+    err = capsys.readouterr().err
+    assert "no phase-2 work" in err and "--range-docs differ" in err
+    assert prepare(corpus, tok, out, "--stage", "dedup") == 0

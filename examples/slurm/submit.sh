@@ -7,6 +7,8 @@
 # A task that fails (or a node that dies) fails its array job, and the later stages are cancelled
 # (--kill-on-invalid-dep=yes; without it they would stay pending for ever, DependencyNeverSatisfied).
 # Re-run this script: every item already done is skipped, so only the failed work is redone.
+# PREPARE_ARGS="--unit-bytes 1G --range-docs 131072" passes the same data prepare options to every
+# stage (they must not differ between stages).
 # With LOCAL=1 no Slurm is needed: each array's tasks run here as processes, side by side, with
 # the variables Slurm would set (this is how the tests run the recipe).
 set -euo pipefail
@@ -23,7 +25,7 @@ for stage in units keys dedup resolve split plan write finish; do
     if [ "${LOCAL:-0}" = 1 ]; then
         pids=()
         for ((i = 0; i < n; i++)); do
-            SLURM_ARRAY_TASK_ID=$i SLURM_ARRAY_TASK_COUNT=$n bash "$here/stage.sbatch" "$stage" "$cfg" "$tok" "$out" &
+            SLURM_ARRAY_TASK_ID=$i SLURM_ARRAY_TASK_COUNT=$n bash "$here/stage.sbatch" "$stage" "$cfg" "$tok" "$out" ${PREPARE_ARGS:-} &
             pids+=($!)
         done
         for pid in "${pids[@]}"; do
@@ -32,7 +34,7 @@ for stage in units keys dedup resolve split plan write finish; do
         echo "stage $stage: $n task(s) done"
     else
         dep=$(sbatch --parsable --array=0-$((n - 1)) ${dep:+--dependency=afterok:$dep --kill-on-invalid-dep=yes} \
-              --job-name="prepare-$stage" "$@" "$here/stage.sbatch" "$stage" "$cfg" "$tok" "$out")
+              --job-name="prepare-$stage" "$@" "$here/stage.sbatch" "$stage" "$cfg" "$tok" "$out" ${PREPARE_ARGS:-})
         echo "stage $stage: job $dep ($n task(s))"
     fi
 done

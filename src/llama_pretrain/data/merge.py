@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
-from .prepare import UnitRef, check_out_dir, finalize, read_unit_stats
+from .prepare import UnitRef, check_out_dir, finalize, out_lock, read_unit_stats
 from .shards import read_manifest
 from .sources import data_config_from_dict
 
@@ -63,5 +63,6 @@ def merge(parts: list[str | Path], out: str | Path, progress: bool = True, worke
     refs = [refs[i] for i in order]
     stats = [stats[i] for i in order]
     merged_from = [str(d) for d, _ in sorted(manifests, key=lambda x: x[1]["part"]["task_index"])]
-    return finalize(cfg, refs, stats, out, first["tokenizer"], progress=progress,
-                    extra={"merged_from": merged_from}, workers=workers)
+    with out_lock(out, "data merge"):
+        return finalize(cfg, refs, stats, out, first["tokenizer"], progress=progress,
+                        extra={"merged_from": merged_from}, workers=workers)

@@ -23,6 +23,7 @@ merged dataset is byte-identical to a single-job run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -35,7 +36,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -56,6 +57,7 @@ from .wordcache import WordCacheEncoder
 
 PIPELINE_VERSION = 1
 WORK = "_work"
+LOCK = "lock"  # in _work/: held while a command writes the dataset dir (out_lock)
 BATCH_DOCS = 256
 
 
@@ -518,7 +520,7 @@ UNIT_FILES = Owned("data prepare", frozenset([*(f"{n}.bin" for n in _UnitFiles.N
 _SHARDS = {r"\d{5,}\.(bin|idx)": None}
 _STAGING = {re.escape(MANIFEST): None, rf"\.{re.escape(MANIFEST)}\.tmp-\w+": None,
             "train|val": {**_SHARDS, r"\.\d{5,}\.(bin|idx)\.tmp-\w+": None}}
-_WORK = {"units": {".+": {r"\d{6,}(-\d{4,})?": UNIT_FILES,  # a unit (a file or a part of one); and
+_WORK: dict[str, Any] = {"units": {".+": {r"\d{6,}(-\d{4,})?": UNIT_FILES,  # a unit (a file or a part of one); and
                           # one a killed run left half-written:
                           r"\.\d{6,}(-\d{4,})?\.tmp-\w+": {"|".join(map(re.escape, UNIT_FILES.names)): None}}}}
 
@@ -526,6 +528,7 @@ _WORK = {"units": {".+": {r"\d{6,}(-\d{4,})?": UNIT_FILES,  # a unit (a file or 
 # Phase 2's work files (phase2/): <fingerprint>/{keys,dedup,resolve,split,write}/ files,
 # done/<stage>/<item> markers and plan.json, each possibly as a temporary being written.
 _P2_FILES = {r"\.?(?:[\w-]+\.(?:bin|idx|npz|json)|\d{8})(?:\.tmp-\w+)?": None}
+_WORK[LOCK] = None
 _WORK["phase2"] = {r"[0-9a-f]{32}": {"keys|dedup|resolve|split|write": _P2_FILES, "done": {r"[a-z]+": _P2_FILES},
                                     r"\.?plan\.json(?:\.tmp-\w+)?": None}}
 
@@ -538,7 +541,10 @@ def dataset_foreign(out: Path, walk_work: bool = True) -> str | None:
     there, and does not walk the work files of a whole corpus once per task."""
     listed = _listed_shards(out / MANIFEST)
     work = _WORK if walk_work else _UNREAD
-    top: dict[str, Any] = {re.escape(STAGING): _STAGING, WORK: work, "train|val": {}}
+    # A swap stopped midway (the new manifest still in staging, the old one gone): train/ and val/
+    # hold shards of the old or the new dataset, which the re-run's finish stage replaces.
+    swapping = listed is None and _listed_shards(out / STAGING / MANIFEST) is not None
+    top: dict[str, Any] = {re.escape(STAGING): _STAGING, WORK: work, "train|val": _SHARDS if swapping else {}}
     if listed is not None:
         top.update({re.escape(MANIFEST): None, **{sp: {re.escape(n): None for n in names}
                                                   for sp, names in listed.items()}})
@@ -613,16 +619,36 @@ def prepare(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, worker
     if not jobs:
         raise UserError(f"task {task_index} of {num_tasks} has no input files "
                         f"(there are fewer files than tasks)")
-    results = run_units(jobs, workers, progress)
     refs = [r for r, _ in jobs]
     extra: dict[str, Any] = {}
     if num_tasks > 1:
         extra["part"] = {"task_index": task_index, "num_tasks": num_tasks, "unit_bytes": unit_bytes,
                          "units": [{"source": r.source, "file_index": r.file_index, "part": r.part,
                                     "dir": os.path.relpath(r.dir, out)} for r in refs]}
-    m = finalize(cfg, refs, [st for st, _ in results], out, tok, strict, progress, extra, workers, range_docs)
+    with out_lock(out, "data prepare"):
+        results = run_units(jobs, workers, progress)
+        m = finalize(cfg, refs, [st for st, _ in results], out, tok, strict, progress, extra, workers, range_docs)
     m["_reused_units"] = sum(reused for _, reused in results)
     return m
+
+
+@contextlib.contextmanager
+def out_lock(out: Path, what: str, shared: bool = False) -> Iterator[None]:
+    """Hold ``OUT/_work/lock`` while a command writes ``out``: exclusively for a whole run, shared
+    for one stage task (the tasks of a job array write side by side), so that two runs into one
+    directory are refused in one line instead of failing midway. A lock that cannot be had fails
+    at once rather than waiting."""
+    import fcntl
+
+    path = out / WORK / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{what}: {out} is being written by another data prepare or merge (it holds "
+                            f"{path}); let it finish first") from None
+        yield
 
 
 STAGE_NAMES = ("units", "keys", "dedup", "resolve", "split", "plan", "write", "finish")
@@ -646,7 +672,8 @@ def prepare_stage(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, 
         raise UserError(f"unknown --stage {stage!r}; the stages, in order: {', '.join(STAGE_NAMES)}")
     if stage == "units":
         jobs = plan_units(cfg, out, tok["sha256"], num_tasks, task_index, strict, str(tokenizer_path), unit_bytes)
-        run_units(jobs, workers, progress)
+        with out_lock(out, "data prepare", shared=True):
+            run_units(jobs, workers, progress)
         return None
     jobs = plan_units(cfg, out, tok["sha256"], 1, 0, strict, str(tokenizer_path), unit_bytes)
     stats = [_reusable_stats(ref.dir / "stats.json", job["fingerprint"]) for ref, job in jobs]
@@ -656,7 +683,8 @@ def prepare_stage(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, 
                         f"run it before --stage {stage}")
     ctx = phase2_context(cfg, [r for r, _ in jobs], [st for st in stats if st is not None], out, tok, strict,
                          None, range_docs)
-    return run_task(ctx, stage, num_tasks, task_index, progress)
+    with out_lock(out, "data prepare", shared=True):
+        return run_task(ctx, stage, num_tasks, task_index, progress)
 
 
 def format_summary(m: dict) -> str:

@@ -12,6 +12,7 @@ never merges two bands.
 from __future__ import annotations
 
 import bisect
+import heapq
 from pathlib import Path
 
 import numpy as np
@@ -209,25 +210,54 @@ def _first_at_or_after(m: np.ndarray, value: int, lo: int = 0) -> int:
 
 
 class _Cursors:
-    """Reads each dedup partition's records (sorted by document) one unit at a time."""
+    """Reads each dedup partition's records (sorted by document) one unit at a time. A heap of each
+    partition's next document finds the partitions with records for a unit without visiting the
+    others, and a partition is read a chunk at a time by offset (no file stays open: there may be
+    thousands), holding at most one chunk of records of later units."""
+
+    CHUNK = 256  # records
 
     def __init__(self, ctx: Phase2):
-        self.maps = []
+        self.paths: list[tuple[Path, int]] = []
+        self.pos: list[int] = []
+        self.rest: list[np.ndarray] = []
+        self.heap: list[tuple[int, int]] = []
         for p in range(ctx.partitions):
             path = dedup_path(ctx, p)
-            if path.stat().st_size:
-                self.maps.append(np.memmap(path, dtype="<u8", mode="r").reshape(-1, 3))
-        self.pos = [0] * len(self.maps)
+            n = path.stat().st_size // 24
+            if n:
+                self.paths.append((path, n))
+                self.pos.append(0)
+                self.rest.append(np.zeros((0, 3), dtype="<u8"))
+                self._refill(len(self.paths) - 1)
+
+    def _read_chunk(self, i: int) -> None:
+        path, n = self.paths[i]
+        count = min(self.CHUNK, n - self.pos[i])
+        self.rest[i] = np.fromfile(path, dtype="<u8", count=3 * count, offset=24 * self.pos[i]).reshape(-1, 3)
+        self.pos[i] += count
+
+    def _refill(self, i: int) -> None:
+        """Push partition ``i``'s next record onto the heap (reading a chunk when none is held)."""
+        if not len(self.rest[i]) and self.pos[i] < self.paths[i][1]:
+            self._read_chunk(i)
+        if len(self.rest[i]):
+            heapq.heappush(self.heap, (int(self.rest[i][0, 0]), i))
 
     def unit(self, k: int) -> np.ndarray:
         _, hi = unit_span(k)
         pieces = []
-        for i, m in enumerate(self.maps):
-            a = self.pos[i]
-            b = _first_at_or_after(m, int(hi), a)
-            if b > a:
-                pieces.append(np.asarray(m[a:b]))
-            self.pos[i] = b
+        while self.heap and self.heap[0][0] < int(hi):
+            _, i = heapq.heappop(self.heap)
+            while True:
+                r = self.rest[i]
+                cut = int(np.searchsorted(r[:, 0], hi))
+                pieces.append(r[:cut])
+                self.rest[i] = r[cut:]
+                if cut < len(r) or self.pos[i] >= self.paths[i][1]:
+                    break
+                self._read_chunk(i)
+            self._refill(i)
         if not pieces:
             return np.zeros((0, 3), dtype="<u8")
         rec = np.concatenate(pieces)

@@ -151,6 +151,10 @@ def run_task(ctx: Phase2, stage: str, num_tasks: int, task_index: int, progress:
     if ctx.is_done("finish", 0) or (stage in SINGLE and task_index):
         return None  # this run is finished / one item, which task 0 does
     k = STAGES.index(stage)
+    if k and not ctx.work.is_dir():
+        raise UserError(f"no phase-2 work in {ctx.root} for these inputs and settings: stage {STAGES[0]} has "
+                        f"not run, or the config, tokenizer, input files, --unit-bytes or --range-docs differ "
+                        f"from the earlier stages'; run every stage from {STAGES[0]} with the same settings")
     if k:
         left = pending(ctx, STAGES[k - 1])
         if left:
