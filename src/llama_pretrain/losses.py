@@ -19,10 +19,14 @@ whole (BENCHMARKS.md, memory: the [tokens x vocab] pair was a third of the step'
 from __future__ import annotations
 
 import contextlib
-from typing import cast
+import sys
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 IGNORE_INDEX = -100
 
@@ -85,19 +89,13 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
 
 
-_DTENSOR: tuple[type, ...]
-try:
-    from torch.distributed.tensor import DTensor
-
-    _DTENSOR = (DTensor,)
-except ImportError:  # a torch built without distributed support
-    _DTENSOR = ()
-
-
 def is_dtensor(t) -> bool:
     """A DTensor (tensor parallelism, train/parallelize.py): the plain-tensor kernels here and in
-    model.py step aside for the ops whose sharding rules DTensor knows."""
-    return isinstance(t, _DTENSOR)
+    model.py step aside for the ops whose sharding rules DTensor knows. No tensor is one before
+    ``torch.distributed.tensor`` is imported, which is left to the code that makes them (importing
+    it costs every process about a second of start-up)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 _loss_parallel_depth = 0

@@ -329,7 +329,12 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # On the meta device (a model about to be loaded or sharded) the embedding's own random init
+        # is skipped: normal_ there imports torch._dynamo, a second of start-up; elsewhere it runs,
+        # so seeded initialisations stay as they were.
+        meta = torch.get_default_device().type == "meta"
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim,
+                                           _weight=torch.empty(config.vocab_size, config.dim) if meta else None)
         # A ModuleDict keyed "0", "1", ... gives Meta's names (layers.N.*) and lets FSDP wrap blocks.
         self.layers = nn.ModuleDict({str(i): TransformerBlock(i, config) for i in range(config.n_layers)})
         self.norm = RMSNorm(config.dim, config.norm_eps)

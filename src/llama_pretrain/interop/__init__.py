@@ -62,12 +62,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     cfg, state, _ = load_checkpoint(path)
     with torch.device("meta"):
         model = Transformer(cfg)
-    model.to_empty(device=device)
-    model.load_state_dict({k: v.to(dtype) if dtype else v for k, v in state.items()})
+    # The checkpoint's tensors become the weights (in the model's dtype unless ``dtype`` is given):
+    # no second copy of the model is allocated and filled.
+    dtype = dtype or model.output.weight.dtype
+    model.load_state_dict({k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()},
+                          assign=True)
+    if cfg.tie_embeddings:  # one Parameter under both names, as Transformer.__init__ makes it
+        model.output.weight = model.tok_embeddings.weight
     model.init_rope()
-    if dtype is not None:
-        model.to(dtype)
-        model.init_rope()
     return model.eval()
 
 

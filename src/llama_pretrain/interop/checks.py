@@ -56,7 +56,8 @@ def check_weights(state: Mapping[str, torch.Tensor], where) -> None:
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise UserError(f"{where}: tensor {name} is {kind}, not floating point")
-        if not bool(torch.isfinite(tensor).all()):
+        # min and max in one pass, no copy: NaN propagates to both, an infinity is one of them
+        if tensor.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all()):
             raise UserError(f"{where}: tensor {name} holds NaN or infinite values")
 
 
