@@ -102,6 +102,20 @@ def test_shared_first_tokens_of_continuations_run_once(model):
                                                   abs=1e-5)
 
 
+def test_questions_common_opening_runs_once(model):
+    """Two questions whose contexts open alike (MMLU's subject line, WinoGrande's sentence before
+    the blank): the opening is in the pass once."""
+    head = "The following are questions about algebra.\n\n"
+    reqs = [(head + "Q: 1+1?\nA:", " 2"), (head + "Q: 2+2?\nA:", " 4")]
+    be = Counting(model)
+    got = CausalLM(be, TOK).loglikelihood(reqs)
+    # BOS, the opening and "Q: " once; each question's own rest and the space before its answer
+    assert be.real == 1 + len(head) + len("Q: ") + 2 * (len("1+1?\nA:") + 1)
+    lm = CausalLM(NativeBackend(model), TOK)
+    assert [lp for lp, _ in got] == pytest.approx([unbatched(model, *lm.encode_pair(c, x))[0] for c, x in reqs],
+                                                  abs=1e-5)
+
+
 def test_packed_rows_capped_whatever_context_is_shared(model):
     """acc_uncond-like: 1,000 questions whose requests share one context. Every pass holds at most
     batch_size rows of about PACK_TOKENS tokens, so memory does not grow with the questions."""
@@ -116,15 +130,29 @@ def test_packed_rows_capped_whatever_context_is_shared(model):
 
 
 def test_tree_layout_sees_exactly_its_ancestors():
-    """The mask of a packed unit: each token sees the context and its own continuation's tokens
-    before it, never a sibling's; pads see only themselves."""
-    pairs = [([1, 5, 6], [7, 8, 9]), ([1, 5, 6], [7, 4, 3]), ([1, 5, 6], [10])]
-    (unit,) = packing.units((1, 5, 6), [0, 1, 2], pairs, cap=64)
-    assert unit.tokens == [1, 5, 6, 7, 4, 8]  # 7 shared; the one-token continuation adds nothing
-    assert unit.positions == [0, 1, 2, 3, 4, 4]
-    b = packing.batch([[unit]], pad_id=0)
+    """Each token sees the tokens of its own sequence before it, never a sibling's, whichever
+    request they came from; pads see only themselves."""
+    contexts = [(1, 5, 6), (1, 5, 6), (1, 5, 6), (1, 5, 9)]
+    conts = [[7, 8, 9], [7, 4, 3], [10], [2]]  # 7 shared; one-token ones add nothing
+    (row,) = packing.pack(contexts, conts, row_tokens=64)
+    assert row.tokens == [1, 5, 6, 7, 4, 8, 9]  # sorted: ..6 7 4 before ..6 7 8, then ..9
+    assert row.positions == [0, 1, 2, 3, 4, 4, 2]
+    assert sorted(row.preds) == [(0, [2, 3, 5], [7, 8, 9]), (1, [2, 3, 4], [7, 4, 3]), (2, [2], [10]),
+                                 (3, [6], [2])]
+    b = packing.batch([row, packing.pack([(1,)], [[2, 3]], row_tokens=64)[0]], pad_id=0)
     seen = b.mask()[0, 0].int().tolist()
-    assert seen[4] == [1, 1, 1, 1, 1, 0]  # 4 (after 7): the context, 7, itself
-    assert seen[5] == [1, 1, 1, 1, 0, 1]  # 8 (after 7): not its sibling 4
-    wide = packing.batch([[unit], [packing.units((1,), [0], [([1], [2, 3])], cap=64)[0]]], pad_id=0)
-    assert wide.mask()[1, 0].int().tolist()[3] == [0, 0, 0, 1, 0, 0]  # a pad
+    assert seen[4] == [1, 1, 1, 1, 1, 0, 0]  # 4 (after 7): 1 5 6 7 and itself
+    assert seen[5] == [1, 1, 1, 1, 0, 1, 0]  # 8 (after 7): not its sibling 4
+    assert seen[6] == [1, 1, 0, 0, 0, 0, 1]  # 9 (after 5): not 6's subtree
+    assert b.mask()[1, 0].int().tolist()[3] == [0, 0, 0, 1, 0, 0, 0]  # a pad
+
+
+def test_rows_split_where_full_and_batches_bounded():
+    """Sequences past a row's budget start a new row (their shared prefix repeated there); a
+    sequence longer than the budget gets a row of its own; batches stay within rows and tokens."""
+    contexts = [(1, 2, 3, 4)] * 6 + [tuple(range(1, 30))]
+    conts = [[10 + i, 20, 21, 22] for i in range(6)] + [[5]]
+    rows = packing.pack(contexts, conts, row_tokens=12)
+    assert [len(r.tokens) for r in rows] == [29, 10, 10, 10]  # 4 + 2 * 3 continuation tokens per row
+    assert sorted(i for r in rows for i, _, _ in r.preds) == list(range(7))
+    assert [len(b) for b in packing.batches(rows, max_rows=2, row_tokens=12)] == [1, 2, 1]

@@ -202,11 +202,12 @@ class CausalLM:
         return self.loglikelihood_tokens(pairs)
 
     def loglikelihood_tokens(self, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        groups: dict[tuple, list[int]] = {}
-        for i, (ctx, cont) in enumerate(pairs):
-            groups.setdefault(tuple(self._truncate(i, ctx, cont)), []).append(i)
+        contexts = [tuple(self._truncate(i, ctx, cont)) for i, (ctx, cont) in enumerate(pairs)]
         if hasattr(self.backend, "packed_hidden"):
-            return self._loglikelihood_packed(groups, pairs)
+            return self._loglikelihood_packed(contexts, pairs)
+        groups: dict[tuple, list[int]] = {}
+        for i, key in enumerate(contexts):
+            groups.setdefault(key, []).append(i)
         # A context's requests, shortest continuation first, in chunks of at most batch_size rows:
         # every forward pass stays within the cap however many requests share one context.
         chunks: list[tuple[tuple, list[int]]] = []
@@ -239,21 +240,18 @@ class CausalLM:
         bar.close()
         return _answered(results)
 
-    def _loglikelihood_packed(self, groups: dict[tuple, list[int]],
-                              pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """Each context's requests as one token tree (``packing``): no context, nor any first tokens
-        continuations share, runs twice, and no cache is copied. Trees are packed into rows of
-        about ``PACK_TOKENS``; every forward pass holds at most ``batch_size`` rows."""
+    def _loglikelihood_packed(self, contexts: list[tuple], pairs) -> list[tuple[float, bool]]:
+        """The requests as one token tree (``packing``): no token that requests share runs twice
+        (a question's context, continuations' common first tokens, questions' common opening),
+        and no cache is copied. Rows hold about ``PACK_TOKENS`` tokens; a forward pass at most
+        ``batch_size`` of them."""
         from . import packing
 
-        trees = [u for key, members in groups.items()
-                 for u in packing.units(key, members, pairs,
-                                        max(PACK_TOKENS, len(key) + max(len(pairs[i][1]) for i in members) - 1))]
-        rows = packing.pack(trees, PACK_TOKENS)
+        rows = packing.pack(contexts, [cont for _, cont in pairs], PACK_TOKENS)
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         bar = self._bar(len(pairs), "loglikelihood")
-        for s in range(0, len(rows), self.batch_size):
-            b = packing.batch(rows[s:s + self.batch_size], self.pad_id)
+        for run in packing.batches(rows, self.batch_size, PACK_TOKENS):
+            b = packing.batch(run, self.pad_id)
             self._score_packed(b, results)
             bar.update(len(b.spans))
         bar.close()
@@ -411,8 +409,8 @@ class CausalLM:
         return [text(r, ids)[0] for r, ids in enumerate(new)]
 
 
-# Token trees are packed into rows of about this many tokens (a longer tree gets a row of its own);
-# the output head runs on this many positions at once.
+# Rows of the packed token tree hold about this many tokens (a longer sequence gets a row of its
+# own); the output head runs on this many positions at once.
 PACK_TOKENS = 256
 HEAD_CHUNK = 256
 

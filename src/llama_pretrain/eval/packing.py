@@ -1,15 +1,18 @@
-"""Log-likelihood requests laid out as token trees, packed into rows of one forward pass.
+"""Log-likelihood requests laid out as a token tree, cut into rows of one forward pass.
 
-The requests that share a context form a tree: the context once, then each continuation's tokens
-(all but its last, which is only predicted), where continuations that start alike share their
-common first tokens too (PIQA's two solutions often differ in a word or two). The tree is laid
-out in depth-first order, so a token's ancestors are exactly the earlier tokens whose subtree
-still covers it: with ``end[k]`` the index after token k's subtree, query q sees key k iff
-``k <= q < end[k]``. Each token's position is its depth. Trees (units) are then packed
-first-fit into rows, several per row, so rows are about equally long and padding is small.
+Every request is the sequence ``context + continuation`` (all but the continuation's last token,
+which is only predicted). Sequences that start alike share those tokens: the choices of one
+question share its context, continuations that start alike share their first tokens (PIQA's two
+solutions often differ in a word or two), and questions share a common opening (MMLU's subject
+line, WinoGrande's sentence before the blank). Sorted, each sequence shares with the one before it
+the longest prefix any earlier one has, so appending only its new tokens lays the tree out in
+depth-first order: a token's ancestors are then exactly the earlier tokens whose subtree still
+covers it. With ``end[k]`` the index after token k's subtree, query q sees key k iff
+``k <= q < end[k]``, and each token's position is its depth. Rows are consecutive runs of the
+sorted sequences, about ``row_tokens`` long, so padding is small.
 
-Every token's hidden state is the one its own sequence ``context + continuation`` gives
-unbatched: it sees exactly its ancestors, at the same positions.
+Every token's hidden state is the one its own sequence gives unbatched: it sees exactly its
+ancestors, at the same positions.
 """
 
 from __future__ import annotations
@@ -19,16 +22,14 @@ from typing import Sequence
 
 import torch
 
-Pairs = Sequence[tuple[Sequence[int], Sequence[int]]]
-
 
 @dataclass
-class Unit:
-    """One context's tree: ``tokens``, their ``positions``, ``end`` (index after each token's
-    subtree, relative to the unit), and per request (id, predicting token indices, targets)."""
-    tokens: list[int]
-    positions: list[int]
-    end: list[int]
+class Row:
+    """``tokens``, their ``positions``, ``end`` (index after each token's subtree), and per
+    request (id, the indices of the tokens predicting its continuation, the continuation)."""
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    end: list[int] = field(default_factory=list)
     preds: list[tuple[int, list[int], list[int]]] = field(default_factory=list)
 
 
@@ -41,61 +42,48 @@ def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def units(ctx: Sequence[int], members: list[int], pairs: Pairs, cap: int) -> list[Unit]:
-    """The trees of one context's requests, each at most ``cap`` tokens (or the context and one
-    continuation, when they alone are longer): a context shared by many questions (acc_uncond's
-    "Answer:") is split, so no row grows with the number of questions."""
-    c = len(ctx)
-    # Sorted, each continuation shares with the one before it the longest prefix any earlier has.
-    order = sorted(members, key=lambda i: list(pairs[i][1][:-1]))
-    out: list[Unit] = []
-    unit: Unit | None = None
-    prev: Sequence[int] = ()
-    path: list[int] = []  # token indices of the previous continuation's path
-    for i in order:
-        cont = pairs[i][1]
-        body = cont[:-1]
-        shared = _lcp(prev, body) if unit is not None else 0
-        if unit is None or (unit.preds and len(unit.tokens) + len(body) - shared > cap):
-            if unit is not None:
-                out.append(unit)
-            unit = Unit(list(ctx), list(range(c)), [0] * c)
-            shared, path = 0, []
+def pack(contexts: Sequence[Sequence[int]], conts: Sequence[Sequence[int]], row_tokens: int) -> list[Row]:
+    """Rows for requests ``(contexts[i], conts[i])``, longest first. A row takes sequences while
+    its tokens stay within ``row_tokens``, or within its first sequence when that is longer:
+    however many questions share a context (acc_uncond's "Answer:"), no row grows past that."""
+    seqs = [[*c, *x[:-1]] for c, x in zip(contexts, conts)]
+    rows: list[Row] = []
+    row, cap = Row(), 0
+    prev: list[int] = []
+    path: list[int] = []  # the previous sequence's token indices
+    for i in sorted(range(len(seqs)), key=seqs.__getitem__):
+        seq = seqs[i]
+        shared = _lcp(prev, seq) if row.preds else 0
+        if row.preds and len(row.tokens) + len(seq) - shared > cap:
+            rows.append(row)
+            row, shared = Row(), 0
+        if not row.preds:
+            cap = max(row_tokens, len(seq))
         path = path[:shared]
-        for t in body[shared:]:
-            path.append(len(unit.tokens))
-            unit.positions.append(c + len(path) - 1)
-            unit.tokens.append(t)
-            unit.end.append(0)
-        for k in path:  # every token on the path covers up to the path's last token
-            unit.end[k] = max(unit.end[k], path[-1] + 1)
-        unit.preds.append((i, [c - 1, *path], list(cont)))
-        prev = body
-    assert unit is not None, "a context with no requests"
-    out.append(unit)
-    for u in out:
-        u.end[:c] = [len(u.tokens)] * c  # the context is every token's ancestor
-    return out
+        for t in seq[shared:]:
+            path.append(len(row.tokens))
+            row.positions.append(len(path) - 1)
+            row.tokens.append(t)
+            row.end.append(0)
+        for k in path:  # the newest token is the last: every token on its path covers it
+            row.end[k] = len(row.tokens)
+        row.preds.append((i, path[len(contexts[i]) - 1:], list(conts[i])))
+        prev = seq
+    if row.preds:
+        rows.append(row)
+    return sorted(rows, key=lambda r: -len(r.tokens))
 
 
-def pack(all_units: list[Unit], row_tokens: int) -> list[list[Unit]]:
-    """Rows of units, first-fit by decreasing size into rows of ``row_tokens`` (or the largest
-    unit, when longer); rows returned longest first."""
-    all_units = sorted(all_units, key=lambda u: -len(u.tokens))
-    cap = max(row_tokens, len(all_units[0].tokens)) if all_units else row_tokens
-    rows: list[list[Unit]] = []
-    room: list[int] = []
-    for u in all_units:
-        n = len(u.tokens)
-        r = next((r for r, left in enumerate(room) if left >= n), None)
-        if r is None:
-            rows.append([u])
-            room.append(cap - n)
+def batches(rows: list[Row], max_rows: int, row_tokens: int) -> list[list[Row]]:
+    """Runs of the rows (longest first) of at most ``max_rows`` rows and ``max_rows * row_tokens``
+    padded tokens, or one row where that alone is longer."""
+    out: list[list[Row]] = []
+    for r in rows:
+        if out and len(out[-1]) < max_rows and (len(out[-1]) + 1) * len(out[-1][0].tokens) <= max_rows * row_tokens:
+            out[-1].append(r)
         else:
-            rows[r].append(u)
-            room[r] -= n
-    order = sorted(range(len(rows)), key=lambda r: room[r])
-    return [rows[r] for r in order]
+            out.append([r])
+    return out
 
 
 @dataclass
@@ -115,8 +103,8 @@ class Batch:
         return ((idx[None, :] <= idx[:, None])[None] & (idx[None, :, None] < self.end[:, None, :]))[:, None]
 
 
-def batch(rows: list[list[Unit]], pad_id: int) -> Batch:
-    T = max(sum(len(u.tokens) for u in row) for row in rows)
+def batch(rows: list[Row], pad_id: int) -> Batch:
+    T = max(len(r.tokens) for r in rows)
     tokens: list[list[int]] = []
     positions: list[list[int]] = []
     ends: list[list[int]] = []
@@ -124,22 +112,14 @@ def batch(rows: list[list[Unit]], pad_id: int) -> Batch:
     targets: list[int] = []
     spans: list[tuple[int, int, int]] = []
     for b, row in enumerate(rows):
-        tok: list[int] = []
-        pos: list[int] = []
-        end: list[int] = []
-        for u in row:
-            off = len(tok)
-            tok += u.tokens
-            pos += u.positions
-            end += [e + off for e in u.end]
-            for i, nodes, tg in u.preds:
-                spans.append((i, len(targets), len(targets) + len(tg)))
-                flat += [b * T + off + k for k in nodes]
-                targets += tg
-        n = len(tok)
-        tokens.append(tok + [pad_id] * (T - n))
-        positions.append(pos + [0] * (T - n))
-        ends.append(end + list(range(n + 1, T + 1)))
+        for i, nodes, tg in row.preds:
+            spans.append((i, len(targets), len(targets) + len(tg)))
+            flat += [b * T + k for k in nodes]
+            targets += tg
+        n = len(row.tokens)
+        tokens.append(row.tokens + [pad_id] * (T - n))
+        positions.append(row.positions + [0] * (T - n))
+        ends.append(row.end + list(range(n + 1, T + 1)))
     nodes, node_of = torch.unique(torch.tensor(flat), return_inverse=True)
     return Batch(torch.tensor(tokens), torch.tensor(positions), torch.tensor(ends), nodes, node_of,
                  torch.tensor(targets), spans)
