@@ -57,3 +57,31 @@ def test_weights_check_finds_any_nan_or_infinity(dtype, bad):
     t[37, 5] = bad
     with pytest.raises(UserError, match="w holds NaN or infinite"):
         check_weights({"w": t}, "ckpt")
+
+
+def test_eval_reads_a_checkpoint_tokenizer_once_and_refuses_a_broken_one(tied, tmp_path, monkeypatch):
+    import shutil
+
+    from llama_pretrain.eval import tokenization
+    from llama_pretrain.tokenizer import Tokenizer
+
+    spm = pytest.importorskip("sentencepiece")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "sp"), vocab_size=40,
+                                   hard_vocab_limit=False, bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
+    d = tmp_path / "ckpt"
+    shutil.copytree(tied[1], d)
+    shutil.copyfile(tmp_path / "sp.model", d / "tokenizer.model")
+    seen = []
+    real = Tokenizer.__init__
+
+    def counting(self, path):
+        seen.append(path)
+        real(self, path)
+    monkeypatch.setattr(Tokenizer, "__init__", counting)
+    tok = tokenization.load_tokenizer(d, native=True)
+    assert tok.encode("the fox") and len(seen) == 1
+    (d / "tokenizer.model").write_bytes(b"not a tokenizer")
+    with pytest.raises(UserError, match="not a SentencePiece model"):
+        tokenization.load_tokenizer(d, native=True)

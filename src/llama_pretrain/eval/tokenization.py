@@ -90,7 +90,7 @@ def load_tokenizer(path: str | Path, native: bool = False):
         hf = is_hf_dir(p) and any(os.path.lexists(p / f) for f in ("tokenizer.json", "tokenizer_config.json"))
         if hf and not native:
             return HFText(p)
-        ours = find_tokenizer(p)
+        ours = find_tokenizer(p, check=False)  # TokenizerText loads it (once)
         if ours is not None:
             return TokenizerText(ours)
         if hf:

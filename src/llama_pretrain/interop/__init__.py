@@ -73,7 +73,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     return model.eval()
 
 
-def find_tokenizer(path: str | Path) -> Path | None:
+def find_tokenizer(path: str | Path, check: bool = True) -> Path | None:
     """The tokenizer stored in a checkpoint dir (or, for a training checkpoint, the one its run
     was trained with), if any: ``tokenizer.model``, else a Hugging Face ``tokenizer.json``. It must
     be a regular file of the directory (``model_file``) and load (a SentencePiece model, or a
@@ -88,7 +88,7 @@ def find_tokenizer(path: str | Path) -> Path | None:
             found = training_checkpoint_tokenizer(Path(path))
         except UserError:
             return None
-    if found is not None:
+    if found is not None and check:  # (check=False: the caller loads it next, with the same error)
         Tokenizer(found)  # a UserError unless it loads
     return found
 
