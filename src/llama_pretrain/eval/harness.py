@@ -3,8 +3,10 @@
 Three requests, as in lm-evaluation-harness:
 
 - ``loglikelihood([(context, continuation), ...])`` -> ``[(log p(continuation | context), greedy)]``.
-  Requests that share a context (the choices of one question) run the context once: a batch of
-  distinct contexts is prefilled, its key/value cache is repeated once per continuation, and the
+  A backend with ``packed_hidden`` (the native one) gets the requests as one token tree packed
+  into rows (``packing``): every token that requests share runs once. Otherwise requests that
+  share a context (the choices of one question) run the context once: a batch of distinct
+  contexts is prefilled, its key/value cache is repeated once per continuation, and the
   continuations are scored in one extension step.
 - ``loglikelihood_rolling([text, ...])`` -> total log-likelihood of each text (perplexity), in
   windows of the model's context length, each token predicted exactly once.
