@@ -550,14 +550,49 @@ def _read_text_file(path: Path) -> Record:
         return Record.bad(str(path), drops.INVALID_UTF8)
 
 
+class _FieldsSeen:
+    """What a JSONL file's objects held, for the error when none has the text field."""
+
+    def __init__(self) -> None:
+        self.objects = 0
+        self.with_field = 0
+        self.fields: dict[str, None] = {}
+
+
+def _json_record(raw: bytes, loc: str, text_field: str, url_field: str | None, seen: _FieldsSeen) -> Record:
+    """One JSONL line as a record (a bad one counted by its reason)."""
+    if b"\x00" in raw:
+        return Record.bad(loc, drops.BINARY_DATA)
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return Record.bad(loc, drops.INVALID_UTF8)
+    try:
+        obj = json.loads(line)
+    except (ValueError, RecursionError):  # nested thousands deep: malformed, too
+        return Record.bad(loc, drops.MALFORMED_JSON)
+    if not isinstance(obj, dict):
+        return Record.bad(loc, drops.MALFORMED_JSON)
+    seen.objects += 1
+    if len(seen.fields) < 50:
+        for k in obj:
+            seen.fields.setdefault(str(k), None)
+    if text_field not in obj:
+        return Record.bad(loc, drops.MISSING_TEXT_FIELD)
+    seen.with_field += 1
+    text = obj[text_field]
+    if not isinstance(text, str):
+        return Record.bad(loc, drops.TEXT_NOT_A_STRING)
+    url = obj.get(url_field) if url_field else None
+    return Record(text, url if isinstance(url, str) else None, loc)
+
+
 def _iter_jsonl(path: Path, text_field: str, url_field: str | None, gz: bool,
                 span: Span | None = None) -> Iterator[Record]:
     """The records of a JSONL file, or of its lines that start in ``span``'s byte range. Of a file's
     parts, only the first reports an empty file, and only when the whole file is blank; the text
     field is looked for per part (a part of JSON objects none of which has it is refused)."""
-    n_objects = 0
-    n_with_field = 0
-    fields_seen: dict[str, None] = {}
+    seen = _FieldsSeen()
     empty = True
     try:
         fh = gzip.open(path, "rb") if gz else open(path, "rb")
@@ -573,41 +608,9 @@ def _iter_jsonl(path: Path, text_field: str, url_field: str | None, gz: bool,
                 if raw is None:
                     empty = False
                     yield Record.bad(f"{path}:{lineno}", drops.TOO_LONG)
-                    continue
-                if not raw.strip():
-                    continue
-                empty = False
-                loc = f"{path}:{lineno}"
-                if b"\x00" in raw:
-                    yield Record.bad(loc, drops.BINARY_DATA)
-                    continue
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    yield Record.bad(loc, drops.INVALID_UTF8)
-                    continue
-                try:
-                    obj = json.loads(line)
-                except (ValueError, RecursionError):  # nested thousands deep: malformed, too
-                    yield Record.bad(loc, drops.MALFORMED_JSON)
-                    continue
-                if not isinstance(obj, dict):
-                    yield Record.bad(loc, drops.MALFORMED_JSON)
-                    continue
-                n_objects += 1
-                if len(fields_seen) < 50:
-                    for k in obj:
-                        fields_seen.setdefault(str(k), None)
-                if text_field not in obj:
-                    yield Record.bad(loc, drops.MISSING_TEXT_FIELD)
-                    continue
-                n_with_field += 1
-                text = obj[text_field]
-                if not isinstance(text, str):
-                    yield Record.bad(loc, drops.TEXT_NOT_A_STRING)
-                    continue
-                url = obj.get(url_field) if url_field else None
-                yield Record(text, url if isinstance(url, str) else None, loc)
+                elif raw.strip():
+                    empty = False
+                    yield _json_record(raw, f"{path}:{lineno}", text_field, url_field, seen)
             if empty and span is not None:  # one part is blank: the whole file, or only that part?
                 empty = span.part == 0 and _blank(fh)
         except (OSError, EOFError, zlib.error, gzip.BadGzipFile):
@@ -615,9 +618,9 @@ def _iter_jsonl(path: Path, text_field: str, url_field: str | None, gz: bool,
             yield Record.bad(f"{path}:{lineno + 1}", drops.CORRUPT_FILE)
     if empty:
         yield Record.bad(str(path), drops.EMPTY_FILE)
-    elif n_objects and not n_with_field:
+    elif seen.objects and not seen.with_field:
         raise UserError(f"{path}: no record has the text field {text_field!r}; "
-                        f"fields present: {', '.join(fields_seen) or 'none'}")
+                        f"fields present: {', '.join(seen.fields) or 'none'}")
 
 
 class _ByteRange:
