@@ -234,12 +234,13 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
     ("import threading; threading.Thread(target=threading.Event().wait, daemon=True).start()", "spawn"),
     ("import torch", "spawn"),
     # our progress bars start no tqdm monitor thread, shown or not
-    ("from llama_pretrain.data.prepare import _bar; _bar(True, total=2).close(); _bar(False).close()", "fork"),
+    ("from llama_pretrain.data.pool import progress_bar as bar; bar(True, total=2).close(); bar(False).close()",
+     "fork"),
 ])
 def test_the_pool_forks_only_where_it_is_safe(before, method):
     # fork: workers start at once and need no __main__ guard; spawn when another thread is alive
     # (it could hold a lock the child then waits on) or torch's thread pools are loaded.
-    code = f"{before}\nfrom llama_pretrain.data.prepare import _pool_context\nprint(_pool_context().get_start_method())"
+    code = f"{before}\nfrom llama_pretrain.data.pool import pool_context\nprint(pool_context().get_start_method())"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [method]

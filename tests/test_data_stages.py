@@ -309,16 +309,16 @@ def test_a_local_run_stopped_while_writing_shards_resumes_with_every_shard(corpu
 def test_a_finish_stopped_late_is_finished_by_a_rerun(corpus, tok, one_process, tmp_path, monkeypatch, when):
     import shutil
 
-    import llama_pretrain.data.prepare as prep
+    import llama_pretrain.data.outdir as outdir
 
     out = tmp_path / "out"
     if when == "after the swap":
-        real_swap = prep._swap_in
+        real_swap = outdir.swap_in
 
         def swap_then_die(*args):
             real_swap(*args)
             raise KeyboardInterrupt
-        monkeypatch.setattr(prep, "_swap_in", swap_then_die)
+        monkeypatch.setattr(outdir, "swap_in", swap_then_die)
     else:
         real_rmtree = shutil.rmtree
 

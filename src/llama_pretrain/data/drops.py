@@ -155,3 +155,9 @@ _SUMMED = ("documents_in", "documents_kept", "tokens", "files", "val_documents",
 
 def _share(part: int, whole: int) -> float:
     return round(part / whole, 6) if whole else 0.0
+
+
+def top_reasons(dropped: dict[str, int], k: int = 4) -> str:
+    """The ``k`` commonest drop reasons with their counts, for messages."""
+    top = sorted(dropped.items(), key=lambda kv: -kv[1])[:k]
+    return ", ".join(f"{r}: {n}" for r, n in top)

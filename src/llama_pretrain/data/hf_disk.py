@@ -9,10 +9,11 @@ benchmark loader (``eval.tasks.data``) both read them through this module.
 from __future__ import annotations
 
 import contextlib
-import json
 import struct
 from pathlib import Path
 from typing import Iterator
+
+from ..config import parse_json
 
 STATE = "state.json"
 
@@ -32,7 +33,7 @@ def arrow_files(split_dir: Path) -> list[Path]:
         return []
     try:
         with open(split_dir / STATE, encoding="utf-8") as fh:
-            state = json.loads(fh.read(1 << 20))  # a real one is a few hundred bytes
+            state = parse_json(fh.read(1 << 20))  # a real one is a few hundred bytes
         names = [d["filename"] for d in state["_data_files"]]
         files = [split_dir / n for n in names if isinstance(n, str) and "/" not in n and n.endswith(".arrow")]
         if files and all(f.is_file() for f in files):

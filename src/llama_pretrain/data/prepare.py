@@ -23,41 +23,34 @@ merged dataset is byte-identical to a single-job run.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import os
-import re
-import shutil
-import signal
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from ..config import parse_json
 from ..errors import UserError
-from ..fsutil import (Owned, atomic_dir, check_output_dir, foreign_file, fsync_dir)
+from ..fsutil import (atomic_dir, check_output_dir)
 from . import drops
 from .dedup import MinHasher, exact_key
 from .drops import Stats
 from .filters import Blocklist, TextSplit, c4_filter, gopher
 from .normalize import normalize_text
 from .pii import scrub_pii
-from .shards import FORMAT, MANIFEST, dtype_for_vocab, np_dtype
+from .outdir import STAGING, UNIT_FILES, UNIT_NAMES, WORK, check_out_dir, dataset_foreign, out_lock  # noqa: F401
+from .pool import init_worker, interruptible, pool_context, progress_bar
+from .shards import PIPELINE_VERSION, dtype_for_vocab, np_dtype
 from .sources import (MIN_UNIT_BYTES, QUALITY_STAGES, UNIT_BYTES, DataConfig, Record, SourceConfig, Span, Stages,
                       expand_paths, file_spans, iter_records)
 from .wordcache import WordCacheEncoder
 
-PIPELINE_VERSION = 1
-WORK = "_work"
-LOCK = "lock"  # in _work/: held while a command writes the dataset dir (out_lock)
 BATCH_DOCS = 256
 
 
@@ -96,38 +89,11 @@ def _cached(key: str, make):
     return _worker_cache[key]
 
 
-_interrupted = False  # a pool worker that got Ctrl-C (see _init_worker)
-_in_unit = False
-
-
-def _init_worker() -> None:
-    """In each pool worker: Ctrl-C (which the terminal sends to the whole process group) stops the
-    file in progress and makes the worker skip the ones already queued to it, rather than finish
-    them first; between files it only takes note (an exception there would kill the worker).
-    A SIGINT ignored by the caller (a job started in the background) stays ignored."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        return
-
-    def on_sigint(signum, frame):
-        global _interrupted
-        _interrupted = True
-        if _in_unit:
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, on_sigint)
-
-
 def process_unit(job: dict) -> tuple[Stats, bool]:
     """Run phase 1 on one file (in a worker process); returns the unit's stats and whether they
     were reused from an earlier run."""
-    global _in_unit
-    if _interrupted:
-        raise KeyboardInterrupt
-    _in_unit = True
-    try:
+    with interruptible():
         return _process_unit(job)
-    finally:
-        _in_unit = False
 
 
 def _process_unit(job: dict) -> tuple[Stats, bool]:
@@ -244,7 +210,7 @@ class _UnitFiles:
     """A unit's work files: the documents' tokens, lengths, exact hashes and MinHash signatures,
     written a batch at a time (a batch is tokenised in one call); counts what it writes as kept."""
 
-    NAMES = ("tokens", "lengths", "hashes", "minhash")
+    NAMES = UNIT_NAMES
 
     def __init__(self, dir: Path, enc: WordCacheEncoder, hasher, stats: Stats):
         self.enc, self.hasher, self.stats = enc, hasher, stats
@@ -341,38 +307,6 @@ def largest_first(jobs: list[tuple[UnitRef, dict]]) -> list[int]:
     return sorted(range(len(jobs)), key=lambda i: -jobs[i][1]["size"])
 
 
-def _terminal(progress: bool) -> bool:
-    """A progress bar only on a terminal: tqdm's carriage returns do not belong in a log file."""
-    return progress and sys.stderr.isatty()
-
-
-class _Bar(tqdm):
-    """tqdm without its monitor thread, which its first bar starts (shown or not) and which would
-    make every later pool of this process spawn rather than fork (``_pool_context``)."""
-
-    monitor_interval = 0
-
-
-def _bar(progress: bool, **kwargs) -> tqdm:
-    return _Bar(disable=not _terminal(progress), file=sys.stderr, dynamic_ncols=True, **kwargs)
-
-
-def _pool_context():
-    """fork where it is safe, else spawn. A forked worker starts at once with this process's
-    imports (a spawned one spends ~0.2 s on an interpreter, numpy and the pipeline's modules before
-    its first file: BENCHMARKS.md, data) and needs no ``__main__`` guard in a calling script. Not
-    with another Python thread alive (it may hold a lock the child then waits on forever; native
-    threads such as numpy's BLAS pool handle a fork themselves), after torch is imported (its
-    thread pools do not survive a fork), or on macOS (whose system libraries may crash in a forked
-    child; Python spawns there by default)."""
-    import multiprocessing as mp
-    import threading
-
-    if sys.platform.startswith("linux") and threading.active_count() == 1 and "torch" not in sys.modules:
-        return mp.get_context("fork")
-    return mp.get_context("spawn")
-
-
 class _UnitProgress:
     """Collects phase 1's results in job order and shows them on a progress bar (on a terminal)."""
 
@@ -380,7 +314,7 @@ class _UnitProgress:
         self.results: list[tuple[Stats, bool] | None] = [None] * total
         self.t0 = time.perf_counter()
         self.docs = self.toks = 0
-        self.bar = _bar(progress, total=total, unit="file", desc="prepare")
+        self.bar = progress_bar(progress, total=total, unit="file", desc="prepare")
 
     def __enter__(self) -> _UnitProgress:
         return self
@@ -414,8 +348,8 @@ def run_units(jobs: list[tuple[UnitRef, dict]], workers: int = 1,
             for i, (_, job) in enumerate(jobs):
                 track.done(i, process_unit(job))
         else:
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_pool_context(),
-                                     initializer=_init_worker) as ex:
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=pool_context(),
+                                     initializer=init_worker) as ex:
                 futures = {ex.submit(process_unit, jobs[i][1]): i for i in largest_first(jobs)}
                 try:
                     for f in as_completed(futures):
@@ -460,41 +394,6 @@ def _unit_fingerprint(dir: Path) -> str:
         raise UserError(f"{dir}: work files missing; re-run the task that made them") from None
 
 
-STAGING = ".staging"
-
-
-def _swap_in(staging: Path, out: Path, resume: bool = False) -> None:
-    """The manifest goes first and comes back last, so a dataset dir with a manifest is whole.
-    With ``resume`` (a swap that was killed midway) what staging no longer holds was moved already."""
-    if not resume or (staging / MANIFEST).exists():  # else the manifest, moved last, is in place
-        (out / MANIFEST).unlink(missing_ok=True)
-        for split in ("train", "val"):
-            if resume and not (staging / split).exists():
-                continue
-            if (out / split).exists():
-                shutil.rmtree(out / split)
-            os.rename(staging / split, out / split)
-        os.rename(staging / MANIFEST, out / MANIFEST)
-    if staging.exists() or not resume:
-        staging.rmdir()
-    fsync_dir(out)
-
-
-def _read_doc_index(dir: Path, n: int, perm: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """A unit's ``n`` document lengths, hashes and (with ``perm`` > 0) MinHash signatures."""
-    lengths = np.fromfile(dir / "lengths.bin", dtype="<u4")
-    hashes = np.fromfile(dir / "hashes.bin", dtype="<u8")
-    if len(lengths) != n or len(hashes) != n:
-        raise UserError(f"{dir}: work files are incomplete; delete that directory and re-run")
-    sigs = np.fromfile(dir / "minhash.bin", dtype="<u4").reshape(-1, perm) if perm and n else None
-    return lengths, hashes, sigs
-
-
-def _top_reasons(dropped: dict[str, int], k: int = 4) -> str:
-    top = sorted(dropped.items(), key=lambda kv: -kv[1])[:k]
-    return ", ".join(f"{r}: {n}" for r, n in top)
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry point
 
@@ -505,95 +404,6 @@ def tokenizer_info(tokenizer_path: str | Path) -> dict:
     tok = Tokenizer(tokenizer_path)
     return {"path": str(tokenizer_path), "sha256": tok.sha256, "vocab_size": tok.vocab_size,
             "bos_id": tok.bos_id, "eos_id": tok.eos_id}
-
-
-def check_out_dir(out: str | Path, what: str = "data prepare") -> Path:
-    """``out`` as a Path, refused (``UserError``) before any work unless it is new, empty or holds
-    only what data prepare / merge write there (``dataset_foreign``)."""
-    return check_output_dir(out, dataset_foreign, what, whole=False)
-
-
-# What data prepare and merge write into --out (regexes for names: None a file, a dict a directory
-# laid out so, an Owned a directory of those files); only this is ever replaced or removed there.
-UNIT_FILES = Owned("data prepare", frozenset([*(f"{n}.bin" for n in _UnitFiles.NAMES), "stats.json"]),
-                   "stats.json", lambda st: "fingerprint" in st)
-_SHARDS = {r"\d{5,}\.(bin|idx)": None}
-_STAGING = {re.escape(MANIFEST): None, rf"\.{re.escape(MANIFEST)}\.tmp-\w+": None,
-            "train|val": {**_SHARDS, r"\.\d{5,}\.(bin|idx)\.tmp-\w+": None}}
-_WORK: dict[str, Any] = {"units": {".+": {r"\d{6,}(-\d{4,})?": UNIT_FILES,  # a unit (a file or a part of one); and
-                          # one a killed run left half-written:
-                          r"\.\d{6,}(-\d{4,})?\.tmp-\w+": {"|".join(map(re.escape, UNIT_FILES.names)): None}}}}
-
-
-# Phase 2's work files (phase2/): <fingerprint>/{keys,dedup,resolve,split,write}/ files,
-# done/<stage>/<item> markers and plan.json, each possibly as a temporary being written.
-_P2_FILES = {r"\.?(?:[\w-]+\.(?:bin|idx|npz|json)|\d{8})(?:\.tmp-\w+)?": None}
-_WORK[LOCK] = None
-_WORK["phase2"] = {r"[0-9a-f]{32}": {"keys|dedup|resolve|split|write": _P2_FILES, "done": {r"[a-z]+": _P2_FILES},
-                                    r"\.?plan\.json(?:\.tmp-\w+)?": None}}
-
-
-def dataset_foreign(out: Path, walk_work: bool = True) -> str | None:
-    """The first entry under ``out`` (a path relative to it) that data prepare did not write: not
-    one of its names, a symlink, or a shard its ``manifest.json`` does not list (with no manifest of
-    ours, ``train/`` and ``val/`` are ours only when empty). Without ``walk_work``, ``_work/`` is
-    taken as ours unread: a stage task between the first and the last writes only its own names
-    there, and does not walk the work files of a whole corpus once per task."""
-    listed = _listed_shards(out / MANIFEST)
-    work = _WORK if walk_work else _UNREAD
-    # A swap stopped midway (the new manifest still in staging, the old one gone): train/ and val/
-    # hold shards of the old or the new dataset, which the re-run's finish stage replaces.
-    swapping = listed is None and _listed_shards(out / STAGING / MANIFEST) is not None
-    top: dict[str, Any] = {re.escape(STAGING): _STAGING, WORK: work, "train|val": _SHARDS if swapping else {}}
-    if listed is not None:
-        top.update({re.escape(MANIFEST): None, **{sp: {re.escape(n): None for n in names}
-                                                  for sp, names in listed.items()}})
-        del top["train|val"]
-    return _foreign(out, top)
-
-
-class _Unread:
-    """A directory taken as ours without reading it."""
-
-    @staticmethod
-    def foreign(d: Path) -> None:
-        return None
-
-
-_UNREAD = _Unread()
-
-
-def _foreign(d: Path, layout: dict[str, Any]) -> str | None:
-    for p in sorted(d.iterdir()):
-        keys = [k for k in layout if re.fullmatch(k, p.name)]
-        sub = layout[keys[0]] if keys else None
-        if not keys or sub is None or p.is_symlink() or not p.is_dir():
-            bad = foreign_file(p, bool(keys) and sub is None)
-        else:
-            inner = sub.foreign(p) if isinstance(sub, (Owned, _Unread)) else _foreign(p, sub)
-            bad = inner and f"{p.name}/{inner}"
-        if bad:
-            return bad
-    return None
-
-
-def _listed_shards(path: Path) -> dict[str, set[str]] | None:
-    """Per split, the file names a data prepare manifest lists; None if ``path`` is not one."""
-    try:
-        m = parse_json(path.read_text(encoding="utf-8"))
-        if m.get("format") != FORMAT:
-            return None
-        listed: dict[str, set[str]] = {"train": set(), "val": set()}
-        for split, names in listed.items():
-            for shard in m["splits"][split]["shards"]:
-                for f in (shard["file"], shard["index"]):
-                    head, _, name = f.partition("/")
-                    if head != split:
-                        return None
-                    names.add(name)
-        return listed
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
-        return None
 
 
 def _check_tasks(num_tasks: int, task_index: int, workers: int) -> None:
@@ -630,25 +440,6 @@ def prepare(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, worker
         m = finalize(cfg, refs, [st for st, _ in results], out, tok, strict, progress, extra, workers, range_docs)
     m["_reused_units"] = sum(reused for _, reused in results)
     return m
-
-
-@contextlib.contextmanager
-def out_lock(out: Path, what: str, shared: bool = False) -> Iterator[None]:
-    """Hold ``OUT/_work/lock`` while a command writes ``out``: exclusively for a whole run, shared
-    for one stage task (the tasks of a job array write side by side), so that two runs into one
-    directory are refused in one line instead of failing midway. A lock that cannot be had fails
-    at once rather than waiting."""
-    import fcntl
-
-    path = out / WORK / LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{what}: {out} is being written by another data prepare or merge (it holds "
-                            f"{path}); let it finish first") from None
-        yield
 
 
 STAGE_NAMES = ("units", "keys", "dedup", "resolve", "split", "plan", "write", "finish")

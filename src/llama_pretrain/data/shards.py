@@ -29,6 +29,7 @@ from ..fsutil import atomic_file, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "llama-pretrain-tokens/1"
+PIPELINE_VERSION = 1  # of data prepare: in each manifest and in each unit's fingerprint
 SPLITS = ("train", "val")
 
 

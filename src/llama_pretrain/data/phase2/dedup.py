@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...errors import UserError
 from ...fsutil import atomic_file
 from .. import drops
 from .context import UNIT_BITS, Phase2, doc_ids, unit_span
@@ -52,12 +53,20 @@ def band_keys(sigs: np.ndarray, band: int, rows: int) -> np.ndarray:
         return _fmix64(h)
 
 
+def read_doc_index(dir: Path, n: int, perm: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A unit's ``n`` document lengths, hashes and (with ``perm`` > 0) MinHash signatures."""
+    lengths = np.fromfile(dir / "lengths.bin", dtype="<u4")
+    hashes = np.fromfile(dir / "hashes.bin", dtype="<u8")
+    if len(lengths) != n or len(hashes) != n:
+        raise UserError(f"{dir}: work files are incomplete; delete that directory and re-run")
+    sigs = np.fromfile(dir / "minhash.bin", dtype="<u4").reshape(-1, perm) if perm and n else None
+    return lengths, hashes, sigs
+
+
 def unit_doc_index(ctx: Phase2, k: int, with_sigs: bool = False):
     """Unit ``k``'s lengths and exact hashes (and MinHash signatures)."""
-    from ..prepare import _read_doc_index
-
     u = ctx.units[k]
-    return _read_doc_index(u.dir, u.stats.documents_kept, ctx.perm if with_sigs else 0)
+    return read_doc_index(u.dir, u.stats.documents_kept, ctx.perm if with_sigs else 0)
 
 
 # ---------------------------------------------------------------------------------------------

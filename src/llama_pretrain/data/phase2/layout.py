@@ -23,7 +23,7 @@ import numpy as np
 
 from ...errors import UserError
 from ...fsutil import atomic_file
-from ..drops import Stats
+from ..drops import Stats, top_reasons
 from ..mixture import _unit_values
 from .context import Phase2
 from .dedup import REASONS, unit_doc_index, unit_drops
@@ -230,8 +230,6 @@ def _count_unit(s: Stats, d: UnitDocs) -> None:
 def check_accounting(ctx: Phase2, sources: list[Stats]) -> tuple[Stats, list[str]]:
     """The total, checked to add up, and the warnings. A ``UserError`` when nothing is left (with
     ``strict``, when any source is left empty), before any shard is written."""
-    from ..prepare import _top_reasons
-
     total = Stats()
     warnings = []
     for src, s in zip(ctx.cfg.sources, sources):
@@ -240,11 +238,11 @@ def check_accounting(ctx: Phase2, sources: list[Stats]) -> tuple[Stats, list[str
         if s.documents_kept == 0 and s.files:
             msg = f"source {src.name}: no documents left after filtering"
             if ctx.strict:
-                raise UserError(msg + " (" + _top_reasons(s.dropped) + ")")
+                raise UserError(msg + " (" + top_reasons(s.dropped) + ")")
             warnings.append(msg)
     total.check("total")
     if not total.documents_kept:
-        raise UserError("no documents left after filtering (" + (_top_reasons(total.dropped) or "no input") + ")")
+        raise UserError("no documents left after filtering (" + (top_reasons(total.dropped) or "no input") + ")")
     return total, warnings
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ...errors import UserError
 from ...fsutil import reporting_full_disk, tree_bytes
+from ..pool import init_worker, interruptible, pool_context, progress_bar
 from .context import Phase2
 from .dedup import run_dedup, run_keys, run_resolve
 from .layout import run_plan, run_split
@@ -75,33 +76,22 @@ _STATE: dict = {}
 
 
 def _init_pool_worker(ctx: Phase2) -> None:
-    from ..prepare import _init_worker
-
     global _CTX
     _CTX = ctx
-    _init_worker()
+    init_worker()
 
 
 def _pool_item(stage: str, i: int) -> None:
-    from .. import prepare as phase1  # its SIGINT handler: Ctrl-C stops the item in progress
-
     if _CTX is None:
         raise RuntimeError("phase-2 pool worker without its context")
-    if phase1._interrupted:
-        raise KeyboardInterrupt
-    phase1._in_unit = True
-    try:
+    with interruptible():  # Ctrl-C stops the item in progress
         run_item(_CTX, stage, i, _STATE)
-    finally:
-        phase1._in_unit = False
 
 
 def run_local(ctx: Phase2, workers: int = 1, progress: bool = True) -> dict:
     """Every stage, in ``workers`` processes; returns the manifest. On a failure the staging dir
     goes (the previous dataset stays whole) with the write stage's markers, since its shards were
     there; the other finished items stay for a re-run."""
-    from ..prepare import _bar, _pool_context
-
     if ctx.is_done("finish", 0):  # the same run again: write the dataset again
         shutil.rmtree(ctx.work)
     state: dict = {}
@@ -111,11 +101,11 @@ def run_local(ctx: Phase2, workers: int = 1, progress: bool = True) -> dict:
             todo = pending(ctx, stage)
             if stage == "finish":
                 return run_item(ctx, stage, 0, state)
-            bar = _bar(progress, total=len(ctx.units) if stage == "resolve" else len(todo), unit="item",
+            bar = progress_bar(progress, total=len(ctx.units) if stage == "resolve" else len(todo), unit="item",
                        desc=stage)
             if workers > 1 and len(todo) > 1:
                 if pool is None:
-                    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context(),
+                    pool = ProcessPoolExecutor(max_workers=workers, mp_context=pool_context(),
                                                initializer=_init_pool_worker, initargs=(ctx,))
                 futures = [pool.submit(_pool_item, stage, i) for i in todo]
                 for f in as_completed(futures):

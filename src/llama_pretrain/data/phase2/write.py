@@ -11,7 +11,8 @@ import numpy as np
 from ...config import parse_json
 from ...fsutil import atomic_file, refusal
 from ..drops import Stats
-from ..shards import FORMAT, MANIFEST, ShardWriter, dtype_for_vocab, np_dtype
+from .. import outdir
+from ..shards import FORMAT, MANIFEST, PIPELINE_VERSION, ShardWriter, dtype_for_vocab, np_dtype
 from .context import Phase2
 from .layout import UnitDocs
 
@@ -32,9 +33,7 @@ def meta_path(ctx: Phase2, split: str, i: int) -> Path:
 
 
 def staging(ctx: Phase2) -> Path:
-    from ..prepare import STAGING
-
-    return ctx.out / STAGING
+    return ctx.out / outdir.STAGING
 
 
 def start_staging(ctx: Phase2) -> None:
@@ -103,10 +102,8 @@ def copy_documents(writer: ShardWriter, unit_dir: Path, docs: np.ndarray, dtype:
 def run_finish(ctx: Phase2, plan: dict) -> dict:
     """Write the manifest into staging and swap the new splits in; returns the manifest. A re-run
     after a kill during the swap (its marker set) completes the swap."""
-    from ..prepare import _swap_in, dataset_foreign
-
     if ctx.is_done("swap", 0):
-        _swap_in(staging(ctx), ctx.out, resume=True)
+        outdir.swap_in(staging(ctx), ctx.out, resume=True)
         manifest = parse_json((ctx.out / MANIFEST).read_text())
     else:
         manifest = _manifest(ctx, plan)
@@ -116,11 +113,11 @@ def run_finish(ctx: Phase2, plan: dict) -> dict:
         with atomic_file(staging(ctx) / MANIFEST, "w") as fh:
             json.dump(manifest, fh, indent=2, sort_keys=False)
             fh.write("\n")
-        bad = dataset_foreign(ctx.out)  # something put into train/ or val/ while the shards were written
+        bad = outdir.dataset_foreign(ctx.out)  # something put into train/ or val/ while the shards were written
         if bad is not None:
             raise refusal(ctx.out, bad, "data prepare")
         ctx.mark_done("swap", 0)
-        _swap_in(staging(ctx), ctx.out)
+        outdir.swap_in(staging(ctx), ctx.out)
     ctx.mark_done("finish", 0)  # before the work files go: a kill while they go leaves a finished run
     _remove_work_files(ctx)
     return manifest
@@ -149,8 +146,6 @@ def _remove_work_files(ctx: Phase2) -> None:
 
 
 def _manifest(ctx: Phase2, plan: dict) -> dict:
-    from ..prepare import PIPELINE_VERSION
-
     shards = {sp: [ctx.read_json(meta_path(ctx, sp, i)) for i in range(len(plan["shards"][sp]))]
               for sp in ("train", "val")}
     total = Stats(**plan["total"])
