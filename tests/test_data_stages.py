@@ -399,3 +399,25 @@ def test_a_stage_run_with_other_settings_than_the_earlier_ones_says_so(corpus, t
     err = capsys.readouterr().err
     assert "no phase-2 work" in err and "--range-docs differ" in err
     assert prepare(corpus, tok, out, "--stage", "dedup") == 0
+
+
+def test_ctrl_c_during_the_swap_waits_for_it(corpus, tok, one_process, tmp_path, monkeypatch):
+    """A Ctrl-C that comes while the new splits are renamed in ends the run after the swap, with
+    the new dataset whole (not half of each)."""
+    import signal
+
+    import llama_pretrain.data.prepare as prep
+
+    out = tmp_path / "out"
+    assert prepare(corpus, tok, out, "--val-fraction", 0.2) == 0  # an earlier dataset in OUT
+    real_rename = os.rename
+
+    def ctrl_c_while_renaming(src, dst):
+        if prep.STAGING in str(src):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(prep.os, "rename", ctrl_c_while_renaming)
+    assert prepare(corpus, tok, out) == 130
+    monkeypatch.setattr(prep.os, "rename", real_rename)
+    assert dataset(out) == one_process and not (out / prep.STAGING).exists()

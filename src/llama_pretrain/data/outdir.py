@@ -24,6 +24,23 @@ UNIT_NAMES = ("tokens", "lengths", "hashes", "minhash")  # a phase-1 unit's NAME
 STAGING = ".staging"
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done (the swap of a few renames: stopped midway,
+    the directory would hold half of each dataset until a re-run). Only the main thread can."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def swap_in(staging: Path, out: Path, resume: bool = False) -> None:
     """The manifest goes first and comes back last, so a dataset dir with a manifest is whole.
     With ``resume`` (a swap that was killed midway) what staging no longer holds was moved already."""

@@ -103,7 +103,9 @@ def run_finish(ctx: Phase2, plan: dict) -> dict:
     """Write the manifest into staging and swap the new splits in; returns the manifest. A re-run
     after a kill during the swap (its marker set) completes the swap."""
     if ctx.is_done("swap", 0):
-        outdir.swap_in(staging(ctx), ctx.out, resume=True)
+        with outdir.interrupts_deferred():
+            outdir.swap_in(staging(ctx), ctx.out, resume=True)
+            ctx.mark_done("finish", 0)
         manifest = parse_json((ctx.out / MANIFEST).read_text())
     else:
         manifest = _manifest(ctx, plan)
@@ -116,9 +118,10 @@ def run_finish(ctx: Phase2, plan: dict) -> dict:
         bad = outdir.dataset_foreign(ctx.out)  # something put into train/ or val/ while the shards were written
         if bad is not None:
             raise refusal(ctx.out, bad, "data prepare")
-        ctx.mark_done("swap", 0)
-        outdir.swap_in(staging(ctx), ctx.out)
-    ctx.mark_done("finish", 0)  # before the work files go: a kill while they go leaves a finished run
+        with outdir.interrupts_deferred():  # a Ctrl-C now ends the run with the new dataset whole
+            ctx.mark_done("swap", 0)
+            outdir.swap_in(staging(ctx), ctx.out)
+            ctx.mark_done("finish", 0)  # before the work files go: a kill while they go leaves a finished run
     _remove_work_files(ctx)
     return manifest
 
