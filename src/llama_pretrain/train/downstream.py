@@ -107,7 +107,8 @@ def check_eval_data(cfg, task_ids: list[str], tokenizer_model: Path | None) -> N
     if not task_ids:
         return
     if tokenizer_model is None:
-        raise UserError(f"eval.tasks needs the tokenizer {cfg.data.path} was made with; set data.tokenizer")
+        raise UserError(f"eval.tasks needs the tokenizer {', '.join(cfg.data.dirs)} was made with; "
+                        f"set data.tokenizer")
     from ..eval.evaluator import task_records
     from ..eval.tasks import TASKS
 
