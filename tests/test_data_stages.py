@@ -401,23 +401,25 @@ def test_a_stage_run_with_other_settings_than_the_earlier_ones_says_so(corpus, t
     assert prepare(corpus, tok, out, "--stage", "dedup") == 0
 
 
-def test_ctrl_c_during_the_swap_waits_for_it(corpus, tok, one_process, tmp_path, monkeypatch):
+def test_ctrl_c_during_the_swap_waits_for_it(corpus, tok, one_process, tmp_path):
     """A Ctrl-C that comes while the new splits are renamed in ends the run after the swap, with
-    the new dataset whole (not half of each)."""
-    import signal
-
-    import llama_pretrain.data.prepare as prep
-
+    the new dataset whole (not half of each). In a process of its own: signals go to the main
+    thread, which a test may not run on."""
     out = tmp_path / "out"
     assert prepare(corpus, tok, out, "--val-fraction", 0.2) == 0  # an earlier dataset in OUT
-    real_rename = os.rename
-
-    def ctrl_c_while_renaming(src, dst):
-        if prep.STAGING in str(src):
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_rename(src, dst)
-
-    monkeypatch.setattr(prep.os, "rename", ctrl_c_while_renaming)
-    assert prepare(corpus, tok, out) == 130
-    monkeypatch.setattr(prep.os, "rename", real_rename)
-    assert dataset(out) == one_process and not (out / prep.STAGING).exists()
+    script = f"""
+import os, signal, sys
+from llama_pretrain.cli import main
+real_rename = os.rename
+def ctrl_c_while_renaming(src, dst):
+    if ".staging" in str(src):
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_rename(src, dst)
+os.rename = ctrl_c_while_renaming
+sys.exit(main(["data", "prepare", "--config", {str(corpus)!r}, "--tokenizer", {str(tok)!r},
+               "--out", {str(out)!r}, "--quiet"]))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 130, r.stderr
+    assert dataset(out) == one_process and not (out / ".staging").exists()
