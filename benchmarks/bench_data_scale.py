@@ -43,6 +43,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers.synthetic_text import WORDS  # noqa: E402
+from workdir import own_work_dir  # noqa: E402
 
 WORK_MARKER = ".bench-data-scale-work"
 REFERENCE = "54ffab2"  # the last commit with phase 2 in one process, in memory
@@ -55,16 +56,6 @@ _SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in ("a", "e", "i", "o", 
 
 # ---------------------------------------------------------------------------------------------
 # The corpus
-
-
-def own_work_dir(work: Path) -> Path:
-    """``work``, made and marked as this script's; an existing dir without the marker that holds
-    anything is refused, since the benchmark replaces its own subdirectories in it."""
-    if work.exists() and any(work.iterdir()) and not (work / WORK_MARKER).is_file():
-        sys.exit(f"--work {work} holds files this script did not write; give a new or empty directory")
-    work.mkdir(parents=True, exist_ok=True)
-    (work / WORK_MARKER).touch()
-    return work
 
 
 def word_tables(size: int = 20_000, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -422,7 +413,7 @@ def main() -> None:
     args.largest_tasks = [int(x) for x in args.largest_tasks.split(",")] if args.largest_tasks else args.tasks
     if any(n % args.docs_per_file for n in sizes):
         ap.error("every size must be a multiple of --docs-per-file")
-    work = own_work_dir(args.work.resolve())
+    work = own_work_dir(args.work.resolve(), WORK_MARKER)
     print(f"load average at start: {os.getloadavg()}; {os.cpu_count()} CPUs", flush=True)
     paths = make_corpus(work, sizes[-1] // args.docs_per_file, args.docs_per_file, args.dup_percent)
     tok = make_tokenizer(work, paths, args.vocab, sample=20_000)

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_models import convert, own_work_dir, shipped_gguf  # noqa: E402
+from real_models import WORK_MARKER, convert, shipped_gguf  # noqa: E402
+from workdir import own_work_dir  # noqa: E402
 
 # our task id -> (lm-eval task yaml under lm_eval/tasks, its task name, shipped dir, split)
 TASKS = {
@@ -190,7 +191,7 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    work = own_work_dir(args.work.resolve())
+    work = own_work_dir(args.work.resolve(), WORK_MARKER)
     hf = work / "hf"
     convert(shipped_gguf(), hf)
     rows = []

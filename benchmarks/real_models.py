@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from workdir import own_work_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ["The capital of France is", "Once upon a time, there was a little",
@@ -271,16 +272,6 @@ def check_data(hf: Path, data: Path, tok) -> None:
 WORK_MARKER = ".real-models-work"
 
 
-def own_work_dir(work: Path) -> Path:
-    """``work``, made and marked as this script's; an existing dir without the marker that holds
-    anything is refused, since the checks replace their own subdirectories in it."""
-    if work.exists() and any(work.iterdir()) and not (work / WORK_MARKER).is_file():
-        sys.exit(f"--work {work} holds files this script did not write; give a new or empty directory")
-    work.mkdir(parents=True, exist_ok=True)
-    (work / WORK_MARKER).touch()
-    return work
-
-
 def check_train(hf: Path, data: Path, run: Path) -> None:
     from llama_pretrain.data.loader import TokenLoader
 
@@ -377,7 +368,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
-    work = own_work_dir(Path(args.work).resolve())
+    work = own_work_dir(Path(args.work).resolve(), WORK_MARKER)
     hf, ours = work / "hf", work / "ours"
     t = time.perf_counter()
     convert(shipped_gguf(), hf)
