@@ -11,19 +11,7 @@ from llama_pretrain.eval import packing
 from llama_pretrain.eval.harness import PACK_TOKENS, CausalLM, NativeBackend
 from llama_pretrain.model import Transformer
 
-
-class ByteTok:
-    """Bytes + 3 (0 pad, 1 BOS, 2 EOS)."""
-    bos_id, eos_id, vocab_size, name = 1, 2, 259, "bytes"
-
-    def encode(self, text):
-        return [b + 3 for b in text.encode()]
-
-    def decode(self, ids):
-        return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", "replace")
-
-
-TOK = ByteTok()
+from helpers.byte_tok import TOK
 
 
 @pytest.fixture(scope="module")
