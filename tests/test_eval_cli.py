@@ -6,11 +6,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from llama_pretrain.cli import main
 from llama_pretrain.eval import sandbox as _sandbox
 from llama_pretrain.eval.tasks import TASKS
+
+from helpers.tiny_checkpoint import tiny_checkpoint
 
 CHOICES = {"text": ["red", "blue", "green"], "label": ["A", "B", "C"]}
 
@@ -62,19 +63,10 @@ def _write(root, task, split, rows, sub=None):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from llama_pretrain.config import ModelConfig
-    from llama_pretrain.interop import save_hf, save_native
-    from llama_pretrain.model import Transformer
-    from llama_pretrain.tokenizer import train_tokenizer
+    from llama_pretrain.interop import save_hf
 
     root = tmp_path_factory.mktemp("eval")
-    text = [f"the {c} sky number {i} is blue and red; def f(x): return x + {i}" for i in range(300)
-            for c in ("blue", "red")]
-    sp = train_tokenizer(text, root / "tok.model", vocab_size=320, progress=False)
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("llama2-debug", vocab_size=320, max_seq_len=1024)
-    state = Transformer(cfg).state_dict()
-    save_native(state, cfg, root / "ckpt", tokenizer_model=sp)
+    cfg, state = tiny_checkpoint(root, max_seq_len=1024)
     save_hf(state, cfg, root / "hf")
     data = root / "data"
     for tid, task in TASKS.items():

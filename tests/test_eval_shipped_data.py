@@ -11,10 +11,11 @@ import sys
 
 import pyarrow as pa
 import pytest
-import torch
 
 from llama_pretrain.cli import main
 from llama_pretrain.eval.tasks import TASKS
+
+from helpers.tiny_checkpoint import tiny_checkpoint
 
 CHOICES = {"text": ["red", "blue", "green"], "label": ["A", "B", "C"]}
 
@@ -49,18 +50,8 @@ def save_to_disk(split_dir, rows: list[dict], dataset: str, config: str) -> None
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from llama_pretrain.config import ModelConfig
-    from llama_pretrain.interop import save_native
-    from llama_pretrain.model import Transformer
-    from llama_pretrain.tokenizer import train_tokenizer
-
     root = tmp_path_factory.mktemp("shipped")
-    text = [f"the {c} sky number {i} is blue and red; def f(x): return x + {i}" for i in range(300)
-            for c in ("blue", "red")]
-    sp = train_tokenizer(text, root / "tok.model", vocab_size=320, progress=False)
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_preset("llama2-debug", vocab_size=320, max_seq_len=256)
-    save_native(Transformer(cfg).state_dict(), cfg, root / "ckpt", tokenizer_model=sp)
+    tiny_checkpoint(root, max_seq_len=256)
     return root / "ckpt"
 
 
