@@ -235,6 +235,13 @@ def test_a_file_of_someone_else_in_the_work_dir_is_not_removed(corpus, tok, tmp_
     assert read_manifest(out)["splits"]["train"]["tokens"] > 0
 
 
+def test_the_cli_offers_every_stage_in_order():
+    from llama_pretrain.commands.data import STAGES as CLI_STAGES
+    from llama_pretrain.data.phase2.run import STAGES
+
+    assert CLI_STAGES == ("units", *STAGES)
+
+
 def test_an_unknown_range_setting_is_one_line(corpus, tok, tmp_path, capsys):
     assert prepare(corpus, tok, tmp_path / "o", "--range-docs", 0) == 2
     assert "--range-docs must be >= 1" in capsys.readouterr().err

@@ -406,7 +406,9 @@ def tokenizer_info(tokenizer_path: str | Path) -> dict:
             "bos_id": tok.bos_id, "eos_id": tok.eos_id}
 
 
-def _check_tasks(num_tasks: int, task_index: int, workers: int) -> None:
+def _check_run_args(num_tasks: int, task_index: int, workers: int, unit_bytes: int) -> None:
+    if unit_bytes < MIN_UNIT_BYTES:
+        raise UserError(f"--unit-bytes must be at least {MIN_UNIT_BYTES}, got {unit_bytes}")
     if num_tasks < 1:
         raise UserError(f"--num-tasks must be >= 1, got {num_tasks}")
     if not 0 <= task_index < num_tasks:
@@ -420,11 +422,9 @@ def prepare(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, worker
             unit_bytes: int = UNIT_BYTES, range_docs: int | None = None) -> dict:
     """Run the pipeline; returns the manifest (also written to ``out/manifest.json``). A JSONL or
     Parquet file over ``unit_bytes`` is read as several units; the output does not depend on it."""
-    _check_tasks(num_tasks, task_index, workers)
+    _check_run_args(num_tasks, task_index, workers, unit_bytes)
     out = check_out_dir(out)
     tok = tokenizer_info(tokenizer_path)
-    if unit_bytes < MIN_UNIT_BYTES:
-        raise UserError(f"--unit-bytes must be at least {MIN_UNIT_BYTES}, got {unit_bytes}")
     jobs = plan_units(cfg, out, tok["sha256"], num_tasks, task_index, strict, str(tokenizer_path), unit_bytes)
     if not jobs:
         raise UserError(f"task {task_index} of {num_tasks} has no input files "
@@ -442,25 +442,20 @@ def prepare(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, worker
     return m
 
 
-STAGE_NAMES = ("units", "keys", "dedup", "resolve", "split", "plan", "write", "finish")
-
-
 def prepare_stage(cfg: DataConfig, tokenizer_path: str | Path, out: str | Path, stage: str, num_tasks: int = 1,
                   task_index: int = 0, workers: int = 1, strict: bool = False, progress: bool = True,
                   unit_bytes: int = UNIT_BYTES, range_docs: int | None = None) -> dict | None:
     """One task of one stage over a shared ``out`` (a job array's task): phase 1 for the units
     i % num_tasks == task_index, or that task's items of a phase-2 stage (``phase2/run.py``).
     Returns the manifest when this task finished the dataset, else None."""
-    from .phase2.run import run_task
+    from .phase2.run import STAGES, run_task
 
-    _check_tasks(num_tasks, task_index, workers)
-    if unit_bytes < MIN_UNIT_BYTES:
-        raise UserError(f"--unit-bytes must be at least {MIN_UNIT_BYTES}, got {unit_bytes}")
+    _check_run_args(num_tasks, task_index, workers, unit_bytes)
     first_or_last = stage in ("units", "finish")  # finish removes the work files: it reads them all
     out = check_output_dir(out, lambda d: dataset_foreign(d, walk_work=first_or_last), "data prepare", whole=False)
     tok = tokenizer_info(tokenizer_path)
-    if stage not in STAGE_NAMES:
-        raise UserError(f"unknown --stage {stage!r}; the stages, in order: {', '.join(STAGE_NAMES)}")
+    if stage not in ("units", *STAGES):
+        raise UserError(f"unknown --stage {stage!r}; the stages, in order: units, {', '.join(STAGES)}")
     if stage == "units":
         jobs = plan_units(cfg, out, tok["sha256"], num_tasks, task_index, strict, str(tokenizer_path), unit_bytes)
         with out_lock(out, "data prepare", shared=True):

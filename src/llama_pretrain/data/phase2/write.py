@@ -79,8 +79,8 @@ def run_write(ctx: Phase2, plan: dict, item: int, cache: _UnitCache | None = Non
     ctx.write_json(meta_path(ctx, split, i), shards[0])
 
 
-def copy_documents(writer: ShardWriter, unit_dir: Path, docs: np.ndarray, dtype: str) -> int:
-    """Append the unit's documents ``docs`` (indices into its files) to ``writer``; returns their tokens."""
+def copy_documents(writer: ShardWriter, unit_dir: Path, docs: np.ndarray, dtype: str) -> None:
+    """Append the unit's documents ``docs`` (indices into its files) to ``writer``."""
     lengths = np.fromfile(unit_dir / "lengths.bin", dtype="<u4")
     offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     path = unit_dir / "tokens.bin"
@@ -96,7 +96,6 @@ def copy_documents(writer: ShardWriter, unit_dir: Path, docs: np.ndarray, dtype:
         where = np.repeat(offsets[sel] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
         writer.add_many(toks[where], lens)
         c = e
-    return int(sel_lens.sum())
 
 
 def run_finish(ctx: Phase2, plan: dict) -> dict:
